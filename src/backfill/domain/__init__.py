@@ -1,0 +1,1 @@
+"""Pure logic of backfill: standard library only, no I/O."""

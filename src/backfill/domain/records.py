@@ -1,0 +1,147 @@
+"""Frozen values the store hands out and takes in.
+
+These are the nouns of the system in the user's words: a project owns files and batches; a
+batch is cut into shards; a worker leases a shard and writes its results as segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from backfill.domain.statuses import BatchStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    id: str
+    project_id: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+    blob_path: str
+    expires_at: int | None = None
+    status: str = "processed"
+    status_details: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.cached_tokens + other.cached_tokens,
+            self.output_tokens + other.output_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.input_tokens,
+            "input_tokens_details": {"cached_tokens": self.cached_tokens},
+            "output_tokens": self.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BatchError:
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    id: str
+    project_id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    created_at: int
+    expires_at: int
+    model: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    usage: Usage = field(default_factory=Usage)
+    metadata: dict[str, str] | None = None
+    errors: tuple[BatchError, ...] | None = None
+    output_expires_after: int | None = None
+    # Internal: why a running batch is being stopped ("expired"); cancel uses its own status.
+    stop_reason: str | None = None
+
+    def with_(self, **changes: Any) -> BatchRecord:
+        return replace(self, **changes)
+
+
+class ShardStatus:
+    PENDING = "pending"
+    LEASED = "leased"
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """A contiguous run of valid requests of one batch's input file.
+
+    `start`/`end` are byte offsets into the input file (end exclusive) so a worker reads only its
+    own part; `first_line` is the 1-based input line number of the first request. `index` orders
+    shards within the batch.
+    """
+
+    batch_id: str
+    index: int
+    first_line: int
+    start: int
+    end: int
+    count: int
+    status: str = ShardStatus.PENDING
+    lease_owner: str | None = None
+    lease_token: str | None = None
+    lease_expires_at: float | None = None
+    done: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """An append-only object of finished results of one shard, recorded under a lease."""
+
+    batch_id: str
+    shard_index: int
+    seq: int
+    blob_path: str
+    completed: int
+    failed: int
+    usage: Usage = field(default_factory=Usage)

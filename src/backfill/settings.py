@@ -1,0 +1,124 @@
+"""Settings: `BACKFILL_*` environment variables, a TOML config file, then CLI flags on top.
+
+Built once at the entry point and passed down; nothing reads the environment later.
+
+Model specs on the command line: `NAME=URL` routes `body.model == NAME` to the OpenAI-compatible
+upstream at URL (e.g. `http://127.0.0.1:8000/v1`); `NAME=URL#UPSTREAM` also renames the model
+on the way out. The TOML file declares the same with per-model options:
+
+```toml
+[server]
+host = "0.0.0.0"
+port = 8000
+
+[models.llama]
+url = "http://gpu-1:8000/v1"
+upstream_name = "meta-llama/Llama-3.1-8B-Instruct"
+max_concurrency = 128
+attempts = 5
+timeout = 600
+api_key_env = "LLAMA_API_KEY"
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backfill.errors import InvalidRequest
+
+MB = 1024 * 1024
+
+
+class ModelConfig(BaseModel):
+    name: str
+    kind: str = "openai"
+    url: str
+    upstream_name: str | None = None
+    max_concurrency: int = Field(default=256, ge=1)
+    attempts: int = Field(default=5, ge=1)
+    timeout: float = Field(default=600.0, gt=0)
+    api_key_env: str | None = None
+    endpoints: list[str] = Field(
+        default_factory=lambda: ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BACKFILL_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("./backfill-data")
+    database: str | None = None  # default: sqlite:///<data_dir>/backfill.db
+    storage: str | None = None  # default: local folder <data_dir>/blobs
+    api_keys: list[str] = Field(default_factory=list)
+    models: list[ModelConfig] = Field(default_factory=list)
+    run_worker: bool = True
+    run_scheduler: bool = True
+
+    max_upload_bytes: int = 100 * MB
+    max_requests_per_batch: int = 50_000
+    max_validation_errors: int = 100
+    min_completion_window: int = 3600
+    max_completion_window: int = 7 * 86400
+    max_line_bytes: int = 8 * MB
+
+    shard_size: int = 2000  # requests per shard
+    lease_seconds: float = 30.0
+    flush_every_requests: int = 1000
+    flush_every_seconds: float = 1.0
+    worker_shards: int = 4  # shards one worker runs at once
+    scheduler_interval: float = 0.5
+    cancel_grace_seconds: float = 10.0
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{(self.data_dir / 'backfill.db').resolve()}"
+
+
+def parse_model_spec(spec: str) -> ModelConfig:
+    """`NAME=URL[#UPSTREAM_NAME]` -> ModelConfig."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise InvalidRequest(f"bad --model {spec!r}: expected NAME=URL[#UPSTREAM_NAME]")
+    url, _, upstream = rest.partition("#")
+    return ModelConfig(name=name.strip(), url=url.strip(), upstream_name=upstream.strip() or None)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config into keyword arguments for `Settings`."""
+    with path.open("rb") as fh:
+        raw = tomllib.load(fh)
+    out: dict[str, Any] = dict(raw.get("server", {}))
+    for key in ("limits", "worker"):
+        out.update(raw.get(key, {}))
+    models = raw.get("models", {})
+    if isinstance(models, dict):
+        out["models"] = [ModelConfig(name=n, **opts) for n, opts in models.items()]
+    elif isinstance(models, list):
+        out["models"] = [ModelConfig(**m) for m in models]
+    return out
+
+
+def build_settings(
+    config_file: Path | None = None, model_specs: list[str] | None = None, **overrides: Any
+) -> Settings:
+    """Environment < config file < CLI overrides (None values are ignored)."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(load_config_file(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(**values)
+    if model_specs:
+        by_name = {m.name: m for m in settings.models}
+        for spec in model_specs:
+            m = parse_model_spec(spec)
+            by_name[m.name] = m
+        settings.models = list(by_name.values())
+    return settings

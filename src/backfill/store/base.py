@@ -1,0 +1,160 @@
+"""The store interface every metadata backend implements.
+
+The store is synchronous: SQL drivers are, and callers on the event loop hop to a thread
+(`asyncio.to_thread`). Every method is one short transaction. Conditional updates
+(`... WHERE status IN (...)`, `... WHERE lease_token = ?`) make each state change safe when many
+processes run the same duty: the loser sees `None`/`False` and moves on.
+
+Writes that follow a lease are *fenced*: they name the lease token and do nothing (return
+False) when the token no longer holds the shard, so a worker that lost its lease cannot commit.
+
+Time is passed in (`now`, Unix seconds) so tests can drive a fake clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from backfill.domain.records import (
+    BatchRecord,
+    FileRecord,
+    Project,
+    Segment,
+    Shard,
+    Usage,
+)
+from backfill.domain.statuses import BatchStatus
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    has_more: bool
+
+
+class Store(Protocol):
+    # -- lifecycle ---------------------------------------------------------------------------
+    def migrate(self) -> None:
+        """Create or upgrade the schema (idempotent; safe to call from every process)."""
+
+    def close(self) -> None: ...
+
+    # -- projects and keys -------------------------------------------------------------------
+    def ensure_project(self, name: str) -> Project:
+        """The project called `name`, created if missing."""
+
+    def add_api_key(self, project_id: str, key_hash: str, now: int) -> None:
+        """Register a key (by its SHA-256 hex digest) for a project. Idempotent."""
+
+    def project_for_key(self, key_hash: str) -> Project | None: ...
+
+    # -- files -------------------------------------------------------------------------------
+    def insert_file(self, file: FileRecord) -> None: ...
+
+    def get_file(self, file_id: str, project_id: str | None = None) -> FileRecord | None:
+        """The file, or None if unknown or (when project_id is given) another project's."""
+
+    def list_files(
+        self,
+        project_id: str,
+        *,
+        purpose: str | None = None,
+        order: str = "desc",
+        after: str | None = None,
+        limit: int = 10000,
+    ) -> Page[FileRecord]:
+        """Files in creation order (`asc`/`desc`), strictly after the file `after`."""
+
+    def delete_file(self, file_id: str, project_id: str | None = None) -> FileRecord | None:
+        """Remove the file's row and return it (None if not found)."""
+
+    def expired_files(self, now: int, limit: int) -> list[FileRecord]:
+        """Files whose expires_at has passed."""
+
+    def file_in_use(self, file_id: str) -> bool:
+        """True if a non-terminal batch reads this file as its input."""
+
+    # -- batches -----------------------------------------------------------------------------
+    def insert_batch(
+        self,
+        batch: BatchRecord,
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> BatchRecord:
+        """Insert `batch`. With an idempotency key already used by the same project, return the
+        batch created then instead (raise `Conflict` if `request_hash` differs)."""
+
+    def get_batch(self, batch_id: str, project_id: str | None = None) -> BatchRecord | None: ...
+
+    def list_batches(
+        self, project_id: str, *, after: str | None = None, limit: int = 20
+    ) -> Page[BatchRecord]:
+        """Newest first, strictly after the batch `after`."""
+
+    def batches_in(self, statuses: Iterable[BatchStatus], limit: int = 100) -> list[BatchRecord]:
+        """Batches in any of `statuses`, oldest first (scheduler scans)."""
+
+    def transition(
+        self,
+        batch_id: str,
+        from_statuses: Iterable[BatchStatus],
+        to_status: BatchStatus,
+        **fields: Any,
+    ) -> BatchRecord | None:
+        """Move the batch to `to_status` if it is in one of `from_statuses`, setting `fields`
+        (timestamps, output_file_id, errors, model, total, stop_reason, ...) in the same write.
+        Returns the updated batch, or None if the batch was not in a source status."""
+
+    def update_batch(
+        self, batch_id: str, expect_statuses: Iterable[BatchStatus], **fields: Any
+    ) -> BatchRecord | None:
+        """Set `fields` without changing status, if the batch is in one of `expect_statuses`."""
+
+    def start_batch(
+        self,
+        batch_id: str,
+        shards: Sequence[Shard],
+        *,
+        model: str | None,
+        total: int,
+        now: int,
+    ) -> BatchRecord | None:
+        """validating -> in_progress, inserting its shards, in one transaction.
+        None if the batch is no longer validating (e.g. cancelled meanwhile)."""
+
+    # -- shards and leases -------------------------------------------------------------------
+    def lease_shard(
+        self, owner: str, token: str, now: float, lease_seconds: float
+    ) -> Shard | None:
+        """Lease one shard of an `in_progress` batch without a stop_reason: a pending shard, or
+        a leased one whose lease has expired. Oldest batch first. None if there is nothing."""
+
+    def renew_lease(
+        self, batch_id: str, index: int, token: str, now: float, lease_seconds: float
+    ) -> bool:
+        """Extend the lease; False if `token` no longer holds the shard."""
+
+    def record_segment(self, segment: Segment, token: str) -> bool:
+        """Fenced: record a flushed segment, add its counts and usage to the batch and its
+        request count to the shard's `done`, all in one transaction. False if the lease is lost
+        (nothing is written)."""
+
+    def finish_shard(self, batch_id: str, index: int, token: str) -> bool:
+        """Fenced: mark the shard done and drop the lease."""
+
+    def release_shard(self, batch_id: str, index: int, token: str) -> bool:
+        """Fenced: give the shard back (pending, no lease) so another worker can resume it."""
+
+    def shards(self, batch_id: str) -> list[Shard]:
+        """All shards of a batch, by index."""
+
+    def segments(self, batch_id: str, index: int | None = None) -> list[Segment]:
+        """Recorded segments of a batch (or one shard), by shard index then seq."""
+
+    def usage_of(self, batch_id: str) -> Usage:
+        """Sum of the recorded segments' usage (equals the batch's usage)."""
