@@ -1,0 +1,82 @@
+"""`Window`: a concurrency limit that can be moved while requests are in flight.
+
+`asyncio.Semaphore` cannot shrink, and the adaptive governor will move the limit every few
+seconds, so this is a small semaphore of our own:
+- `limit` is a target, not an invariant: shrinking below the current `in_flight` takes no slot
+  away from a running request; the window simply admits nobody until enough have finished.
+- Growing wakes as many waiters as the new room allows, first come first served.
+- A slot is handed straight from `release()` to the oldest waiter, so a newcomer arriving between
+  the release and the waiter's wake-up cannot overtake it.
+- Cancellation is safe: a waiter cancelled after it was handed a slot passes the slot on.
+
+The fast path (room available, nobody waiting) is two integer operations, no future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+
+class Window:
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self._limit = limit
+        self._in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self._waiters if not w.done())
+
+    def set_limit(self, limit: int) -> None:
+        """Move the limit; takes effect at once for waiters, never interrupts running work."""
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self._limit = limit
+        self._wake()
+
+    async def acquire(self) -> None:
+        if self._in_flight < self._limit and not self._waiters:
+            self._in_flight += 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                # We were handed a slot but cancelled before using it: give it back.
+                self.release()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(future)
+            raise
+
+    def release(self) -> None:
+        self._in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters and self._in_flight < self._limit:
+            future = waiters.popleft()
+            if not future.done():
+                self._in_flight += 1  # the slot now belongs to that waiter
+                future.set_result(None)
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()

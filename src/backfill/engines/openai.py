@@ -1,0 +1,145 @@
+"""`OpenAIEngine`: any OpenAI-compatible HTTP upstream (vLLM, SGLang, llama.cpp, TGI, ...).
+
+This is the hot path of a batch: every request of every shard goes through `send`, so it does
+as little as possible per call:
+- one `aiohttp.ClientSession` per engine, opened in `start()` on the worker's loop, with a
+  keep-alive connector sized to the model's `max_concurrency` (the dispatcher's window is the
+  real limit; the connector just never opens more sockets than that);
+- fixed headers (content type, bearer token) live on the session; URLs are parsed once per
+  endpoint and cached; the default timeout object is built once;
+- bodies are serialized with orjson and the answer is returned as raw bytes (`resp.read()`),
+  never parsed here: the worker writes them out as they are;
+- no logging per request; failures are counted by the dispatcher.
+
+URL rule: the configured `url` is the base the operator would give the `openai` SDK, usually
+ending in `/v1`, while endpoints are full paths (`/v1/chat/completions`). If both carry the
+`/v1`, it is used once: `http://h:8000/v1` + `/v1/chat/completions` ->
+`http://h:8000/v1/chat/completions`; `http://h:8000` gives the same; `http://h/openai/v1` keeps
+its prefix (`http://h/openai/v1/chat/completions`).
+
+Errors are translated at this seam: anything that kept us from reading a complete HTTP answer
+(refused, reset, DNS, invalid HTTP, truncated body) raises `EngineUnavailable` with code
+`upstream_unavailable`; a timeout raises it with code `request_timeout`. HTTP error statuses
+are not exceptions: they are answers, returned as they came, and the retry policy judges them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from backfill.domain.retry import parse_retry_after
+from backfill.engines.base import EngineReply
+from backfill.errors import EngineUnavailable, InvalidRequest
+from backfill.settings import ModelConfig
+
+#: seconds an idle upstream connection is kept for reuse
+KEEPALIVE_SECONDS = 30.0
+#: seconds a DNS answer is reused
+DNS_CACHE_SECONDS = 300
+
+
+def join_url(base: str, endpoint: str) -> str:
+    """The full URL for `endpoint` on an upstream whose base URL is `base` (see module doc)."""
+    base = base.rstrip("/")
+    if not endpoint.startswith("/"):
+        endpoint = "/" + endpoint
+    if base.endswith("/v1") and (endpoint == "/v1" or endpoint.startswith("/v1/")):
+        base = base[: -len("/v1")]
+    return base + endpoint
+
+
+class OpenAIEngine:
+    """Forwards requests to one OpenAI-compatible upstream over HTTP/1.1 keep-alive."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        if not config.url.startswith(("http://", "https://")):
+            raise InvalidRequest(
+                f"model {config.name!r}: url {config.url!r} must start with http:// or https://"
+            )
+        self.config = config
+        self.model = config.name
+        self.endpoints = frozenset(config.endpoints)
+        self._upstream_name = config.upstream_name
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
+        self._urls: dict[str, URL] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._headers: dict[str, str] = {"Content-Type": "application/json"}
+        if config.api_key_env:
+            key = os.environ.get(config.api_key_env)
+            if key:
+                self._headers["Authorization"] = f"Bearer {key}"
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_concurrency,
+            limit_per_host=0,
+            keepalive_timeout=KEEPALIVE_SECONDS,
+            ttl_dns_cache=DNS_CACHE_SECONDS,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            timeout=self._timeout,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def url_for(self, endpoint: str) -> URL:
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = self._urls[endpoint] = URL(join_url(self.config.url, endpoint))
+        return url
+
+    async def send(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (the Engine protocol's per-request budget)
+    ) -> EngineReply:
+        session = self._session
+        if session is None:
+            raise RuntimeError("OpenAIEngine.send() called before start()")
+        url = self._urls.get(endpoint) or self.url_for(endpoint)
+        upstream = self._upstream_name
+        if upstream is not None and body.get("model") != upstream:
+            body = {**body, "model": upstream}
+        data = orjson.dumps(body)
+        request_timeout = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with session.post(url, data=data, timeout=request_timeout) as resp:
+                raw = await resp.read()
+                status = resp.status
+                headers = resp.headers
+                retry_after = headers.get("Retry-After")
+                request_id = headers.get("x-request-id")
+        except TimeoutError as exc:
+            seconds = self.config.timeout if timeout is None else timeout
+            raise EngineUnavailable(
+                f"upstream {self.model!r} did not answer within {seconds:g}s",
+                code="request_timeout",
+            ) from exc
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            raise EngineUnavailable(
+                f"upstream {self.model!r} unreachable: {type(exc).__name__}: {exc}",
+                code="upstream_unavailable",
+            ) from exc
+        return EngineReply(
+            status,
+            raw,
+            None if retry_after is None else parse_retry_after(retry_after, time.time()),
+            request_id,
+        )
