@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     min_completion_window: int = 3600
     max_completion_window: int = 7 * 86400
     max_line_bytes: int = 8 * MB
+    max_enqueued_tokens: int | None = None  # estimated tokens per batch; None: no quota
 
     shard_size: int = 2000  # requests per shard
     lease_seconds: float = 30.0

@@ -1,0 +1,1 @@
+"""HTTP API: the OpenAI-compatible Files, Batches and Models routes (FastAPI)."""

@@ -1,0 +1,1 @@
+"""Command line: `backfill serve | worker | keys create`. Thin: parse, call, print."""

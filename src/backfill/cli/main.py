@@ -1,0 +1,162 @@
+"""`backfill` command line entry point (argparse: no extra dependency)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from backfill.domain.ids import new_api_key
+from backfill.errors import BackfillError
+from backfill.settings import Settings, build_settings
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--data-dir", type=Path, help="folder for the database and blobs")
+    p.add_argument("--database", help="database URL (default: SQLite in the data dir)")
+    p.add_argument("--storage", help="blob storage URL (default: a folder in the data dir)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=URL[#UPSTREAM]",
+        help="serve model NAME from the OpenAI-compatible upstream at URL (repeatable)",
+    )
+    p.add_argument("--log-level", default="info")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backfill", description="Self-hosted OpenAI-compatible Batch API."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the API (with scheduler and worker)")
+    _common(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--api-key", action="append", default=[], help="register KEY for project 'default'"
+    )
+    serve.add_argument("--no-worker", action="store_true", help="run the API only")
+
+    worker = sub.add_parser("worker", help="run a worker and scheduler without the API")
+    _common(worker)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key for a project and print it")
+    create.add_argument("--project", required=True)
+    create.add_argument("--config", type=Path)
+    create.add_argument("--data-dir", type=Path)
+    create.add_argument("--database")
+    return parser
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return build_settings(
+        config_file=getattr(args, "config", None),
+        model_specs=getattr(args, "model", None),
+        data_dir=getattr(args, "data_dir", None),
+        database=getattr(args, "database", None),
+        storage=getattr(args, "storage", None),
+        **extra,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from backfill.service import Service
+
+    settings = _settings(
+        args,
+        host=args.host,
+        port=args.port,
+        run_worker=False if args.no_worker else None,
+    )
+    if args.api_key:
+        settings.api_keys = [*settings.api_keys, *args.api_key]
+    service = Service(settings)
+    app = service.api_app()
+    print(
+        f"backfill serving on http://{settings.host}:{settings.port}/v1 "
+        f"(data: {settings.data_dir}, models: {', '.join(service.served) or 'none'})",
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level.lower() if args.log_level.lower() != "info" else "warning",
+        access_log=False,
+        loop="auto",
+        http="auto",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    uvicorn.Server(config).run()
+    service.close()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from backfill.service import Service
+
+    service = Service(_settings(args))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with service.background():
+            print(f"backfill worker running (data: {service.settings.data_dir})", flush=True)
+            await stop.wait()
+
+    asyncio.run(main())
+    service.close()
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from backfill.service import Service
+
+    settings = _settings(args)
+    settings.models = []
+    service = Service(settings)
+    key = new_api_key()
+    service.add_key(key, args.project)
+    service.close()
+    print(f"Created an API key for project {args.project}: {key}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO)
+        if hasattr(args, "log_level")
+        else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "worker":
+            return _worker(args)
+        if args.command == "keys":
+            return _keys_create(args)
+    except BackfillError as exc:
+        print(f"backfill: {exc.message}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Output and error lines in the OpenAI batch format, and the segment records that carry them.
+
+A segment is an append-only object of finished results. Each record is
+`<line_no> <o|e> <json line>\n`: the 1-based input line number (unique per request, the key for
+exactly-once merging and input-order output), which file the line goes to (output or error), and
+the line itself, ready to copy into the final file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+from backfill.domain.ids import new_request_id
+from backfill.domain.records import Usage
+
+OUTPUT = b"o"
+ERROR = b"e"
+
+
+def usage_from_body(body: Any) -> Usage:
+    """Token usage of one response body (chat, completions, embeddings, responses)."""
+    if not isinstance(body, dict):
+        return Usage()
+    u = body.get("usage")
+    if not isinstance(u, dict):
+        return Usage()
+    inp = u.get("prompt_tokens", u.get("input_tokens", 0)) or 0
+    out = u.get("completion_tokens", u.get("output_tokens", 0)) or 0
+    in_det = u.get("prompt_tokens_details") or u.get("input_tokens_details") or {}
+    out_det = u.get("completion_tokens_details") or u.get("output_tokens_details") or {}
+    cached = in_det.get("cached_tokens", 0) if isinstance(in_det, dict) else 0
+    reasoning = out_det.get("reasoning_tokens", 0) if isinstance(out_det, dict) else 0
+    try:
+        return Usage(int(inp), int(cached or 0), int(out), int(reasoning or 0))
+    except (TypeError, ValueError):
+        return Usage()
+
+
+def response_line(
+    custom_id: str, status: int, body: Any, request_id: str | None
+) -> bytes:
+    """A line for a request that got an HTTP answer (output file if 2xx, else error file)."""
+    return orjson.dumps(
+        {
+            "id": new_request_id(),
+            "custom_id": custom_id,
+            "response": {
+                "status_code": status,
+                "request_id": request_id or new_request_id().replace("batch_req_", "req_"),
+                "body": body,
+            },
+            "error": None,
+        }
+    )
+
+
+def error_line(custom_id: str, code: str, message: str) -> bytes:
+    """A line for a request that never produced a response."""
+    return orjson.dumps(
+        {
+            "id": new_request_id(),
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": code, "message": message},
+        }
+    )
+
+
+def parse_body(raw: bytes, status: int) -> Any:
+    """The engine's body as JSON; a non-JSON body is wrapped in an OpenAI error object."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw[:2000].decode("utf-8", "replace")
+        return {
+            "error": {
+                "message": f"upstream answered {status} with a non-JSON body: {text}",
+                "type": "upstream_error",
+                "param": None,
+                "code": None,
+            }
+        }
+
+
+def segment_record(line_no: int, kind: bytes, line: bytes) -> bytes:
+    return b"%d %s %s\n" % (line_no, kind, line)
+
+
+def iter_segment(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """(line_no, kind, json line) of each record of a segment."""
+    for rec in data.split(b"\n"):
+        if not rec:
+            continue
+        no, kind, line = rec.split(b" ", 2)
+        yield int(no), kind, line
+
+
+CANCELLED_MESSAGE = "The batch was cancelled before this request ran."
+EXPIRED_MESSAGE = "The batch expired before this request ran."

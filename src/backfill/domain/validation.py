@@ -1,0 +1,278 @@
+"""Validation of a batch input file, one line at a time, with no I/O.
+
+The caller streams the file in chunks of any size into `InputValidator.feed()`; the validator
+splits lines itself, so memory is bounded by the longest line plus the set of custom_ids (which
+must be kept to find duplicates). Each problem is reported with its 1-based line number, up to a
+cap, so a user fixes a file in one round instead of one error per upload.
+
+While validating it also plans the shards: contiguous byte ranges of the file holding up to
+`shard_size` requests each, so workers later read only their own part of the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from backfill.domain.records import BatchError, Shard
+
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationLimits:
+    max_requests: int = 50_000
+    max_errors: int = 100
+    max_line_bytes: int = 8 * 1024 * 1024
+    shard_size: int = 2000
+    #: estimated tokens allowed for one batch (None: no quota)
+    max_enqueued_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class ValidationResult:
+    total: int = 0
+    model: str | None = None
+    errors: list[BatchError] = field(default_factory=list)
+    shards: list[Shard] = field(default_factory=list)
+    estimated_tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class InputValidator:
+    """Feed bytes, then call `finish()` for the result."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: str,
+        endpoint: str,
+        served: Mapping[str, frozenset[str]],
+        limits: ValidationLimits,
+    ) -> None:
+        self._batch_id = batch_id
+        self._endpoint = endpoint
+        self._served = served
+        self._limits = limits
+        self._result = ValidationResult()
+        self._ids: set[str] = set()
+        self._carry = b""
+        self._carry_start = 0  # file offset of the first byte of _carry
+        self._offset = 0  # file offset of the next byte fed
+        self._line_no = 0
+        self._too_many_reported = False
+        self._overflow = False
+        # shard under construction
+        self._shard_first_line = 0
+        self._shard_start = 0
+        self._shard_end = 0
+        self._shard_count = 0
+
+    # -- streaming -----------------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        data = self._carry + chunk if self._carry else chunk
+        base = self._carry_start if self._carry else self._offset
+        self._offset += len(chunk)
+        pos = 0
+        while True:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break
+            self._line(data, pos, nl, base)
+            pos = nl + 1
+        rest = data[pos:]
+        if len(rest) > self._limits.max_line_bytes and not self._overflow:
+            # One enormous line: report it and skip to its end without holding it.
+            self._overflow = True
+            self._line_no += 1
+            self._error("invalid_request", "Line is longer than the limit.", None)
+            rest = b""
+        self._carry = rest
+        self._carry_start = base + pos
+
+    def finish(self) -> ValidationResult:
+        if self._carry or self._overflow:
+            if self._overflow:
+                self._overflow = False
+                self._carry = b""
+            else:
+                data = self._carry
+                self._line(data, 0, len(data), self._carry_start)
+                self._carry = b""
+        self._close_shard()
+        r = self._result
+        if r.total == 0 and not r.errors:
+            self._error("empty_file", "The input file contains no requests.", None, line=None)
+        if (
+            self._limits.max_enqueued_tokens is not None
+            and r.estimated_tokens > self._limits.max_enqueued_tokens
+        ):
+            self._error(
+                "token_limit_exceeded",
+                f"The batch needs about {r.estimated_tokens} tokens; the enqueued-token quota "
+                f"is {self._limits.max_enqueued_tokens}.",
+                None,
+                line=None,
+            )
+        if r.errors:
+            r.shards = []
+        return r
+
+    # -- one line ------------------------------------------------------------------------------
+    def _line(self, data: bytes, start: int, end: int, base: int) -> None:
+        self._line_no += 1
+        if self._overflow:  # end of an over-long line already reported
+            self._overflow = False
+            return
+        raw = data[start:end]
+        if self._line_no == 1 and raw.startswith(BOM):
+            raw = raw[3:]
+        if not raw.strip():
+            return
+        if len(raw) > self._limits.max_line_bytes:
+            self._error("invalid_request", "Line is longer than the limit.", None)
+            return
+        self._check(raw, base + start, base + end + 1)
+
+    def _check(self, raw: bytes, line_start: int, line_end: int) -> None:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self._error("invalid_json_line", "This line is not valid JSON.", None)
+            return
+        if not isinstance(obj, dict):
+            self._error("invalid_json_line", "This line is not a JSON object.", None)
+            return
+        problem = _check_envelope(obj, self._endpoint)
+        if problem is not None:
+            self._error(*problem)
+            return
+        body: dict[str, Any] = obj["body"]
+        model = body.get("model")
+        if model is None:
+            self._error("missing_required_parameter", "Missing body.model.", "body.model")
+            return
+        if not isinstance(model, str):
+            self._error("invalid_request", "body.model must be a string.", "body.model")
+            return
+        endpoints = self._served.get(model)
+        if endpoints is None:
+            self._error(
+                "model_not_found", f"The model {model!r} is not served here.", "body.model"
+            )
+            return
+        if self._endpoint not in endpoints:
+            self._error(
+                "model_not_found",
+                f"The model {model!r} does not serve {self._endpoint}.",
+                "body.model",
+            )
+            return
+        r = self._result
+        if r.model is None:
+            r.model = model
+        elif model != r.model:
+            self._error(
+                "model_mismatch",
+                f"All requests in a batch must use the same model ({r.model!r}); "
+                f"this line uses {model!r}.",
+                "body.model",
+            )
+            return
+        cid: str = obj["custom_id"]
+        if cid in self._ids:
+            self._error(
+                "duplicate_custom_id", f"The custom_id {cid!r} appears more than once.",
+                "custom_id",
+            )
+            return
+        self._ids.add(cid)
+        if r.total >= self._limits.max_requests:
+            if not self._too_many_reported:
+                self._too_many_reported = True
+                self._error(
+                    "too_many_tasks",
+                    f"The file has more than {self._limits.max_requests} requests, "
+                    "the limit per batch.",
+                    None,
+                )
+            return
+        r.total += 1
+        r.estimated_tokens += _estimate_tokens(raw, body)
+        self._add_to_shard(line_start, line_end)
+
+    def _add_to_shard(self, line_start: int, line_end: int) -> None:
+        if self._shard_count == 0:
+            self._shard_first_line = self._line_no
+            self._shard_start = line_start
+        self._shard_end = line_end
+        self._shard_count += 1
+        if self._shard_count >= self._limits.shard_size:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._shard_count == 0:
+            return
+        shards = self._result.shards
+        shards.append(
+            Shard(
+                batch_id=self._batch_id,
+                index=len(shards),
+                first_line=self._shard_first_line,
+                start=self._shard_start,
+                end=min(self._shard_end, self._offset),
+                count=self._shard_count,
+            )
+        )
+        self._shard_count = 0
+
+    def _error(self, code: str, message: str, param: str | None, line: int | None = -1) -> None:
+        errors = self._result.errors
+        if len(errors) < self._limits.max_errors:
+            errors.append(
+                BatchError(
+                    code=code, message=message, param=param,
+                    line=self._line_no if line == -1 else line,
+                )
+            )
+
+
+def _check_envelope(obj: dict[str, Any], endpoint: str) -> tuple[str, str, str] | None:
+    """The (code, message, param) of the first problem with the request envelope, or None."""
+    checks: list[tuple[str, type, Callable[[Any], bool] | None]] = [
+        ("custom_id", str, None),
+        ("method", str, None),
+        ("url", str, None),
+        ("body", dict, None),
+    ]
+    for key, kind, _ in checks:
+        if key not in obj or obj[key] is None:
+            return ("missing_required_parameter", f"Missing required parameter: {key!r}.", key)
+        if not isinstance(obj[key], kind):
+            name = "an object" if kind is dict else "a string"
+            return ("invalid_request", f"{key!r} must be {name}.", key)
+    if obj["method"].upper() != "POST":
+        return ("invalid_request", "Only the POST method is supported in a batch.", "method")
+    if obj["url"] != endpoint:
+        return (
+            "url_mismatch",
+            f"The url {obj['url']!r} does not match the batch endpoint {endpoint!r}.",
+            "url",
+        )
+    if obj["body"].get("stream") is True:
+        return ("invalid_request", "Streaming is not supported in a batch.", "body.stream")
+    return None
+
+
+def _estimate_tokens(raw: bytes, body: dict[str, Any]) -> int:
+    """A cheap upper-ish estimate for quotas: ~4 bytes a token in, plus the output cap."""
+    out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    return len(raw) // 4 + (out if isinstance(out, int) else 0)

@@ -1,0 +1,1 @@
+"""Background duties: validation, planning, expiry, cancel, finalization."""

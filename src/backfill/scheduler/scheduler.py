@@ -1,0 +1,156 @@
+"""The scheduler loop: every tick it scans the store for batches that need a duty done.
+
+- `validating`            -> validate the file, plan shards, start (or fail) the batch
+- `in_progress`, all shards done -> `finalizing` -> merge -> `completed`
+- `in_progress` past `expires_at` -> mark stop_reason=expired; once no live lease remains,
+  finalize as `expired` (finished results kept, the rest `batch_expired`)
+- `cancelling`, no live lease -> finalize as `cancelled`
+- `finalizing` left behind by a crash -> finalize again (files have deterministic ids)
+
+Every duty is a conditional state change in the store, so two schedulers racing on one batch
+cannot both win. Within one process, a set of busy batch ids keeps a duty from running twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from backfill.blobs.base import Blobs
+from backfill.domain.records import BatchRecord, Shard
+from backfill.domain.statuses import BatchStatus
+from backfill.domain.validation import ValidationLimits
+from backfill.scheduler.finalizer import finalize, shards_finished
+from backfill.scheduler.validator import validate_batch
+from backfill.settings import Settings
+from backfill.store.base import Store
+
+log = logging.getLogger("backfill.scheduler")
+S = BatchStatus
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        blobs: Blobs,
+        served: Mapping[str, frozenset[str]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._blobs = blobs
+        self._served = served
+        self._clock = clock
+        self._busy: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._limits = ValidationLimits(
+            max_requests=settings.max_requests_per_batch,
+            max_errors=settings.max_validation_errors,
+            max_line_bytes=settings.max_line_bytes,
+            shard_size=settings.shard_size,
+            max_enqueued_tokens=settings.max_enqueued_tokens,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("scheduler tick failed")
+            try:
+                await asyncio.wait_for(stop.wait(), self._settings.scheduler_interval)
+            except TimeoutError:
+                pass
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def tick(self) -> None:
+        batches = await asyncio.to_thread(
+            self._store.batches_in,
+            [S.VALIDATING, S.IN_PROGRESS, S.CANCELLING, S.FINALIZING],
+            1000,
+        )
+        now = self._clock()
+        for batch in batches:
+            if batch.id in self._busy:
+                continue
+            if batch.status is S.VALIDATING:
+                self._spawn(batch.id, self._validate(batch))
+            elif batch.status is S.FINALIZING:
+                self._spawn(batch.id, self._finish(batch, S.COMPLETED, {S.FINALIZING}))
+            elif batch.status is S.CANCELLING:
+                shards = await asyncio.to_thread(self._store.shards, batch.id)
+                if not _live_leases(shards, now):
+                    self._spawn(batch.id, self._finish(batch, S.CANCELLED, {S.CANCELLING}))
+            elif batch.status is S.IN_PROGRESS:
+                await self._check_running(batch, now)
+
+    async def _check_running(self, batch: BatchRecord, now: float) -> None:
+        if batch.stop_reason is None and now >= batch.expires_at:
+            updated = await asyncio.to_thread(
+                self._store.update_batch, batch.id, [S.IN_PROGRESS], stop_reason="expired"
+            )
+            if updated is None:
+                return
+            batch = updated
+        shards = await asyncio.to_thread(self._store.shards, batch.id)
+        if batch.stop_reason == "expired":
+            if not _live_leases(shards, now):
+                self._spawn(batch.id, self._finish(batch, S.EXPIRED, {S.IN_PROGRESS}))
+        elif shards_finished(shards):
+            moved = await asyncio.to_thread(
+                self._store.transition,
+                batch.id,
+                [S.IN_PROGRESS],
+                S.FINALIZING,
+                finalizing_at=int(now),
+            )
+            if moved is not None:
+                self._spawn(batch.id, self._finish(moved, S.COMPLETED, {S.FINALIZING}))
+
+    def _spawn(self, batch_id: str, coro: Coroutine[Any, Any, None]) -> None:
+        self._busy.add(batch_id)
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("duty for %s failed; it will be retried", batch_id)
+            finally:
+                self._busy.discard(batch_id)
+
+        task = asyncio.create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _validate(self, batch: BatchRecord) -> None:
+        result = await validate_batch(
+            self._store, self._blobs, batch, self._served, self._limits, int(self._clock())
+        )
+        if result is not None:
+            log.info("batch %s: %s", batch.id, result.status)
+
+    async def _finish(
+        self, batch: BatchRecord, final: BatchStatus, sources: set[BatchStatus]
+    ) -> None:
+        fresh = await asyncio.to_thread(self._store.get_batch, batch.id)
+        if fresh is None or fresh.status not in sources:
+            return
+        done = await finalize(
+            self._store, self._blobs, fresh, final, frozenset(sources), int(self._clock())
+        )
+        if done is not None:
+            log.info("batch %s: %s", batch.id, done.status)
+
+
+def _live_leases(shards: list[Shard], now: float) -> bool:
+    return any(
+        s.status == "leased" and s.lease_expires_at is not None and s.lease_expires_at > now
+        for s in shards
+    )

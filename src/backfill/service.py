@@ -1,0 +1,103 @@
+"""The composition root: the only place that picks concrete backends and wires the parts.
+
+`Service` opens the store (and migrates it), the blob store and the engines, registers the API
+keys given on the command line, and runs the background duties (scheduler, worker) inside the
+API server's lifespan, or on their own for `backfill worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from backfill.blobs import open_blobs
+from backfill.blobs.base import Blobs
+from backfill.dispatch.dispatcher import Dispatcher
+from backfill.engines.base import Engine
+from backfill.engines.registry import build_engines
+from backfill.scheduler.scheduler import Scheduler
+from backfill.settings import Settings
+from backfill.store import open_store
+from backfill.store.base import Store
+from backfill.worker.worker import Worker
+
+log = logging.getLogger("backfill")
+
+DEFAULT_PROJECT = "default"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store: Store = open_store(settings.database_url)
+        self.store.migrate()
+        self.blobs: Blobs = open_blobs(settings.storage, settings.data_dir)
+        self.engines: dict[str, Engine] = build_engines(settings.models)
+        self.dispatchers: dict[str, Dispatcher] = {}
+        self.served: dict[str, frozenset[str]] = {
+            m.name: frozenset(m.endpoints) for m in settings.models
+        }
+        for key in settings.api_keys:
+            self.add_key(key, DEFAULT_PROJECT)
+
+    def add_key(self, key: str, project_name: str) -> None:
+        project = self.store.ensure_project(project_name)
+        self.store.add_api_key(project.id, hash_key(key), int(time.time()))
+
+    async def start_engines(self) -> None:
+        for config in self.settings.models:
+            engine = self.engines[config.name]
+            await engine.start()
+            self.dispatchers[config.name] = Dispatcher.from_config(engine, config)
+
+    async def close_engines(self) -> None:
+        for engine in self.engines.values():
+            with contextlib.suppress(Exception):
+                await engine.close()
+
+    @contextlib.asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        """Run the scheduler and the worker (as the settings say) until the block exits."""
+        await self.start_engines()
+        stop = asyncio.Event()
+        tasks: list[asyncio.Task[None]] = []
+        if self.settings.run_scheduler:
+            scheduler = Scheduler(self.settings, self.store, self.blobs, self.served)
+            tasks.append(asyncio.create_task(scheduler.run(stop)))
+        if self.settings.run_worker:
+            worker = Worker(self.settings, self.store, self.blobs, self.dispatchers)
+            tasks.append(asyncio.create_task(worker.run(stop)))
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.close_engines()
+
+    def api_app(self) -> Any:
+        from backfill.api.app import create_app
+        from backfill.api.context import ApiContext
+
+        ctx = ApiContext(
+            settings=self.settings, store=self.store, blobs=self.blobs, models=self.served
+        )
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Any) -> AsyncIterator[None]:
+            async with self.background():
+                yield
+
+        return create_app(ctx, lifespan=lifespan)
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,1 @@
+"""Workers: lease shards and feed their requests through the per-model dispatchers."""

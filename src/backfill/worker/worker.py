@@ -1,0 +1,95 @@
+"""The worker loop: keep up to `worker_shards` shards running, leasing more as they finish.
+
+Several shards run at once so the per-model concurrency window stays full while one shard
+drains its last slow requests. Leasing polls the store; an idle worker backs off to the poll
+interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from backfill.blobs.base import Blobs
+from backfill.dispatch.dispatcher import Dispatcher
+from backfill.domain.ids import new_token
+from backfill.settings import Settings
+from backfill.store.base import Store
+from backfill.worker.shard_run import ShardRun
+
+log = logging.getLogger("backfill.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        blobs: Blobs,
+        dispatchers: dict[str, Dispatcher],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.id = "worker-" + new_token()[:12]
+        self._settings = settings
+        self._store = store
+        self._blobs = blobs
+        self._dispatchers = dispatchers
+        self._clock = clock
+        self._runs: dict[asyncio.Task[None], ShardRun] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        poll = self._settings.scheduler_interval
+        while not stop.is_set():
+            leased = False
+            if len(self._runs) < self._settings.worker_shards:
+                try:
+                    leased = await self._lease_one()
+                except Exception:
+                    log.exception("leasing failed")
+            if leased:
+                continue
+            waiters: set[asyncio.Future[object]] = set(self._runs)
+            stopper = asyncio.ensure_future(stop.wait())
+            waiters.add(stopper)
+            await asyncio.wait(waiters, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+        for shard_run in self._runs.values():
+            shard_run.stop()
+        await asyncio.gather(*self._runs, return_exceptions=True)
+
+    async def _lease_one(self) -> bool:
+        token = new_token()
+        shard = await asyncio.to_thread(
+            self._store.lease_shard,
+            self.id,
+            token,
+            self._clock(),
+            self._settings.lease_seconds,
+        )
+        if shard is None:
+            return False
+        shard_run = ShardRun(
+            settings=self._settings,
+            store=self._store,
+            blobs=self._blobs,
+            dispatchers=self._dispatchers,
+            shard=shard,
+            token=token,
+            clock=self._clock,
+        )
+        task = asyncio.create_task(self._guard(shard_run))
+        self._runs[task] = shard_run
+        task.add_done_callback(lambda t: self._runs.pop(t, None))
+        return True
+
+    async def _guard(self, shard_run: ShardRun) -> None:
+        try:
+            await shard_run.run()
+        except Exception:
+            log.exception(
+                "shard %s/%d failed; it will be resumed after its lease expires",
+                shard_run.shard.batch_id,
+                shard_run.shard.index,
+            )
