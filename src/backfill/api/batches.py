@@ -1,0 +1,208 @@
+"""`/v1/batches` (and the `/v1/batch/jobs` aliases): create, retrieve, list, cancel.
+
+Creating a batch checks only the request itself, synchronously: the body's shape, metadata
+limits, the endpoint (known, and served by a configured model), the completion window, and the
+input file (exists in this project, purpose `batch`). Problems *inside* the file are the
+scheduler's business: the batch is written as `validating` and the scheduler moves it on.
+
+The body is parsed by hand (orjson, then pydantic) rather than by a FastAPI body parameter so
+that curl users who forget `Content-Type: application/json` still work, and so the idempotency
+hash is taken over exactly what the client sent: `sha256` of the body re-serialized with sorted
+keys. With an `Idempotency-Key` the store returns the batch created earlier under that key for
+the same hash and raises `Conflict` (409, not retryable) for a different one.
+
+Cancel only writes `cancelling` (conditional on a cancellable status); the scheduler and
+workers notice and finish the job. Cancelling a batch that is already cancelling/cancelled
+returns it unchanged; a finished one is a 409 the SDK must not retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from backfill.api.auth import Authenticator
+from backfill.api.context import ApiContext
+from backfill.api.errors import validation_error
+from backfill.api.responses import JsonResponse, call
+from backfill.api.schemas import (
+    CreateBatchRequest,
+    batch_object,
+    check_expires_after_seconds,
+    check_metadata,
+    list_object,
+)
+from backfill.domain.ids import new_batch_id
+from backfill.domain.records import BatchRecord, Project
+from backfill.domain.statuses import CANCELLABLE, BatchStatus
+from backfill.domain.windows import parse_window
+from backfill.errors import Conflict, InvalidRequest, NotFound
+
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+#: endpoints OpenAI batches support that no engine here serves yet
+FUTURE_ENDPOINTS = ("/v1/responses", "/v1/moderations")
+_MAX_IDEMPOTENCY_KEY = 255
+_CANCEL_ATTEMPTS = 5
+
+
+def not_found(batch_id: str) -> NotFound:
+    return NotFound(f"No such Batch object: {batch_id}", param="batch_id")
+
+
+def parse_create_body(raw: bytes) -> tuple[CreateBatchRequest, dict[str, Any]]:
+    try:
+        data = orjson.loads(raw) if raw.strip() else None
+    except orjson.JSONDecodeError:
+        raise validation_error([{"type": "json_invalid", "loc": ("body",)}]) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_request_body")
+    try:
+        body = CreateBatchRequest.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # Report unknown arguments first: they usually explain the other errors.
+        errors.sort(key=lambda e: e["type"] != "extra_forbidden")
+        raise validation_error([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+    return body, data
+
+
+def check_endpoint(endpoint: str, models: dict[str, frozenset[str]]) -> None:
+    if endpoint in FUTURE_ENDPOINTS:
+        raise InvalidRequest(
+            f"The endpoint {endpoint} is not supported yet: no engine here serves it. "
+            f"Supported endpoints are: {', '.join(BATCH_ENDPOINTS)}.",
+            param="endpoint",
+            code="unsupported_endpoint",
+        )
+    if endpoint not in BATCH_ENDPOINTS:
+        raise InvalidRequest(
+            f"Invalid value for 'endpoint': {endpoint!r}. Supported values are: "
+            f"{', '.join(BATCH_ENDPOINTS)}.",
+            param="endpoint",
+            code="invalid_endpoint",
+        )
+    if not any(endpoint in served for served in models.values()):
+        raise InvalidRequest(
+            f"No model configured on this server serves {endpoint}.",
+            param="endpoint",
+            code="unsupported_endpoint",
+        )
+
+
+def request_hash(data: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
+    r = APIRouter()
+    CurrentProject = Annotated[Project, Depends(auth.require)]
+
+    async def create_batch(request: Request, project: CurrentProject) -> Response:
+        body, data = parse_create_body(await request.body())
+        check_metadata(body.metadata)
+        check_endpoint(body.endpoint, ctx.models)
+        settings = ctx.settings
+        window = parse_window(
+            body.completion_window,
+            min_seconds=settings.min_completion_window,
+            max_seconds=settings.max_completion_window,
+        )
+        output_expires_after = None
+        if body.output_expires_after is not None:
+            output_expires_after = check_expires_after_seconds(
+                body.output_expires_after.seconds, "output_expires_after"
+            )
+        file = await call(ctx.store.get_file, body.input_file_id, project.id)
+        if file is None:
+            raise NotFound(f"No such File object: {body.input_file_id}", param="input_file_id")
+        if file.purpose != "batch":
+            raise InvalidRequest(
+                f"File {file.id} has purpose {file.purpose!r}; batch input files must be "
+                "uploaded with purpose 'batch'.",
+                param="input_file_id",
+                code="invalid_file_purpose",
+            )
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            key = key.strip()
+            if not key or len(key) > _MAX_IDEMPOTENCY_KEY:
+                raise InvalidRequest(
+                    f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters.",
+                    param="Idempotency-Key",
+                    code="invalid_idempotency_key",
+                )
+        now = ctx.now()
+        record = BatchRecord(
+            id=new_batch_id(),
+            project_id=project.id,
+            endpoint=body.endpoint,
+            input_file_id=file.id,
+            completion_window=body.completion_window,
+            status=BatchStatus.VALIDATING,
+            created_at=now,
+            expires_at=now + window,
+            metadata=body.metadata,
+            output_expires_after=output_expires_after,
+        )
+        stored = await call(
+            ctx.store.insert_batch,
+            record,
+            idempotency_key=key,
+            request_hash=request_hash(data) if key is not None else None,
+        )
+        return JsonResponse(batch_object(stored))
+
+    async def retrieve_batch(batch_id: str, project: CurrentProject) -> Response:
+        record = await call(ctx.store.get_batch, batch_id, project.id)
+        if record is None:
+            raise not_found(batch_id)
+        return JsonResponse(batch_object(record))
+
+    async def list_batches(
+        project: CurrentProject,
+        after: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    ) -> Response:
+        page = await call(ctx.store.list_batches, project.id, after=after or None, limit=limit)
+        return JsonResponse(list_object([batch_object(b) for b in page.items], page.has_more))
+
+    async def cancel_batch(batch_id: str, project: CurrentProject) -> Response:
+        for _ in range(_CANCEL_ATTEMPTS):
+            record = await call(ctx.store.get_batch, batch_id, project.id)
+            if record is None:
+                raise not_found(batch_id)
+            status = BatchStatus(record.status)
+            if status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+                return JsonResponse(batch_object(record))
+            if status not in CANCELLABLE:
+                raise Conflict(
+                    f"Cannot cancel batch {batch_id}: it has already finished with status "
+                    f"'{status}'.",
+                    param="batch_id",
+                    code="batch_not_cancellable",
+                )
+            moved = await call(
+                ctx.store.transition,
+                batch_id,
+                CANCELLABLE,
+                BatchStatus.CANCELLING,
+                cancelling_at=ctx.now(),
+            )
+            if moved is not None:
+                return JsonResponse(batch_object(moved))
+            # The batch changed status under us (e.g. it just completed): look again.
+        raise Conflict(
+            f"Batch {batch_id} is changing status; try again.", param="batch_id", code="conflict"
+        )
+
+    for prefix in ("/batches", "/batch/jobs"):
+        r.add_api_route(prefix, create_batch, methods=["POST"])
+        r.add_api_route(prefix, list_batches, methods=["GET"])
+        r.add_api_route(prefix + "/{batch_id}", retrieve_batch, methods=["GET"])
+        r.add_api_route(prefix + "/{batch_id}/cancel", cancel_batch, methods=["POST"])
+    return r

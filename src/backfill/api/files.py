@@ -1,0 +1,231 @@
+"""`/v1/files`: upload (streamed), list, retrieve, download (with `Range`) and delete.
+
+Ordering of side effects on upload: the blob is written first and the row inserted only after
+it is complete, so a `processed` file always has its bytes; any failure after the blob was
+written (bad `purpose` arriving after the file, store error, client gone) deletes the blob
+again. On delete the row goes first and the blob second: a crash in between leaves an orphan
+blob (garbage) rather than a row without bytes (a broken file).
+
+Another project's file is reported exactly like an unknown one (404 "No such File object").
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response, StreamingResponse
+
+from backfill.api.auth import Authenticator
+from backfill.api.context import ApiContext
+from backfill.api.ranges import parse_range
+from backfill.api.responses import JsonResponse, call
+from backfill.api.schemas import (
+    check_expires_after_seconds,
+    deleted_file,
+    file_object,
+    list_object,
+)
+from backfill.api.uploads import MultipartUpload, too_large_message
+from backfill.domain.ids import new_file_id
+from backfill.domain.records import FileRecord, Project
+from backfill.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+
+#: purposes a user may upload (`batch_output` files are only ever written by backfill)
+UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "vision", "user_data", "evals")
+#: slack for multipart framing and text fields when rejecting early on Content-Length
+_FRAMING_SLACK = 1 << 20
+_DOWNLOAD_CHUNK = 1 << 20
+
+
+def not_found(file_id: str) -> NotFound:
+    return NotFound(f"No such File object: {file_id}", param="file_id")
+
+
+def _check_purpose(purpose: str | None) -> str:
+    if purpose is None or purpose == "":
+        raise InvalidRequest(
+            "Missing required parameter: 'purpose'.",
+            param="purpose",
+            code="missing_required_parameter",
+        )
+    if purpose not in UPLOAD_PURPOSES:
+        allowed = ", ".join(repr(p) for p in UPLOAD_PURPOSES)
+        hint = (
+            " ('batch_output' files are created by backfill)" if purpose == "batch_output" else ""
+        )
+        raise InvalidRequest(
+            f"Invalid value for 'purpose': {purpose!r}{hint}. Supported values are: {allowed}.",
+            param="purpose",
+            code="invalid_value",
+        )
+    return purpose
+
+
+def _expires_at(fields: dict[str, str], now: int) -> int | None:
+    anchor = fields.get("expires_after[anchor]")
+    seconds_text = fields.get("expires_after[seconds]")
+    if anchor is None and seconds_text is None:
+        return None
+    if anchor is not None and anchor != "created_at":
+        raise InvalidRequest(
+            f"Invalid value for 'expires_after[anchor]': {anchor!r}. Supported values are: "
+            "'created_at'.",
+            param="expires_after[anchor]",
+            code="invalid_value",
+        )
+    if seconds_text is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'expires_after[seconds]'.",
+            param="expires_after[seconds]",
+            code="missing_required_parameter",
+        )
+    try:
+        seconds = int(seconds_text.strip())
+    except ValueError:
+        raise InvalidRequest(
+            f"Invalid value for 'expires_after[seconds]': {seconds_text!r} is not an integer.",
+            param="expires_after[seconds]",
+            code="invalid_value",
+        ) from None
+    return now + check_expires_after_seconds(seconds, "expires_after[seconds]")
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.headers.get("content-length")
+    if raw is None or not raw.strip().isdigit():
+        return None
+    return int(raw)
+
+
+def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
+    r = APIRouter()
+    CurrentProject = Annotated[Project, Depends(auth.require)]
+
+    async def own_file(file_id: str, project: Project) -> FileRecord:
+        record = await call(ctx.store.get_file, file_id, project.id)
+        if record is None:
+            raise not_found(file_id)
+        return record
+
+    @r.post("/files")
+    async def upload_file(request: Request, project: CurrentProject) -> Response:
+        limit = ctx.settings.max_upload_bytes
+        body_bytes = _content_length(request)
+        if body_bytes is not None and body_bytes > limit + _FRAMING_SLACK:
+            raise PayloadTooLarge(too_large_message(limit, body_bytes), param="file")
+        upload = MultipartUpload(
+            request.headers.get("content-type"),
+            request.stream(),
+            max_file_bytes=limit,
+            body_bytes=body_bytes,
+        )
+        try:
+            record = await _store_upload(upload, project)
+        except ClientDisconnect:
+            # Nobody is listening; the blob was already cleaned up.
+            return Response(status_code=400)
+        return JsonResponse(file_object(record))
+
+    async def _store_upload(upload: MultipartUpload, project: Project) -> FileRecord:
+        await upload.read_until_file()
+        if not upload.file_started:
+            await upload.read_rest()
+            raise InvalidRequest(
+                "Missing required parameter: 'file'.",
+                param="file",
+                code="missing_required_parameter",
+            )
+        if "purpose" in upload.fields:  # fail fast, before streaming the file
+            _check_purpose(upload.fields["purpose"])
+        file_id = new_file_id()
+        path = f"files/{file_id}"
+        size = await ctx.blobs.put_stream(path, upload.file_chunks())
+        try:
+            await upload.read_rest()
+            purpose = _check_purpose(upload.fields.get("purpose"))
+            now = ctx.now()
+            record = FileRecord(
+                id=file_id,
+                project_id=project.id,
+                filename=upload.filename or "file",
+                purpose=purpose,
+                bytes=size,
+                created_at=now,
+                blob_path=path,
+                expires_at=_expires_at(upload.fields, now),
+                status="processed",
+            )
+            await call(ctx.store.insert_file, record)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await ctx.blobs.delete(path)
+            raise
+        return record
+
+    @r.get("/files")
+    async def list_files(
+        project: CurrentProject,
+        purpose: str | None = None,
+        order: Literal["asc", "desc"] = "desc",
+        limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+        after: str | None = None,
+    ) -> Response:
+        page = await call(
+            ctx.store.list_files,
+            project.id,
+            purpose=purpose or None,
+            order=order,
+            after=after or None,
+            limit=limit,
+        )
+        return JsonResponse(list_object([file_object(f) for f in page.items], page.has_more))
+
+    @r.get("/files/{file_id}")
+    async def retrieve_file(file_id: str, project: CurrentProject) -> Response:
+        return JsonResponse(file_object(await own_file(file_id, project)))
+
+    @r.get("/files/{file_id}/content")
+    async def file_content(file_id: str, request: Request, project: CurrentProject) -> Response:
+        record = await own_file(file_id, project)
+        size = record.bytes
+        wanted = parse_range(request.headers.get("range"), size)
+        start, end = wanted if wanted is not None else (0, size)
+        headers = {"accept-ranges": "bytes", "content-length": str(end - start)}
+        if wanted is not None:
+            headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
+        status = 206 if wanted is not None else 200
+        media_type = "application/octet-stream"
+        if end <= start:
+            return Response(b"", status_code=status, headers=headers, media_type=media_type)
+        chunks = ctx.blobs.stream(record.blob_path, start, end, chunk_size=_DOWNLOAD_CHUNK)
+        # Pull the first chunk now so a missing object is an error envelope, not a cut stream.
+        first = await anext(chunks)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+
+        return StreamingResponse(body(), status_code=status, headers=headers, media_type=media_type)
+
+    @r.delete("/files/{file_id}")
+    async def delete_file(file_id: str, project: CurrentProject) -> Response:
+        await own_file(file_id, project)
+        if await call(ctx.store.file_in_use, file_id):
+            raise Conflict(
+                f"File {file_id} is the input of a batch that has not finished; cancel the "
+                "batch or wait for it to finish before deleting the file.",
+                param="file_id",
+                code="file_in_use",
+            )
+        record = await call(ctx.store.delete_file, file_id, project.id)
+        if record is None:
+            raise not_found(file_id)
+        await ctx.blobs.delete(record.blob_path)
+        return JsonResponse(deleted_file(file_id))
+
+    return r
