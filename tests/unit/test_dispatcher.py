@@ -1,0 +1,301 @@
+"""Dispatcher and Window over a deterministic fake engine: limits, retries, outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from backfill.dispatch import Dispatcher, Outcome, Window
+from backfill.domain.retry import RetryPolicy
+from backfill.engines.base import EngineReply
+from backfill.errors import EngineError, EngineUnavailable
+
+T = TypeVar("T")
+CHAT = "/v1/chat/completions"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout=10))
+
+
+async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None:
+    """Let the loop run until `condition()` holds; fail at the deadline."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        await asyncio.sleep(0)
+
+
+class FakeEngine:
+    """Answers from a per-request script: `body["script"]` lists, per attempt, a status, a
+    `(status, retry_after)` pair, "down" (EngineUnavailable), "timeout", or "broken" (EngineError).
+    With `gated=True` every call waits until the test releases it."""
+
+    model = "fake"
+    endpoints = frozenset({CHAT})
+
+    def __init__(self, *, gated: bool = False, yields: int = 0) -> None:
+        self.gated = gated
+        self.yields = yields
+        self.active = 0
+        self.max_active = 0
+        self.calls: list[str] = []
+        self.gates: list[asyncio.Future[None]] = []
+        self.attempts: dict[str, int] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def release(self, n: int = 1) -> None:
+        opened = 0
+        for gate in self.gates:
+            if not gate.done() and opened < n:
+                gate.set_result(None)
+                opened += 1
+        assert opened == n, f"only {opened} calls were waiting"
+
+    async def send(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> EngineReply:
+        key = body["id"]
+        attempt = self.attempts.get(key, 0)
+        self.attempts[key] = attempt + 1
+        self.calls.append(key)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.gated:
+                gate = asyncio.get_running_loop().create_future()
+                self.gates.append(gate)
+                await gate
+            for _ in range(self.yields):
+                await asyncio.sleep(0)
+            script = body.get("script", [200])
+            step = script[min(attempt, len(script) - 1)]
+            if step == "down":
+                raise EngineUnavailable("connection refused", code="upstream_unavailable")
+            if step == "timeout":
+                raise EngineUnavailable("too slow", code="request_timeout")
+            if step == "broken":
+                raise EngineError("engine crashed", code="engine_crashed")
+            status, retry_after = step if isinstance(step, tuple) else (step, None)
+            return EngineReply(status, f'{{"n": {attempt}}}'.encode(), retry_after, f"req-{key}")
+        finally:
+            self.active -= 1
+
+
+class RecordingSleep:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        await asyncio.sleep(0)
+
+
+def make(
+    engine: FakeEngine, *, limit: int = 4, attempts: int = 3, sleep: Any = None
+) -> tuple[Dispatcher, RecordingSleep]:
+    recorder = RecordingSleep()
+    policy = RetryPolicy(attempts=attempts, base_delay=0.01, max_delay=0.05, jitter="none")
+    dispatcher = Dispatcher(
+        engine, max_concurrency=limit, policy=policy, sleep=sleep or recorder, rand=lambda: 0.5
+    )
+    return dispatcher, recorder
+
+
+def test_success_is_one_attempt() -> None:
+    engine = FakeEngine()
+    dispatcher, sleeps = make(engine)
+    outcome = run(dispatcher.run(CHAT, {"id": "a"}))
+    assert outcome == Outcome(200, b'{"n": 0}', "req-a", attempts=1)
+    assert outcome.ok and not outcome.is_transport_error
+    assert sleeps.delays == []
+    assert (dispatcher.stats.sent, dispatcher.stats.succeeded, dispatcher.stats.failed) == (1, 1, 0)
+
+
+def test_concurrency_limit_never_exceeded() -> None:
+    engine = FakeEngine(yields=3)
+    dispatcher, _ = make(engine, limit=5)
+
+    async def scenario() -> list[Outcome]:
+        return await asyncio.gather(*(dispatcher.run(CHAT, {"id": str(i)}) for i in range(60)))
+
+    outcomes = run(scenario())
+    assert all(o.status == 200 for o in outcomes)
+    assert engine.max_active == 5
+    assert dispatcher.in_flight == 0 and dispatcher.stats.in_flight == 0
+    assert dispatcher.stats.sent == 60
+
+
+def test_set_limit_grows_and_shrinks() -> None:
+    engine = FakeEngine(gated=True)
+    dispatcher, _ = make(engine, limit=4)
+
+    async def scenario() -> None:
+        tasks = [asyncio.create_task(dispatcher.run(CHAT, {"id": str(i)})) for i in range(20)]
+        await eventually(lambda: engine.active == 4)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert engine.active == 4  # nobody else gets in
+
+        dispatcher.set_limit(8)
+        await eventually(lambda: engine.active == 8)
+        assert dispatcher.limit == 8
+
+        dispatcher.set_limit(2)  # running requests keep their slots
+        assert engine.active == 8
+        engine.release(6)
+        await eventually(lambda: engine.active == 2)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert engine.active == 2  # finished ones were not replaced above the new limit
+        assert len(engine.calls) == 8
+
+        engine.release(1)  # one finishes: exactly one more is admitted
+        await eventually(lambda: len(engine.calls) == 9)
+        assert engine.active == 2
+
+        dispatcher.set_limit(100)
+        while not all(t.done() for t in tasks):
+            waiting = sum(1 for g in engine.gates if not g.done())
+            if waiting:
+                engine.release(waiting)
+            await asyncio.sleep(0)
+        assert engine.max_active == 13  # 2 running + the 11 still waiting, all at once
+        assert all(t.result().status == 200 for t in tasks)
+
+    run(scenario())
+
+
+def test_set_limit_rejects_zero() -> None:
+    dispatcher, _ = make(FakeEngine())
+    with pytest.raises(ValueError):
+        dispatcher.set_limit(0)
+
+
+def test_retries_then_success() -> None:
+    engine = FakeEngine()
+    dispatcher, sleeps = make(engine, attempts=4)
+    outcome = run(dispatcher.run(CHAT, {"id": "a", "script": [500, "down", 503, 200]}))
+    assert outcome.status == 200
+    assert outcome.body == b'{"n": 3}'
+    assert outcome.attempts == 4
+    assert sleeps.delays == [0.01, 0.02, 0.04]  # base 0.01, doubling, no jitter
+    stats = dispatcher.stats
+    assert (stats.sent, stats.retried, stats.transport_errors) == (4, 3, 1)
+    assert (stats.succeeded, stats.failed) == (1, 0)
+
+
+def test_client_errors_are_not_retried() -> None:
+    engine = FakeEngine()
+    dispatcher, sleeps = make(engine)
+    outcome = run(dispatcher.run(CHAT, {"id": "a", "script": [400, 200]}))
+    assert outcome.status == 400
+    assert outcome.body == b'{"n": 0}'
+    assert outcome.attempts == 1 and not outcome.ok
+    assert engine.calls == ["a"] and sleeps.delays == []
+    assert dispatcher.stats.failed == 1
+
+
+def test_final_server_error_after_attempts_is_a_reply() -> None:
+    dispatcher, sleeps = make(FakeEngine(), attempts=3)
+    outcome = run(dispatcher.run(CHAT, {"id": "a", "script": [500, 502, 503, 200]}))
+    assert outcome.status == 503
+    assert outcome.request_id == "req-a"
+    assert outcome.attempts == 3
+    assert len(sleeps.delays) == 2
+
+
+def test_transport_failures_exhausted() -> None:
+    dispatcher, _ = make(FakeEngine(), attempts=3)
+    outcome = run(dispatcher.run(CHAT, {"id": "a", "script": ["down", "down", "timeout"]}))
+    assert outcome.is_transport_error and outcome.status is None
+    assert outcome.error_code == "request_timeout"  # the last attempt's reason
+    assert outcome.message == "too slow"
+    assert outcome.body == b""
+    assert outcome.attempts == 3
+    assert dispatcher.stats.failed == 1 and dispatcher.stats.transport_errors == 3
+
+
+def test_engine_error_is_final() -> None:
+    engine = FakeEngine()
+    dispatcher, _ = make(engine)
+    outcome = run(dispatcher.run(CHAT, {"id": "a", "script": ["broken", 200]}))
+    assert outcome.error_code == "engine_crashed"
+    assert engine.calls == ["a"]
+
+
+def test_retry_after_honoured() -> None:
+    dispatcher, sleeps = make(FakeEngine())
+    outcome = run(dispatcher.run(CHAT, {"id": "a", "script": [(429, 0.25), 200]}))
+    assert outcome.status == 200
+    assert sleeps.delays == [0.25]
+
+
+def test_backoff_sleep_does_not_hold_a_slot() -> None:
+    engine = FakeEngine()
+
+    async def scenario() -> None:
+        wake = asyncio.Event()
+
+        async def sleep(seconds: float) -> None:
+            await wake.wait()
+
+        dispatcher, _ = make(engine, limit=1, sleep=sleep)
+        first = asyncio.create_task(dispatcher.run(CHAT, {"id": "a", "script": [503, 200]}))
+        await eventually(lambda: engine.calls == ["a"] and dispatcher.in_flight == 0)
+        # "a" is sleeping before its retry; with limit 1, "b" must still get through.
+        second = await dispatcher.run(CHAT, {"id": "b"})
+        assert second.status == 200
+        assert not first.done()
+        wake.set()
+        assert (await first).attempts == 2
+
+    run(scenario())
+
+
+def test_window_cancelled_waiter_does_not_leak_a_slot() -> None:
+    async def scenario() -> None:
+        window = Window(1)
+        await window.acquire()
+        waiter = asyncio.create_task(window.acquire())
+        await eventually(lambda: window.waiting == 1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        window.release()
+        assert window.in_flight == 0
+        await asyncio.wait_for(window.acquire(), 1)  # the slot is free again
+        assert window.in_flight == 1
+
+    run(scenario())
+
+
+def test_window_cancelled_after_handoff_passes_slot_on() -> None:
+    async def scenario() -> None:
+        window = Window(1)
+        await window.acquire()
+        first = asyncio.create_task(window.acquire())
+        second = asyncio.create_task(window.acquire())
+        await eventually(lambda: window.waiting == 2)
+        window.release()  # handed to `first`...
+        first.cancel()  # ...which is cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.wait_for(second, 1)
+        assert window.in_flight == 1
+
+    run(scenario())
