@@ -128,9 +128,7 @@ class Store(Protocol):
         None if the batch is no longer validating (e.g. cancelled meanwhile)."""
 
     # -- shards and leases -------------------------------------------------------------------
-    def lease_shard(
-        self, owner: str, token: str, now: float, lease_seconds: float
-    ) -> Shard | None:
+    def lease_shard(self, owner: str, token: str, now: float, lease_seconds: float) -> Shard | None:
         """Lease one shard of an `in_progress` batch without a stop_reason: a pending shard, or
         a leased one whose lease has expired. Oldest batch first. None if there is nothing."""
 

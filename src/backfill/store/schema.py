@@ -1,0 +1,143 @@
+"""The tables of the SQL store, in SQLAlchemy Core.
+
+Design decisions:
+- Portable types only, so one schema serves SQLite and PostgreSQL. Timestamps are Unix seconds
+  in BigInteger columns (the domain speaks ints); lease expiry is a Float because leases are
+  measured in fractions of a second.
+- Every listed table has a `seq` surrogate key that grows with insertion: list cursors and
+  "oldest first" scans order by it, never by the random public ids. It is a BigInteger on
+  PostgreSQL (BIGSERIAL) and an INTEGER on SQLite, where only `INTEGER PRIMARY KEY` is the
+  rowid alias that autoincrements.
+- `start`, `end` and `count` are SQL keywords; the shard columns are called `byte_start`,
+  `byte_end` and `request_count` and mapped back to the `Shard` fields in `sql.py`.
+- `batches` keeps its usage as four counters (added to by every recorded segment in the same
+  transaction) rather than summing segments on every read.
+- Idempotency keys are unique per project; NULL keys never collide on either database.
+- The migrations in `migrations/versions/` create exactly these tables; a test compares them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+# INTEGER PRIMARY KEY on SQLite (the autoincrementing rowid), BIGSERIAL on PostgreSQL.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False, unique=True),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_hash", String(128), primary_key=True),
+    Column("project_id", String(64), nullable=False, index=True),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+files = Table(
+    "files",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("project_id", String(64), nullable=False, index=True),
+    Column("filename", Text, nullable=False),
+    Column("purpose", String(64), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=True, index=True),
+    Column("blob_path", Text, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("status_details", Text, nullable=True),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("project_id", String(64), nullable=False, index=True),
+    Column("endpoint", String(128), nullable=False),
+    Column("model", Text, nullable=True),
+    Column("input_file_id", String(64), nullable=False, index=True),
+    Column("completion_window", String(32), nullable=False),
+    Column("status", String(32), nullable=False, index=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("in_progress_at", BigInteger, nullable=True),
+    Column("finalizing_at", BigInteger, nullable=True),
+    Column("completed_at", BigInteger, nullable=True),
+    Column("failed_at", BigInteger, nullable=True),
+    Column("expired_at", BigInteger, nullable=True),
+    Column("cancelling_at", BigInteger, nullable=True),
+    Column("cancelled_at", BigInteger, nullable=True),
+    Column("total", BigInteger, nullable=False, default=0),
+    Column("completed", BigInteger, nullable=False, default=0),
+    Column("failed", BigInteger, nullable=False, default=0),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Column("metadata", JSON(none_as_null=True), nullable=True),
+    Column("errors", JSON(none_as_null=True), nullable=True),
+    Column("output_expires_after", BigInteger, nullable=True),
+    Column("stop_reason", String(32), nullable=True),
+    Column("output_file_id", String(64), nullable=True),
+    Column("error_file_id", String(64), nullable=True),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("request_hash", String(128), nullable=True),
+    UniqueConstraint("project_id", "idempotency_key", name="uq_batches_idempotency"),
+)
+
+shards = Table(
+    "shards",
+    metadata,
+    Column("batch_id", String(64), nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("first_line", BigInteger, nullable=False),
+    Column("byte_start", BigInteger, nullable=False),
+    Column("byte_end", BigInteger, nullable=False),
+    Column("request_count", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("lease_owner", String(128), nullable=True),
+    Column("lease_token", String(128), nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("done", BigInteger, nullable=False, default=0),
+    PrimaryKeyConstraint("batch_id", "idx", name="pk_shards"),
+    Index("ix_shards_status", "status"),
+)
+
+segments = Table(
+    "segments",
+    metadata,
+    Column("batch_id", String(64), nullable=False),
+    Column("shard_index", Integer, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("blob_path", Text, nullable=False),
+    Column("completed", BigInteger, nullable=False),
+    Column("failed", BigInteger, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    PrimaryKeyConstraint("batch_id", "shard_index", "seq", name="pk_segments"),
+)
