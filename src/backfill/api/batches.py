@@ -16,8 +16,8 @@ workers notice and finish the job. Cancelling a batch that is already cancelling
 returns it unchanged; a finished one is a 409 the SDK must not retry.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must evaluate the handlers'
+# annotations, and `CurrentProject` is a local of `router()`.
 import hashlib
 from typing import Annotated, Any
 

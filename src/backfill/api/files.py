@@ -9,8 +9,6 @@ blob (garbage) rather than a row without bytes (a broken file).
 Another project's file is reported exactly like an unknown one (404 "No such File object").
 """
 
-from __future__ import annotations
-
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 

@@ -5,8 +5,6 @@ it shows what batches may name in `body.model`, not what the upstream engines ca
 Model names may contain slashes (`meta-llama/Llama-3.1-8B-Instruct`), hence the `:path` route.
 """
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
