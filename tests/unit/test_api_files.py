@@ -331,3 +331,12 @@ async def test_delete_refused_while_a_batch_uses_the_file(tmp_path: Path) -> Non
         assert r.headers["x-should-retry"] == "false"
         assert api.store.get_file(fid) is not None
         assert await blob_paths(api.blobs) == [f"files/{fid}"]
+
+
+async def test_content_of_a_file_whose_blob_vanished(tmp_path: Path) -> None:
+    async with api_harness(tmp_path) as api:
+        fid = await api.file_id(LINES)
+        await api.blobs.delete(f"files/{fid}")
+        r = await api.client.get(f"/v1/files/{fid}/content", headers=api.headers)
+        err = assert_error(r, 404, param="file_id")
+        assert "files/" not in err["message"]

@@ -11,6 +11,8 @@ four keys present, whatever raised it:
   (bad JSON bodies, see `validation_error`) become 400 `invalid_request_error` with `param`
   naming the offending field, worded like OpenAI's messages.
 - Starlette's `HTTPException` (unknown route 404, wrong method 405) keeps its status and headers.
+- Server-side failures (5xx, e.g. `StoreError`) keep their type and code but get a generic
+  message: backend messages can carry SQL, paths or URLs, which belong in the log only.
 - Anything else is a 500 with a generic message; details go to the log, never to the client.
   That last case is handled by `middleware.RequestIdMiddleware`, which sits outside FastAPI's
   exception middleware, so even a crash gets the envelope and an `x-request-id`.
@@ -18,6 +20,7 @@ four keys present, whatever raised it:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +32,10 @@ from starlette.responses import Response
 
 from backfill.api.responses import JsonResponse
 from backfill.errors import BackfillError, InvalidRequest, RateLimited
+
+log = logging.getLogger("backfill.api")
+
+SERVER_ERROR_MESSAGE = "The server had an error while processing your request. Sorry about that!"
 
 
 def error_body(
@@ -63,16 +70,16 @@ def headers_for(exc: BackfillError) -> dict[str, str]:
 
 
 def backfill_error_response(exc: BackfillError) -> Response:
-    return JsonResponse(
-        {"error": exc.to_dict()}, status_code=exc.status_code, headers=headers_for(exc)
-    )
+    body = exc.to_dict()
+    if exc.status_code >= 500:
+        # Backend messages can carry SQL, paths or URLs: log them, tell the client less.
+        log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
+        body["message"] = SERVER_ERROR_MESSAGE
+    return JsonResponse({"error": body}, status_code=exc.status_code, headers=headers_for(exc))
 
 
 def internal_error_body() -> dict[str, Any]:
-    return error_body(
-        "The server had an error while processing your request. Sorry about that!",
-        "server_error",
-    )
+    return error_body(SERVER_ERROR_MESSAGE, "server_error")
 
 
 # -- validation errors ------------------------------------------------------------------------

@@ -30,7 +30,14 @@ from backfill.api.schemas import (
 from backfill.api.uploads import MultipartUpload, too_large_message
 from backfill.domain.ids import new_file_id
 from backfill.domain.records import FileRecord, Project
-from backfill.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from backfill.errors import (
+    BlobError,
+    BlobNotFound,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
 
 #: purposes a user may upload (`batch_output` files are only ever written by backfill)
 UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "vision", "user_data", "evals")
@@ -201,7 +208,14 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
             return Response(b"", status_code=status, headers=headers, media_type=media_type)
         chunks = ctx.blobs.stream(record.blob_path, start, end, chunk_size=_DOWNLOAD_CHUNK)
         # Pull the first chunk now so a missing object is an error envelope, not a cut stream.
-        first = await anext(chunks)
+        try:
+            first = await anext(chunks, None)
+        except BlobNotFound:
+            raise NotFound(
+                f"The content of {file_id} is no longer available.", param="file_id"
+            ) from None
+        if first is None:
+            raise BlobError(f"blob {record.blob_path} is shorter than its recorded size")
 
         async def body() -> AsyncIterator[bytes]:
             yield first
