@@ -418,3 +418,9 @@ async def test_batch_jobs_aliases(tmp_path: Path) -> None:
         assert cancelled.json()["status"] == "cancelling"
         same = await api.client.get(f"/v1/batches/{bid}", headers=api.headers)
         assert same.json()["status"] == "cancelling"
+
+
+async def test_oversized_json_body_is_413(tmp_path: Path) -> None:
+    async with api_harness(tmp_path) as api:
+        body = await body_for(api, metadata={"k": "v" * (2 << 20)})
+        assert_error(await api.create_batch(**body), 413)

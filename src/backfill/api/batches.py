@@ -41,12 +41,14 @@ from backfill.domain.ids import new_batch_id
 from backfill.domain.records import BatchRecord, Project
 from backfill.domain.statuses import CANCELLABLE, BatchStatus
 from backfill.domain.windows import parse_window
-from backfill.errors import Conflict, InvalidRequest, NotFound
+from backfill.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 #: endpoints OpenAI batches support that no engine here serves yet
 FUTURE_ENDPOINTS = ("/v1/responses", "/v1/moderations")
 _MAX_IDEMPOTENCY_KEY = 255
+#: a create-batch body is a few hundred bytes; metadata at its limits is ~10 KB
+MAX_JSON_BODY = 1 << 20
 _CANCEL_ATTEMPTS = 5
 
 
@@ -69,6 +71,21 @@ def parse_create_body(raw: bytes) -> tuple[CreateBatchRequest, dict[str, Any]]:
         errors.sort(key=lambda e: e["type"] != "extra_forbidden")
         raise validation_error([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
     return body, data
+
+
+async def read_small_body(request: Request, limit: int = MAX_JSON_BODY) -> bytes:
+    """The request body, refusing (413) to buffer more than `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is too large (at most {limit} bytes).")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is too large (at most {limit} bytes).")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def check_endpoint(endpoint: str, models: dict[str, frozenset[str]]) -> None:
@@ -103,7 +120,7 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
     CurrentProject = Annotated[Project, Depends(auth.require)]
 
     async def create_batch(request: Request, project: CurrentProject) -> Response:
-        body, data = parse_create_body(await request.body())
+        body, data = parse_create_body(await read_small_body(request))
         check_metadata(body.metadata)
         check_endpoint(body.endpoint, ctx.models)
         settings = ctx.settings

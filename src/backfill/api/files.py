@@ -144,8 +144,11 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
                 param="file",
                 code="missing_required_parameter",
             )
-        if "purpose" in upload.fields:  # fail fast, before streaming the file
+        # Fail fast on fields that came before the file, before streaming it.
+        if "purpose" in upload.fields:
             _check_purpose(upload.fields["purpose"])
+        if "expires_after[seconds]" in upload.fields:
+            _expires_at(upload.fields, 0)
         file_id = new_file_id()
         path = f"files/{file_id}"
         size = await ctx.blobs.put_stream(path, upload.file_chunks())
