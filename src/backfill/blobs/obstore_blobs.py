@@ -45,7 +45,9 @@ class ObjectBlobs:
                 yield chunk
 
         try:
-            await obstore.put_async(self._store, path, counted(), chunk_size=8 << 20)
+            await obstore.put_async(
+                self._store, path, counted(), chunk_size=8 << 20, max_concurrency=2
+            )
         except BaseException as exc:
             try:
                 await obstore.delete_async(self._store, path)

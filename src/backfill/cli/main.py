@@ -139,6 +139,7 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper(), logging.INFO)
         if hasattr(args, "log_level")
