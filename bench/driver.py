@@ -50,9 +50,7 @@ def run_backfill(
             line = {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions"}
             fh.write(json.dumps({**line, "body": body}).encode() + b"\n")
     config = tmp / "backfill.toml"
-    config.write_text(
-        f'[models.m]\nurl = "{up_url}"\nmax_concurrency = {args.concurrency}\n'
-    )
+    config.write_text(f'[models.m]\nurl = "{up_url}"\nmax_concurrency = {args.concurrency}\n')
     extra = ["--config", str(config)]
     if args.database:
         extra += ["--database", args.database]
@@ -124,7 +122,9 @@ def main() -> int:
         sdk_reqs = reqs[: args.sdk_requests] if args.sdk_requests else reqs
         sdk = asyncio.run(run_sdk(up.url, sdk_reqs, args.concurrency))
     print(f"backfill:         {bf:8.0f} requests/s  (target >= 3000)")
-    print(f"AsyncOpenAI loop: {sdk:8.0f} requests/s  (same upstream, concurrency {args.concurrency})")
+    print(
+        f"AsyncOpenAI loop: {sdk:8.0f} requests/s  (same upstream, concurrency {args.concurrency})"
+    )
     print(f"ratio:            {bf / sdk:8.1f}x        (target >= 8x)")
     return 0
 

@@ -71,9 +71,10 @@ def main() -> int:
         os.sync()
         floor = time.perf_counter() - t
         del data
-        with start_upstream() as up, BackfillProcess(
-            tmpd / "data", api_keys=["sk-bench"], models=[f"m={up.url}"]
-        ) as srv:
+        with (
+            start_upstream() as up,
+            BackfillProcess(tmpd / "data", api_keys=["sk-bench"], models=[f"m={up.url}"]) as srv,
+        ):
             assert srv.proc is not None
             client = OpenAI(base_url=srv.base_url, api_key="sk-bench", max_retries=0)
             rss_idle = peak_rss_mib(srv.proc.pid)
@@ -96,8 +97,10 @@ def main() -> int:
             print(f"upload: {t_up - t0:.2f} s, create -> in_progress: {t_ready - t_up:.2f} s")
             print(f"upload start -> in_progress: {total:.2f} s (target <= 3 s)")
             print(f"server peak RSS: {rss:.0f} MiB (at startup {rss_idle:.0f} MiB; target <= 150)")
-            print(f"baseline (write the same bytes to disk + sync): {floor:.2f} s; "
-                  f"ratio {total / floor:.1f}x")
+            print(
+                f"baseline (write the same bytes to disk + sync): {floor:.2f} s; "
+                f"ratio {total / floor:.1f}x"
+            )
             ok = batch.status == "in_progress" and total <= 3.0 and rss <= 150
             print("TARGET MET" if ok else "TARGET MISSED")
     return 0

@@ -7,6 +7,7 @@ failed or oversize upload leaves nothing behind (we delete defensively too).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
@@ -46,13 +47,11 @@ class ObjectBlobs:
 
         try:
             await obstore.put_async(
-                self._store, path, counted(), chunk_size=8 << 20, max_concurrency=2
+                self._store, path, counted(), chunk_size=5 << 20, max_concurrency=2
             )
         except BaseException as exc:
-            try:
+            with contextlib.suppress(Exception):
                 await obstore.delete_async(self._store, path)
-            except Exception:
-                pass
             if isinstance(exc, Exception) and "obstore" in type(exc).__module__:
                 raise BlobError(f"cannot write {path}: {exc}") from exc
             raise

@@ -31,7 +31,11 @@ class Engine(Protocol):
         """Open pools, load weights. Called once, on the loop that will call `send`."""
 
     async def send(
-        self, endpoint: str, body: dict[str, Any], *, timeout: float | None = None
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (a per-request budget)
     ) -> EngineReply:
         """Run one request. Raises `EngineUnavailable` on transport failure or timeout."""
 

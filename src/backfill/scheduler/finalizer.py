@@ -61,9 +61,7 @@ async def finalize(
                 for line_no, custom_id, _ in iter_requests(raw, shard.first_line):
                     if line_no not in merged:
                         merged[line_no] = (ERROR, error_line(custom_id, *reason))
-            chunk = b"".join(
-                merged[n][1] + b"\n" for n in sorted(merged) if merged[n][0] == kind
-            )
+            chunk = b"".join(merged[n][1] + b"\n" for n in sorted(merged) if merged[n][0] == kind)
             if chunk:
                 yield chunk
 

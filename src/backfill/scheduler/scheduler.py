@@ -14,6 +14,7 @@ cannot both win. Within one process, a set of busy batch ids keeps a duty from r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -62,10 +63,8 @@ class Scheduler:
                 await self.tick()
             except Exception:
                 log.exception("scheduler tick failed")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._settings.scheduler_interval)
-            except TimeoutError:
-                pass
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -17,7 +17,7 @@ from backfill.domain.validation import InputValidator, ValidationLimits
 from backfill.errors import BlobNotFound
 from backfill.store.base import Store
 
-CHUNK = 4 << 20
+CHUNK = 1 << 20
 
 
 async def validate_batch(

@@ -17,6 +17,7 @@ back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -81,26 +82,11 @@ class ShardRun:
         batch = await asyncio.to_thread(self._store.get_batch, shard.batch_id)
         if batch is None:
             return
-        todo = await self._load_todo(batch)
+        raw, done = await self._load(batch)
         heartbeat = asyncio.create_task(self._heartbeat())
         flusher = asyncio.create_task(self._flusher())
         try:
-            dispatcher = self._dispatchers.get(batch.model or "")
-            tasks = [
-                asyncio.create_task(self._one(dispatcher, batch.endpoint, line_no, cid, body))
-                for line_no, cid, body in todo
-            ]
-            del todo
-            if tasks:
-                all_done = asyncio.gather(*tasks, return_exceptions=True)
-                stopper = asyncio.create_task(self._stop.wait())
-                await asyncio.wait({all_done, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if self._stop.is_set():
-                    for t in tasks:
-                        t.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                stopper.cancel()
-                await all_done
+            await self._dispatch_all(batch, raw, done)
             await self._flush()
             if self._stop.is_set():
                 await asyncio.to_thread(
@@ -117,7 +103,44 @@ class ShardRun:
             flusher.cancel()
             await asyncio.gather(heartbeat, flusher, return_exceptions=True)
 
-    async def _load_todo(self, batch: BatchRecord) -> list[tuple[int, str, dict[str, Any]]]:
+    async def _dispatch_all(self, batch: BatchRecord, raw: bytes, done: set[int]) -> None:
+        """Start requests lazily, at most `cap` at a time, so memory stays bounded by the
+        window, not the shard; on stop, abort whatever is in flight."""
+        dispatcher = self._dispatchers.get(batch.model or "")
+        cap = max(16, dispatcher.limit if dispatcher is not None else 16)
+        slots = asyncio.Semaphore(cap)
+        running: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            slots.release()
+
+        async def abort_on_stop() -> None:
+            await self._stop.wait()
+            for task in list(running):
+                task.cancel()
+
+        watcher = asyncio.create_task(abort_on_stop())
+        try:
+            for line_no, cid, body in iter_requests(raw, self.shard.first_line):
+                if line_no in done:
+                    continue
+                await slots.acquire()
+                if self._stop.is_set():
+                    slots.release()
+                    break
+                task = asyncio.create_task(
+                    self._one(dispatcher, batch.endpoint, line_no, cid, body)
+                )
+                running.add(task)
+                task.add_done_callback(finished)
+            if running:
+                await asyncio.gather(*list(running), return_exceptions=True)
+        finally:
+            watcher.cancel()
+
+    async def _load(self, batch: BatchRecord) -> tuple[bytes, set[int]]:
+        """The shard's input bytes and the line numbers already recorded as done."""
         shard = self.shard
         done: set[int] = set()
         segments = await asyncio.to_thread(self._store.segments, shard.batch_id, shard.index)
@@ -127,9 +150,9 @@ class ShardRun:
             self._seq = max(self._seq, seg.seq + 1)
         file = await asyncio.to_thread(self._store.get_file, batch.input_file_id)
         if file is None:
-            return []
+            return b"", done
         raw = await self._blobs.get_range(file.blob_path, shard.start, shard.end)
-        return [r for r in iter_requests(raw, shard.first_line) if r[0] not in done]
+        return raw, done
 
     async def _one(
         self,
@@ -169,10 +192,8 @@ class ShardRun:
     async def _flusher(self) -> None:
         interval = self._settings.flush_every_seconds
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_wanted.wait(), interval)
-            except TimeoutError:
-                pass
             self._flush_wanted.clear()
             try:
                 await self._flush()
@@ -192,8 +213,7 @@ class ShardRun:
             self._completed, self._failed, self._usage = 0, 0, Usage()
             shard = self.shard
             path = (
-                f"batches/{shard.batch_id}/seg/{shard.index:05d}-{self._seq:06d}-"
-                f"{self._token[:12]}"
+                f"batches/{shard.batch_id}/seg/{shard.index:05d}-{self._seq:06d}-{self._token[:12]}"
             )
             await self._blobs.put(path, b"".join(records))
             segment = Segment(

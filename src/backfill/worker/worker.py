@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
@@ -50,9 +51,8 @@ class Worker:
                     log.exception("leasing failed")
             if leased:
                 continue
-            waiters: set[asyncio.Future[object]] = set(self._runs)
             stopper = asyncio.ensure_future(stop.wait())
-            waiters.add(stopper)
+            waiters: set[asyncio.Future[Any]] = {stopper, *self._runs}
             await asyncio.wait(waiters, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
         for shard_run in self._runs.values():
