@@ -39,9 +39,7 @@ def usage_from_body(body: Any) -> Usage:
         return Usage()
 
 
-def response_line(
-    custom_id: str, status: int, body: Any, request_id: str | None
-) -> bytes:
+def response_line(custom_id: str, status: int, body: Any, request_id: str | None) -> bytes:
     """A line for a request that got an HTTP answer (output file if 2xx, else error file)."""
     return orjson.dumps(
         {

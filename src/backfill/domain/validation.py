@@ -165,9 +165,7 @@ class InputValidator:
             return
         endpoints = self._served.get(model)
         if endpoints is None:
-            self._error(
-                "model_not_found", f"The model {model!r} is not served here.", "body.model"
-            )
+            self._error("model_not_found", f"The model {model!r} is not served here.", "body.model")
             return
         if self._endpoint not in endpoints:
             self._error(
@@ -190,7 +188,8 @@ class InputValidator:
         cid: str = obj["custom_id"]
         if cid in self._ids:
             self._error(
-                "duplicate_custom_id", f"The custom_id {cid!r} appears more than once.",
+                "duplicate_custom_id",
+                f"The custom_id {cid!r} appears more than once.",
                 "custom_id",
             )
             return
@@ -239,7 +238,9 @@ class InputValidator:
         if len(errors) < self._limits.max_errors:
             errors.append(
                 BatchError(
-                    code=code, message=message, param=param,
+                    code=code,
+                    message=message,
+                    param=param,
                     line=self._line_no if line == -1 else line,
                 )
             )
