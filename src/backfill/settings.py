@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     flush_every_seconds: float = 1.0
     worker_shards: int = 4  # shards one worker runs at once
     scheduler_interval: float = 0.5
-    cancel_grace_seconds: float = 10.0
+    cancel_grace_seconds: float = 10.0  # in-flight requests may finish within this
+    retention_interval: float = 60.0  # how often expired files are deleted
 
     @property
     def database_url(self) -> str:

@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from backfill.api import batches, files, models
+from backfill.api import batches, files, models, partial
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext
 from backfill.api.errors import install_error_handlers
@@ -45,7 +45,7 @@ def create_app(ctx: ApiContext, lifespan: Lifespan | None = None) -> FastAPI:
 
     auth = Authenticator(ctx.store)
     app.state.auth = auth
-    for module in (files, batches, models):
+    for module in (files, batches, partial, models):
         app.include_router(module.router(ctx, auth), prefix="/v1")
 
     @app.get("/health")

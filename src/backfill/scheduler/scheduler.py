@@ -1,5 +1,6 @@
 """The scheduler loop: every tick it scans the store for batches that need a duty done.
 
+- every `retention_interval`: delete files past their `expires_at` (not inputs in use)
 - `validating`            -> validate the file, plan shards, start (or fail) the batch
 - `in_progress`, all shards done -> `finalizing` -> merge -> `completed`
 - `in_progress` past `expires_at` -> mark stop_reason=expired; once no live lease remains,
@@ -48,6 +49,7 @@ class Scheduler:
         self._served = served
         self._clock = clock
         self._busy: set[str] = set()
+        self._next_retention = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._limits = ValidationLimits(
             max_requests=settings.max_requests_per_batch,
@@ -70,6 +72,9 @@ class Scheduler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def tick(self) -> None:
+        if self._clock() >= self._next_retention:
+            self._next_retention = self._clock() + self._settings.retention_interval
+            await self._retention()
         batches = await asyncio.to_thread(
             self._store.batches_in,
             [S.VALIDATING, S.IN_PROGRESS, S.CANCELLING, S.FINALIZING],
@@ -113,6 +118,15 @@ class Scheduler:
             if moved is not None:
                 self._spawn(batch.id, self._finish(moved, S.COMPLETED, {S.FINALIZING}))
 
+    async def _retention(self) -> None:
+        try:
+            n = await delete_expired_files(self._store, self._blobs, int(self._clock()))
+        except Exception:
+            log.exception("retention failed")
+            return
+        if n:
+            log.info("retention: deleted %d expired files", n)
+
     def _spawn(self, batch_id: str, coro: Coroutine[Any, Any, None]) -> None:
         self._busy.add(batch_id)
 
@@ -146,6 +160,20 @@ class Scheduler:
         )
         if done is not None:
             log.info("batch %s: %s", batch.id, done.status)
+
+
+async def delete_expired_files(store: Store, blobs: Blobs, now: int, limit: int = 500) -> int:
+    """Retention: delete files past their `expires_at` (rows first, then bytes). Files that
+    are still the input of an unfinished batch are kept until it finishes."""
+    deleted = 0
+    for file in await asyncio.to_thread(store.expired_files, now, limit):
+        if await asyncio.to_thread(store.file_in_use, file.id):
+            continue
+        gone = await asyncio.to_thread(store.delete_file, file.id)
+        if gone is not None:
+            await blobs.delete(gone.blob_path)
+            deleted += 1
+    return deleted
 
 
 def _live_leases(shards: list[Shard], now: float) -> bool:

@@ -117,6 +117,11 @@ class ShardRun:
 
         async def abort_on_stop() -> None:
             await self._stop.wait()
+            # Cancel/expiry/shutdown: let what is in flight finish within the grace period
+            # (its results are kept); a lost lease aborts at once (nothing can be recorded).
+            grace = self._settings.cancel_grace_seconds
+            if running and not self._lost and grace > 0:
+                await asyncio.wait(list(running), timeout=grace)
             for task in list(running):
                 task.cancel()
 
