@@ -25,6 +25,7 @@ MODELS = ("m", "m2")
 MAX_UPLOAD_BYTES = 1024 * 1024
 MAX_REQUESTS = 25
 MAX_TOKENS = 100_000
+CLI = [sys.executable, "-m", "backfill.cli.main"]
 SERVER_ENV = {
     "BACKFILL_SHARD_SIZE": "3",
     "BACKFILL_FLUSH_EVERY_SECONDS": "0.1",
@@ -39,8 +40,7 @@ SERVER_ENV = {
 def create_key(data_dir: Path, project: str) -> str:
     """`backfill keys create --project P --data-dir D`; the key is the last word printed."""
     out = subprocess.run(
-        [sys.executable, "-m", "backfill.cli.main", "keys", "create"]
-        + ["--project", project, "--data-dir", str(data_dir)],
+        [*CLI, "keys", "create", "--project", project, "--data-dir", str(data_dir)],
         check=True,
         capture_output=True,
         text=True,
