@@ -1,0 +1,320 @@
+"""The batch flow in one process, with no sockets: memory store, memory blobs, a deterministic
+fake engine and a fake clock. Covers what the scheduler and workers do between them:
+validation -> shards -> results -> finalize, cancel with partial results, expiry, and the
+fencing that stops a worker which lost its lease from committing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from backfill.blobs import open_blobs
+from backfill.blobs.base import Blobs
+from backfill.dispatch.dispatcher import Dispatcher
+from backfill.domain.records import BatchRecord, FileRecord
+from backfill.domain.retry import RetryPolicy
+from backfill.domain.statuses import BatchStatus
+from backfill.engines.base import EngineReply
+from backfill.scheduler.scheduler import Scheduler, delete_expired_files
+from backfill.settings import Settings
+from backfill.store.memory import MemoryStore
+from backfill.worker.shard_run import ShardRun
+from backfill.worker.worker import Worker
+
+CHAT = "/v1/chat/completions"
+SERVED = {"m": frozenset({CHAT})}
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeEngine:
+    """Answers `echo: <content>`; content `fail` gives a 400; `hold` waits for a release."""
+
+    model = "m"
+    endpoints = frozenset({CHAT})
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.release = asyncio.Event()
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def send(
+        self, endpoint: str, body: dict[str, Any], *, timeout: float | None = None
+    ) -> EngineReply:
+        text = body["messages"][0]["content"]
+        self.calls.append(text)
+        if text.startswith("hold"):
+            await self.release.wait()
+        if text == "fail":
+            return EngineReply(400, orjson.dumps({"error": {"message": "bad", "code": "x"}}))
+        reply = {
+            "object": "chat.completion",
+            "choices": [{"message": {"role": "assistant", "content": "echo: " + text}}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+        }
+        return EngineReply(200, orjson.dumps(reply), request_id="req-" + text)
+
+
+def line(cid: str, content: str) -> bytes:
+    body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+    return orjson.dumps({"custom_id": cid, "method": "POST", "url": CHAT, "body": body})
+
+
+class Harness:
+    def __init__(self, tmp: Path, **settings: Any) -> None:
+        defaults: dict[str, Any] = {
+            "data_dir": tmp,
+            "shard_size": 3,
+            "flush_every_requests": 2,
+            "flush_every_seconds": 0.01,
+            "scheduler_interval": 0.01,
+            "lease_seconds": 30.0,
+            "cancel_grace_seconds": 0.0,
+        }
+        self.settings = Settings(**{**defaults, **settings})
+        self.store = MemoryStore()
+        self.blobs: Blobs = open_blobs("memory://", tmp)
+        self.clock = Clock()
+        self.engine = FakeEngine()
+        self.project = self.store.ensure_project("p")
+
+    def dispatchers(self) -> dict[str, Dispatcher]:
+        policy = RetryPolicy(attempts=1)
+        return {"m": Dispatcher(self.engine, max_concurrency=8, policy=policy)}
+
+    async def submit(self, contents: list[str]) -> BatchRecord:
+        data = b"\n".join(line(f"c{i}", c) for i, c in enumerate(contents)) + b"\n"
+        await self.blobs.put("files/f1", data)
+        now = int(self.clock())
+        self.store.insert_file(
+            FileRecord("file-1", self.project.id, "in.jsonl", "batch", len(data), now, "files/f1")
+        )
+        batch = BatchRecord(
+            id="batch_1",
+            project_id=self.project.id,
+            endpoint=CHAT,
+            input_file_id="file-1",
+            completion_window="24h",
+            status=BatchStatus.VALIDATING,
+            created_at=now,
+            expires_at=now + 86400,
+        )
+        return self.store.insert_batch(batch)
+
+    async def until(
+        self, check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            result = check()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            assert loop.time() < deadline, "condition not reached in time"
+            await asyncio.sleep(0.005)
+
+    def status(self) -> BatchStatus:
+        batch = self.store.get_batch("batch_1")
+        assert batch is not None
+        return batch.status
+
+    async def lines(self, file_id: str | None) -> list[dict[str, Any]]:
+        if file_id is None:
+            return []
+        file = self.store.get_file(file_id)
+        assert file is not None
+        data = await self.blobs.get(file.blob_path)
+        assert len(data) == file.bytes
+        return [orjson.loads(x) for x in data.splitlines()]
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coro())  # type: ignore[arg-type]
+
+
+def test_full_flow_in_input_order(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path)
+        await h.submit(["a", "b", "fail", "d", "e", "f", "g"])
+        stop = asyncio.Event()
+        sched = Scheduler(h.settings, h.store, h.blobs, SERVED, clock=h.clock)
+        worker = Worker(h.settings, h.store, h.blobs, h.dispatchers(), clock=h.clock)
+        tasks = [asyncio.create_task(sched.run(stop)), asyncio.create_task(worker.run(stop))]
+        await h.until(lambda: h.status() is BatchStatus.COMPLETED)
+        stop.set()
+        await asyncio.gather(*tasks)
+        batch = h.store.get_batch("batch_1")
+        assert batch is not None
+        assert (batch.total, batch.completed, batch.failed) == (7, 6, 1)
+        assert batch.usage.input_tokens == 12 and batch.usage.output_tokens == 18
+        out = await h.lines(batch.output_file_id)
+        assert [x["custom_id"] for x in out] == ["c0", "c1", "c3", "c4", "c5", "c6"]
+        assert out[0]["response"]["body"]["choices"][0]["message"]["content"] == "echo: a"
+        errors = await h.lines(batch.error_file_id)
+        assert [(x["custom_id"], x["response"]["status_code"]) for x in errors] == [("c2", 400)]
+        assert len(h.store.shards("batch_1")) == 3
+        # segments were cleaned up after finalization
+        assert not await h.blobs.exists(h.store.segments("batch_1")[0].blob_path)
+
+    run(main)
+
+
+def test_cancel_keeps_finished_results(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path, shard_size=10)
+        await h.submit(["a", "b", "hold1", "hold2", "c"])
+        stop = asyncio.Event()
+        sched = Scheduler(h.settings, h.store, h.blobs, SERVED, clock=h.clock)
+        worker = Worker(h.settings, h.store, h.blobs, h.dispatchers(), clock=h.clock)
+        tasks = [asyncio.create_task(sched.run(stop)), asyncio.create_task(worker.run(stop))]
+
+        def three_done() -> bool:
+            b = h.store.get_batch("batch_1")
+            return b is not None and b.completed == 3
+
+        await h.until(three_done)
+        h.store.transition(
+            "batch_1", [BatchStatus.IN_PROGRESS], BatchStatus.CANCELLING, cancelling_at=1
+        )
+        await h.until(lambda: h.status() is BatchStatus.CANCELLED)
+        stop.set()
+        await asyncio.gather(*tasks)
+        batch = h.store.get_batch("batch_1")
+        assert batch is not None
+        assert (batch.completed, batch.failed) == (3, 2)
+        out = await h.lines(batch.output_file_id)
+        assert [x["custom_id"] for x in out] == ["c0", "c1", "c4"]
+        errors = await h.lines(batch.error_file_id)
+        assert [(x["custom_id"], x["error"]["code"]) for x in errors] == [
+            ("c2", "batch_cancelled"),
+            ("c3", "batch_cancelled"),
+        ]
+        assert all(x["response"] is None for x in errors)
+
+    run(main)
+
+
+def test_expiry_gives_batch_expired(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path, shard_size=10)
+        await h.submit(["a", "hold", "b"])
+        stop = asyncio.Event()
+        sched = Scheduler(h.settings, h.store, h.blobs, SERVED, clock=h.clock)
+        worker = Worker(h.settings, h.store, h.blobs, h.dispatchers(), clock=h.clock)
+        tasks = [asyncio.create_task(sched.run(stop)), asyncio.create_task(worker.run(stop))]
+
+        def two_done() -> bool:
+            b = h.store.get_batch("batch_1")
+            return b is not None and b.completed == 2
+
+        await h.until(two_done)
+        h.clock.now += 86401  # the window passes
+        await h.until(lambda: h.status() is BatchStatus.EXPIRED)
+        stop.set()
+        await asyncio.gather(*tasks)
+        batch = h.store.get_batch("batch_1")
+        assert batch is not None and batch.expired_at is not None
+        errors = await h.lines(batch.error_file_id)
+        assert [(x["custom_id"], x["error"]["code"]) for x in errors] == [("c1", "batch_expired")]
+
+    run(main)
+
+
+def test_worker_that_lost_its_lease_commits_nothing(tmp_path: Path) -> None:
+    async def main() -> None:
+        # Flush only at the end, so the old worker's first commit comes after its lease is gone.
+        h = Harness(
+            tmp_path,
+            shard_size=10,
+            lease_seconds=5.0,
+            flush_every_requests=100,
+            flush_every_seconds=60.0,
+        )
+        batch = await h.submit(["hold1", "hold2", "a"])
+        sched = Scheduler(h.settings, h.store, h.blobs, SERVED, clock=h.clock)
+        await sched.tick()
+        await h.until(lambda: h.status() is BatchStatus.IN_PROGRESS)
+        shard = h.store.lease_shard("w1", "tok1", h.clock(), 5.0)
+        assert shard is not None
+        old = ShardRun(
+            settings=h.settings,
+            store=h.store,
+            blobs=h.blobs,
+            dispatchers=h.dispatchers(),
+            shard=shard,
+            token="tok1",
+            clock=h.clock,
+        )
+        old_task = asyncio.create_task(old.run())
+        await h.until(lambda: "a" in h.engine.calls)
+        # The first worker stalls; its lease expires and a second worker takes the shard.
+        h.clock.now += 10
+        shard2 = h.store.lease_shard("w2", "tok2", h.clock(), 5.0)
+        assert shard2 is not None and shard2.index == shard.index
+        h.engine.release.set()  # the old worker's held requests now finish
+        await asyncio.wait_for(old_task, 10)
+        assert h.store.segments(batch.id) == []  # nothing recorded under the lost lease
+        new = ShardRun(
+            settings=h.settings,
+            store=h.store,
+            blobs=h.blobs,
+            dispatchers=h.dispatchers(),
+            shard=shard2,
+            token="tok2",
+            clock=h.clock,
+        )
+        await asyncio.wait_for(new.run(), 10)
+        fresh = h.store.get_batch(batch.id)
+        assert fresh is not None and (fresh.completed, fresh.failed) == (3, 0)
+        assert h.store.shards(batch.id)[0].status == "done"
+
+    run(main)
+
+
+def test_retention_deletes_expired_files_but_not_inputs_in_use(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path)
+        await h.submit(["a"])  # file-1 is the input of a validating batch
+        await h.blobs.put("files/f2", b"x")
+        h.store.insert_file(
+            FileRecord("file-2", h.project.id, "x", "batch", 1, 1, "files/f2", expires_at=5)
+        )
+        old = h.store.get_file("file-1")
+        assert old is not None
+        h.store.delete_file("file-1")
+        h.store.insert_file(
+            FileRecord(
+                old.id,
+                old.project_id,
+                old.filename,
+                old.purpose,
+                old.bytes,
+                old.created_at,
+                old.blob_path,
+                expires_at=5,
+            )
+        )
+        assert await delete_expired_files(h.store, h.blobs, now=10) == 1
+        assert h.store.get_file("file-2") is None
+        assert not await h.blobs.exists("files/f2")
+        assert h.store.get_file("file-1") is not None
+
+    run(main)
