@@ -67,7 +67,7 @@ class FakeEngine:
         endpoint: str,
         body: dict[str, Any],
         *,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> EngineReply:
         key = body["id"]
         attempt = self.attempts.get(key, 0)
