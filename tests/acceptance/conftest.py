@@ -18,15 +18,6 @@ from backfill.testing.server import BackfillProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-#: small shards, quick ticks and flushes, short leases: a batch is done in well under a second
-FAST_ENV = {
-    "BACKFILL_SHARD_SIZE": "2",
-    "BACKFILL_FLUSH_EVERY_SECONDS": "0.1",
-    "BACKFILL_SCHEDULER_INTERVAL": "0.1",
-    "BACKFILL_LEASE_SECONDS": "2",
-    "BACKFILL_CANCEL_GRACE_SECONDS": "0.2",
-}
-
 
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[UpstreamProcess]:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FAST_ENV
+from acceptance_settings import FAST_ENV
 from openai import OpenAI
 from sdk_helpers import chat_line, read_jsonl, run_batch
 

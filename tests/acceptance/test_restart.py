@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from conftest import FAST_ENV
+from acceptance_settings import FAST_ENV
 from openai import OpenAI
 from sdk_helpers import chat_line, poll, read_jsonl, run_batch, submit, wait_batch
 

@@ -10,32 +10,15 @@ flushes/ticks keep each batch well under a second.
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from openai import OpenAI
+from suite_settings import CLI, KEY_A, MODELS, SERVER_ENV
 
 from backfill.testing import UpstreamProcess, start_upstream
 from backfill.testing.server import BackfillProcess
-
-KEY_A = "sk-integration-project-a"
-MODELS = ("m", "m2")
-MAX_UPLOAD_BYTES = 1024 * 1024
-MAX_REQUESTS = 25
-MAX_TOKENS = 100_000
-CLI = [sys.executable, "-m", "backfill.cli.main"]
-SERVER_ENV = {
-    "BACKFILL_SHARD_SIZE": "3",
-    "BACKFILL_FLUSH_EVERY_SECONDS": "0.1",
-    "BACKFILL_SCHEDULER_INTERVAL": "0.1",
-    "BACKFILL_LEASE_SECONDS": "3",
-    "BACKFILL_CANCEL_GRACE_SECONDS": "0.3",
-    "BACKFILL_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
-    "BACKFILL_MAX_REQUESTS_PER_BATCH": str(MAX_REQUESTS),
-    "BACKFILL_MAX_ENQUEUED_TOKENS": str(MAX_TOKENS),
-}
 
 
 def create_key(data_dir: Path, project: str) -> str:

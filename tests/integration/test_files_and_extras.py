@@ -8,9 +8,9 @@ import urllib.request
 from typing import Any
 
 import pytest
-from conftest import KEY_A, MODELS
 from openai import ConflictError, NotFoundError, OpenAI
 from sdk_helpers import CHAT, chat_line, jsonl, read_jsonl, upload, wait_batch
+from suite_settings import KEY_A, MODELS
 
 from backfill.testing.server import BackfillProcess
 

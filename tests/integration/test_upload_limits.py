@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import MAX_UPLOAD_BYTES
 from openai import APIStatusError, OpenAI
 from sdk_helpers import upload
+from suite_settings import MAX_UPLOAD_BYTES
 
 from backfill.testing.server import BackfillProcess
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from conftest import MAX_REQUESTS, MAX_TOKENS
 from openai import OpenAI
 from openai.types import Batch
 from sdk_helpers import CHAT, chat_line, jsonl, read_jsonl, upload, wait_batch
+from suite_settings import MAX_REQUESTS, MAX_TOKENS
 
 
 def codes_and_lines(batch: Batch) -> list[tuple[str | None, int | None]]:
