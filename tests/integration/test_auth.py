@@ -94,3 +94,23 @@ def test_lists_are_per_project(new_project: Callable[[str], OpenAI]) -> None:
     assert [b.id for b in bob.batches.list()] == [b_batch.id]
     assert [f.id for f in alice.files.list(purpose="batch")] == [a_batch.input_file_id]
     assert [f.id for f in bob.files.list(purpose="batch")] == [b_batch.input_file_id]
+
+
+def test_unknown_route_is_404_envelope(server: BackfillProcess) -> None:
+    req = urllib.request.Request(
+        server.base_url + "/no-such-thing", headers={"Authorization": "Bearer x"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    assert info.value.code == 404
+    assert info.value.headers["x-request-id"]
+    assert set(json.loads(info.value.read())["error"]) == ENVELOPE_KEYS
+
+
+def test_upload_without_purpose_or_file_is_400(client: OpenAI) -> None:
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError):
+        client.files.create(file=("x.jsonl", b"{}\n"), purpose="not-a-purpose")  # type: ignore[arg-type]
+    with pytest.raises(BadRequestError):
+        client.post("/files", body={"purpose": "batch"}, cast_to=object)
