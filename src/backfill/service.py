@@ -3,6 +3,10 @@
 `Service` opens the store (and migrates it), the blob store and the engines, registers the API
 keys given on the command line, and runs the background duties (scheduler, worker) inside the
 API server's lifespan, or on their own for `backfill worker`.
+
+With no model configured at all (no `--model`, none in the config file), it serves the packaged
+all-MiniLM-L6-v2 embeddings model as `all-MiniLM-L6-v2` when `backfill[local]` is installed, so
+the quick start works offline; `BACKFILL_DEFAULT_MODEL=false` turns that off.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from backfill.blobs import open_blobs
 from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.engines.base import Engine
-from backfill.engines.registry import build_engines
+from backfill.engines.registry import build_engines, default_models
 from backfill.scheduler.scheduler import Scheduler
 from backfill.settings import Settings
 from backfill.store import open_store
@@ -42,6 +46,8 @@ class Service:
         self.store: Store = open_store(settings.database_url)
         self.store.migrate()
         self.blobs: Blobs = open_blobs(settings.storage, settings.data_dir)
+        if not settings.models and settings.default_model:
+            settings.models = default_models()
         self.engines: dict[str, Engine] = build_engines(settings.models)
         self.dispatchers: dict[str, Dispatcher] = {}
         self.served: dict[str, frozenset[str]] = {

@@ -18,7 +18,19 @@ max_concurrency = 128
 attempts = 5
 timeout = 600
 api_key_env = "LLAMA_API_KEY"
+
+[models.tiny]                       # in-process generation (pip install "backfill[local]")
+kind = "transformers"
+path = "/models/my-llama"           # a local Hugging Face folder, or a hub id when online
+
+[models.minilm]                     # in-process sentence embeddings
+kind = "embeddings"
+path = "/models/all-MiniLM-L6-v2"
+options = { batch_wait_ms = 5 }     # engine-specific knobs (see the engine's module doc)
 ```
+
+On the command line, `NAME=transformers:PATH` and `NAME=embeddings:PATH` select the in-process
+engines; anything else after `NAME=` is an upstream URL.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backfill.errors import InvalidRequest
@@ -35,10 +47,19 @@ from backfill.errors import InvalidRequest
 MB = 1024 * 1024
 
 
+#: endpoints each in-process engine kind serves when the config does not list them
+IN_PROCESS_ENDPOINTS: dict[str, list[str]] = {
+    "transformers": ["/v1/chat/completions", "/v1/completions"],
+    "embeddings": ["/v1/embeddings"],
+}
+
+
 class ModelConfig(BaseModel):
     name: str
     kind: str = "openai"
-    url: str
+    url: str = ""  # upstream base URL (kind "openai"); unused by in-process kinds
+    path: str | None = None  # model folder or hub id (in-process kinds)
+    options: dict[str, Any] = Field(default_factory=dict)  # engine-specific knobs
     upstream_name: str | None = None
     max_concurrency: int = Field(default=256, ge=1)
     attempts: int = Field(default=5, ge=1)
@@ -47,6 +68,14 @@ class ModelConfig(BaseModel):
     endpoints: list[str] = Field(
         default_factory=lambda: ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     )
+
+    @model_validator(mode="after")
+    def _kind_defaults(self) -> ModelConfig:
+        if self.kind in IN_PROCESS_ENDPOINTS and "endpoints" not in self.model_fields_set:
+            self.endpoints = list(IN_PROCESS_ENDPOINTS[self.kind])
+        if self.kind == "openai" and not self.url:
+            raise ValueError(f"model {self.name!r}: kind 'openai' needs a url")
+        return self
 
 
 class Settings(BaseSettings):
@@ -59,6 +88,7 @@ class Settings(BaseSettings):
     storage: str | None = None  # default: local folder <data_dir>/blobs
     api_keys: list[str] = Field(default_factory=list)
     models: list[ModelConfig] = Field(default_factory=list)
+    default_model: bool = True  # serve the packaged embeddings model when no model is configured
     run_worker: bool = True
     run_scheduler: bool = True
 
@@ -85,10 +115,19 @@ class Settings(BaseSettings):
 
 
 def parse_model_spec(spec: str) -> ModelConfig:
-    """`NAME=URL[#UPSTREAM_NAME]` -> ModelConfig."""
+    """`NAME=URL[#UPSTREAM_NAME]`, `NAME=transformers:PATH` or `NAME=embeddings:PATH` ->
+    ModelConfig. `NAME=embeddings:` (no path) means the packaged all-MiniLM-L6-v2."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
-        raise InvalidRequest(f"bad --model {spec!r}: expected NAME=URL[#UPSTREAM_NAME]")
+        raise InvalidRequest(
+            f"bad --model {spec!r}: expected NAME=URL[#UPSTREAM_NAME], NAME=transformers:PATH "
+            "or NAME=embeddings:PATH"
+        )
+    kind, colon, path = rest.partition(":")
+    if colon and kind in IN_PROCESS_ENDPOINTS:
+        if kind == "transformers" and not path.strip():
+            raise InvalidRequest(f"bad --model {spec!r}: transformers needs a PATH")
+        return ModelConfig(name=name.strip(), kind=kind, path=path.strip() or None)
     url, _, upstream = rest.partition("#")
     return ModelConfig(name=name.strip(), url=url.strip(), upstream_name=upstream.strip() or None)
 

@@ -1,8 +1,12 @@
 """Engine kinds by name: the composition root turns `ModelConfig`s into engines here.
 
-Kept tiny on purpose: a dict from `kind` to a constructor. In-process engines (transformers,
-embeddings) will register here too, imported lazily inside their constructor so that torch is
-never imported by a deployment that only forwards to HTTP upstreams.
+Kept tiny on purpose: a dict from `kind` to a constructor. The in-process engines
+(`transformers`, `embeddings`) are imported inside their constructor, and they import torch and
+transformers only in `start()`, so a deployment that only forwards to HTTP upstreams never
+imports either.
+
+`default_models()` is what a server with no configured model serves: the packaged
+all-MiniLM-L6-v2 as `all-MiniLM-L6-v2` when it (and torch) is installed, else nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +20,33 @@ from backfill.settings import ModelConfig
 
 EngineFactory = Callable[[ModelConfig], Engine]
 
+
+def _transformers(config: ModelConfig) -> Engine:
+    from backfill.engines.transformers_engine import TransformersEngine
+
+    return TransformersEngine(config)
+
+
+def _embeddings(config: ModelConfig) -> Engine:
+    from backfill.engines.embeddings import EmbeddingsEngine
+
+    return EmbeddingsEngine(config)
+
+
 ENGINE_KINDS: dict[str, EngineFactory] = {
     "openai": OpenAIEngine,
+    "transformers": _transformers,
+    "embeddings": _embeddings,
 }
+
+
+def default_models() -> list[ModelConfig]:
+    """The packaged embeddings model, when installed; no network, no GPU needed."""
+    from backfill.engines.embeddings import PACKAGED_NAME, default_models_available
+
+    if not default_models_available():
+        return []
+    return [ModelConfig(name=PACKAGED_NAME, kind="embeddings")]
 
 
 def build_engine(config: ModelConfig) -> Engine:
@@ -31,7 +59,10 @@ def build_engine(config: ModelConfig) -> Engine:
             param="kind",
             code="unknown_engine_kind",
         )
-    return factory(config)
+    try:
+        return factory(config)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="models", code="invalid_model_config") from exc
 
 
 def build_engines(models: list[ModelConfig]) -> dict[str, Engine]:
