@@ -45,10 +45,10 @@ def test_clean_restart_keeps_everything_and_resumes(
 
     # requests that take a while, so the batch is still running when the server stops
     ids = [f"late-{i}" for i in range(6)]
-    late = submit(client, [chat_line(c, f"{c} #sleep:400") for c in ids])
+    late = submit(client, [chat_line(c, f"{c} #sleep:1000") for c in ids])
     poll(
         lambda: client.batches.retrieve(late.id),
-        lambda b: b.status == "in_progress",
+        lambda b: b.status != "validating",
         what="the late batch to start",
     )
     first.stop()

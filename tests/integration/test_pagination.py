@@ -62,6 +62,10 @@ def test_default_limit_and_bounds(pager: OpenAI, made: Made) -> None:
     page = pager.batches.list()
     assert len(page.data) == 7
     assert page.has_more is False
+    exact = pager.batches.list(limit=7)
+    assert exact.has_more is False
+    assert [b.id for b in exact.data] == [b.id for b in reversed(made[1])]
+    assert pager.batches.list(limit=6).has_more is True
     for bad in (0, 101):
         with pytest.raises(BadRequestError) as info:
             pager.batches.list(limit=bad)
@@ -96,6 +100,10 @@ def test_files_order_and_purpose(pager: OpenAI, made: tuple[list[FileObject], li
     assert page.has_more is True
     after = pager.files.list(order="asc", limit=4, after=everything[3])
     assert [f.id for f in after.data] == everything[4:8]
+    exact = pager.files.list(order="asc", limit=16)
+    assert len(exact.data) == 16
+    assert exact.has_more is False
+    assert (exact.first_id, exact.last_id) == (everything[0], everything[-1])
     tail = pager.files.list(order="asc", limit=100, after=everything[11])
     assert [f.id for f in tail.data] == everything[12:]
     assert tail.has_more is False
