@@ -25,7 +25,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=URL[#UPSTREAM]",
-        help="serve model NAME from the OpenAI-compatible upstream at URL (repeatable)",
+        help="serve model NAME from the OpenAI-compatible upstream at URL, or in this process "
+        "with NAME=transformers:PATH or NAME=embeddings:PATH (repeatable)",
     )
     p.add_argument("--log-level", default="info")
 
@@ -47,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a worker and scheduler without the API")
     _common(worker)
+
+    run = sub.add_parser("run", help="run one batch file offline, with no server (resumable)")
+    run.add_argument("input", type=Path, help="batch input file (JSONL)")
+    run.add_argument("-o", "--output", type=Path, required=True, help="output file (JSONL)")
+    run.add_argument("--errors", type=Path, help="error file (default: OUTPUT with .errors.jsonl)")
+    run.add_argument("--config", type=Path, help="TOML config file")
+    run.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=URL[#UPSTREAM] | NAME=transformers:PATH | NAME=embeddings:PATH",
+        help="route model NAME (repeatable); default: the packaged all-MiniLM-L6-v2",
+    )
+    run.add_argument("--concurrency", type=int, help="requests in flight (default: the model's)")
+    run.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    run.add_argument("--log-level", default="warning")
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -124,6 +141,23 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from backfill.cli.run import main as run_main
+    from backfill.engines.registry import default_models
+
+    settings = _settings(args)
+    if not settings.models and settings.default_model:
+        settings.models = default_models()
+    return run_main(
+        settings,
+        args.input,
+        args.output,
+        args.errors,
+        progress=not args.no_progress,
+        concurrency=args.concurrency,
+    )
+
+
 def _keys_create(args: argparse.Namespace) -> int:
     from backfill.service import Service
 
@@ -151,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "worker":
             return _worker(args)
+        if args.command == "run":
+            return _run(args)
         if args.command == "keys":
             return _keys_create(args)
     except BackfillError as exc:

@@ -27,7 +27,8 @@ penalties, `logit_bias`. Tools and response formats are ignored (passed to the c
 Options (`ModelConfig.options`): `dtype` (default float32 on CPU, bfloat16 on GPU), `device`,
 `max_model_len` (default: the model's `max_position_embeddings`), `max_n`, `page_size`,
 `num_blocks`, `max_batch_tokens`, `max_requests_per_batch` (continuous-batching cache sizing;
-transformers infers them when unset).
+transformers infers them from accelerator memory when unset; on a CPU the defaults are pages of
+32 tokens and a 32k-token cache), `prefix_sharing` (default true).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 DEFAULT_COMPLETIONS_MAX_TOKENS = 16  # the legacy completions API's default
 MAX_STOP = 4
+CPU_PAGE_SIZE = 32
+CPU_CACHE_TOKENS = 32768
 
 
 class BadRequest(Exception):
@@ -292,6 +295,11 @@ class TransformersEngine:
             for k in ("page_size", "num_blocks", "max_batch_tokens", "max_requests_per_batch")
             if k in opts
         }
+        if not device.startswith("cuda"):
+            # transformers sizes the paged cache from free accelerator memory; on a CPU that
+            # gives a huge cache whose first step takes seconds. 32k tokens of small pages.
+            cb_kwargs.setdefault("page_size", CPU_PAGE_SIZE)
+            cb_kwargs.setdefault("num_blocks", CPU_CACHE_TOKENS // cb_kwargs["page_size"])
         cb = ContinuousBatchingConfig(
             use_async_batching=False,  # our sampler counts positions; keep steps in lock-step
             allow_block_sharing=bool(opts.get("prefix_sharing", True)),
@@ -302,6 +310,9 @@ class TransformersEngine:
         )
         manager.logit_processor = cb_sampling.processors()
         manager.start()
+        # one token through the whole path, so the first real request does not pay for setup
+        manager.add_request([self._eos[0] if self._eos else 0], "warmup", max_new_tokens=1)
+        manager.get_result("warmup", timeout=120)
         self._tokenizer = tokenizer
         self._manager = manager
 
