@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from acceptance_settings import FAST_ENV
-from openai import OpenAI
+from openai import ConflictError, OpenAI
 from sdk_helpers import chat_line, poll, read_jsonl, submit, wait_batch
 
 from backfill.testing import UpstreamProcess
@@ -31,6 +32,10 @@ def test_api_only_then_a_separate_worker(
     waiting = wait_batch(client, never.id, statuses={"in_progress"})
     assert waiting.request_counts is not None
     assert (waiting.request_counts.total, waiting.request_counts.completed) == (4, 0)
+    # the input of an unfinished batch cannot be deleted from under it
+    with pytest.raises(ConflictError) as info:
+        client.files.delete(never.input_file_id)
+    assert info.value.response.headers["x-should-retry"] == "false"
     assert client.batches.cancel(never.id).status == "cancelling"
     cancelled = wait_batch(client, never.id)
     assert cancelled.status == "cancelled", cancelled
@@ -42,6 +47,8 @@ def test_api_only_then_a_separate_worker(
     errors = read_jsonl(client, cancelled.error_file_id)
     assert [e["custom_id"] for e in errors] == ids
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    # once the batch is over its input may go
+    assert client.files.delete(never.input_file_id).deleted is True
 
     # a worker process started later picks the waiting batch up
     batch = submit(client, [chat_line(f"w{i}", f"work {i}") for i in range(5)])

@@ -249,3 +249,47 @@ def test_bad_requests_are_synchronous_400_or_404(client: OpenAI) -> None:
     output = upload(client, CONTENT, purpose="fine-tune")
     with pytest.raises(BadRequestError):
         client.batches.create(input_file_id=output.id, endpoint=CHAT, completion_window="24h")
+
+
+def test_range_on_an_output_file(client: OpenAI, server: BackfillProcess) -> None:
+    batch = wait_batch(
+        client,
+        client.batches.create(
+            input_file_id=upload(client, CONTENT).id, endpoint=CHAT, completion_window="24h"
+        ).id,
+    )
+    assert batch.output_file_id is not None
+    full = client.files.content(batch.output_file_id).content
+    n = len(full)
+    status, headers, body = raw(
+        server,
+        "GET",
+        f"/files/{batch.output_file_id}/content",
+        headers={"Range": f"bytes=5-{n + 100}"},
+    )
+    assert (status, body) == (206, full[5:])
+    assert headers["content-range"] == f"bytes 5-{n - 1}/{n}"
+
+
+def test_idempotency_key_after_the_batch_finished(client: OpenAI) -> None:
+    file = upload(client, CONTENT)
+    key = {"Idempotency-Key": f"later-{file.id}"}
+    first = client.batches.create(
+        input_file_id=file.id, endpoint=CHAT, completion_window="24h", extra_headers=key
+    )
+    done = wait_batch(client, first.id)
+    again = client.batches.create(
+        input_file_id=file.id, endpoint=CHAT, completion_window="24h", extra_headers=key
+    )
+    assert again.id == first.id
+    assert again.status == done.status == "completed"
+
+
+def test_list_parameter_bounds(client: OpenAI, server: BackfillProcess) -> None:
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError):
+        client.files.list(limit=10_001)
+    with pytest.raises(BadRequestError):
+        client.files.list(order="sideways")  # type: ignore[arg-type]
+    assert len(client.files.list(limit=10_000).data) >= 1
