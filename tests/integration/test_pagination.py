@@ -103,7 +103,8 @@ def test_files_order_and_purpose(pager: OpenAI, made: tuple[list[FileObject], li
     exact = pager.files.list(order="asc", limit=16)
     assert len(exact.data) == 16
     assert exact.has_more is False
-    assert (exact.first_id, exact.last_id) == (everything[0], everything[-1])
+    extra = exact.model_extra or {}
+    assert (extra["first_id"], extra["last_id"]) == (everything[0], everything[-1])
     tail = pager.files.list(order="asc", limit=100, after=everything[11])
     assert [f.id for f in tail.data] == everything[12:]
     assert tail.has_more is False
