@@ -1,0 +1,87 @@
+"""Pure parts of the in-process engines and their configuration (no torch needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backfill.engines.transformers_engine import (
+    BadRequest,
+    context_error,
+    cut_at_stop,
+    parse_sampling,
+)
+from backfill.settings import ModelConfig, build_settings, parse_model_spec
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+def test_model_specs() -> None:
+    up = parse_model_spec("m=http://h:8000/v1#real")
+    assert (up.kind, up.url, up.upstream_name) == ("openai", "http://h:8000/v1", "real")
+    assert "/v1/embeddings" in up.endpoints
+    tr = parse_model_spec("tiny=transformers:/models/tiny")
+    assert (tr.kind, tr.path) == ("transformers", "/models/tiny")
+    assert tr.endpoints == [CHAT, COMPLETIONS]
+    em = parse_model_spec("e=embeddings:")
+    assert (em.kind, em.path, em.endpoints) == ("embeddings", None, ["/v1/embeddings"])
+    # a URL with a port is still an upstream, not a kind
+    assert parse_model_spec("x=http://localhost:9000").kind == "openai"
+
+
+def test_toml_in_process_models(tmp_path: Path) -> None:
+    cfg = tmp_path / "b.toml"
+    cfg.write_text(
+        '[models.tiny]\nkind = "transformers"\npath = "/m/tiny"\noptions = { max_n = 4 }\n'
+        '[models.up]\nurl = "http://h/v1"\n'
+    )
+    models = {m.name: m for m in build_settings(cfg).models}
+    assert models["tiny"].options == {"max_n": 4}
+    assert models["tiny"].endpoints == [CHAT, COMPLETIONS]
+    assert models["up"].kind == "openai"
+    with pytest.raises(ValueError, match="needs a url"):
+        ModelConfig(name="x")
+
+
+def test_sampling_parameters() -> None:
+    s = parse_sampling({"max_completion_tokens": 9, "temperature": 0, "seed": 3, "n": 2}, CHAT, 16)
+    assert (s.max_tokens, s.temperature, s.seed, s.n) == (9, 0.0, 3, 2)
+    assert parse_sampling({}, CHAT, 16).max_tokens is None  # up to the context
+    assert parse_sampling({}, COMPLETIONS, 16).max_tokens == 16  # legacy default
+    assert parse_sampling({"stop": "x"}, CHAT, 16).stop == ["x"]
+    for bad in (
+        {"n": 0},
+        {"n": 17},
+        {"temperature": 3},
+        {"max_tokens": 0},
+        {"logprobs": True},
+        {"frequency_penalty": 0.5},
+        {"stop": ["a", "b", "c", "d", "e"]},
+    ):
+        with pytest.raises(BadRequest):
+            parse_sampling(bad, CHAT, 16)
+    assert parse_sampling({"frequency_penalty": 0, "logprobs": False}, CHAT, 16).n == 1
+
+
+def test_context_and_stop_helpers() -> None:
+    assert context_error(10, 118, 128) is None
+    assert context_error(10, 119, 128) is not None
+    assert context_error(127, None, 128) is None
+    assert context_error(128, None, 128) is not None
+    assert cut_at_stop("hello world foo", ["foo", "world"]) == "hello "
+    assert cut_at_stop("hello", ["x"]) is None
+
+
+def test_seeded_uniforms_are_counter_based() -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from backfill.engines.cb_sampling import uniform
+
+    draws = [uniform(42, 0, step) for step in range(1000)]
+    assert draws == [uniform(42, 0, step) for step in range(1000)]
+    assert all(0 <= u < 1 for u in draws)
+    assert 0.45 < sum(draws) / len(draws) < 0.55
+    assert uniform(42, 1, 0) != uniform(42, 0, 0) != uniform(43, 0, 0)
+    assert torch is not None
