@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--config", type=Path)
     create.add_argument("--data-dir", type=Path)
     create.add_argument("--database")
+
+    sim = sub.add_parser("sim", help="run a simulated vLLM server (no GPU needed)")
+    from backfill.sim.options import add_arguments
+
+    add_arguments(sim)
     return parser
 
 
@@ -171,6 +176,12 @@ def _keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sim(args: argparse.Namespace) -> int:
+    from backfill.sim.server import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -189,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "keys":
             return _keys_create(args)
+        if args.command == "sim":
+            return _sim(args)
     except BackfillError as exc:
         print(f"backfill: {exc.message}", file=sys.stderr)
         return 2

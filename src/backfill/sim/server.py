@@ -1,0 +1,754 @@
+"""The simulator's OpenAI-compatible HTTP server: one engine paced against wall time.
+
+    python -m backfill.sim --profile llama-3.1-8b-h100 --port 8001 --speedup 10
+
+prints `READY <port>` once it listens. Like `backfill.testing.upstream` it speaks HTTP/1.1 on
+raw asyncio (an `asyncio.Protocol` fed by `httptools`, uvloop when installed) so that the
+server is never what limits a benchmark; unlike it, answers come from the engine's step loop and
+may stream.
+
+Pacing. One task runs the engine: it computes a step (`Engine.step`, which advances the
+simulated clock by the step's roofline duration), sleeps until the wall-clock instant that
+corresponds to the step's end (`wall = wall0 + (sim - sim0) / speedup`), then delivers the
+step's tokens. While idle the simulated clock follows the wall clock at `speedup` x, so queue
+times and arrival gaps are consistent. A request that arrives while a step is in flight joins
+the waiting queue for the next step, with its arrival time mapped to simulated time. When the
+host cannot keep up (the step's wall deadline has already passed by more than `max_lag`),
+the mapping is shifted instead of catching up in a burst, and `backfill_sim_lag_seconds_total`
+grows: simulated latencies stay exact, only the simulated arrival rate is lower than intended.
+
+Streaming without a write per token: a stream's first token is written at once (so a client's
+TTFT is as exact as the wall clock allows), later tokens accumulate and every stream with
+pending tokens is flushed once per `stream_interval` of wall time (default 20 ms) and at its
+end, each flush one SSE event carrying all pending tokens' text. Chunks follow OpenAI's
+format (role chunk, content chunks, a last chunk with `finish_reason`, then a usage chunk when
+`stream_options.include_usage` is set, then `data: [DONE]`).
+
+Simulated latencies for clients. Wall-clock latencies at high speedup include Python and
+network overhead, so every final answer carries an extension object `"sim"` (in the response
+body, and in the last content chunk and the usage chunk of a stream) with simulated seconds:
+`queue_s`, `ttft_s`, `tpot_s`, `e2e_s`, `arrival_s`, `finish_s` (simulated clock), plus
+`preemptions` and `cached_tokens`. The openai SDK keeps unknown fields: `response.sim` /
+`chunk.model_extra["sim"]`.
+
+Request fields read: `model` (must be the served name when given), `messages` / `prompt`,
+`max_completion_tokens` or `max_tokens` (default 16; exactly that many tokens are generated,
+`finish_reason` is `length`), `stream`, `stream_options.include_usage`, `priority` (vLLM's: an
+int, lower runs first, default 0), `n` (only 1). Everything else is ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections import deque
+from typing import Any, cast
+
+import httptools
+import orjson
+
+from backfill.sim.engine import FINISHED, Engine, SimRequest
+from backfill.sim.metrics import render
+from backfill.sim.options import add_arguments
+from backfill.sim.profiles import Profile, get_profile
+from backfill.sim.tokens import Prompt, chat_prompt, completion_prompt, output_text
+
+__all__ = ["SimServer", "add_arguments", "main", "run", "serve"]
+
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    413: b"Payload Too Large",
+}
+_HEAD = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n"
+_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+    b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n%s\r\n"
+)
+_CLOSE = b"Connection: close\r\n"
+_JSON = b"application/json"
+_DONE = b"data: [DONE]\n\n"
+_MAX_BODY = 64 * 1024 * 1024
+
+
+def _frame(events: bytes) -> bytes:
+    """One HTTP/1.1 chunk."""
+    return b"%x\r\n%s\r\n" % (len(events), events)
+
+
+def _event(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+def _response(status: int, body: bytes, keep_alive: bool, content_type: bytes = _JSON) -> bytes:
+    return (
+        _HEAD
+        % (
+            status,
+            _REASONS.get(status, b"Unknown"),
+            content_type,
+            len(body),
+            b"" if keep_alive else _CLOSE,
+        )
+        + body
+    )
+
+
+class RequestError(Exception):
+    """An OpenAI-shaped error answer."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class Exchange:
+    """One completion request in flight on a connection, from parse to its last byte."""
+
+    __slots__ = (
+        "chat",
+        "connection",
+        "created",
+        "dirty",
+        "done",
+        "head",
+        "include_usage",
+        "keep_alive",
+        "request",
+        "response_id",
+        "sent",
+        "started",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        chat: bool,
+        stream: bool,
+        include_usage: bool,
+        keep_alive: bool,
+        response_id: str,
+        model: str,
+    ) -> None:
+        self.connection = connection
+        self.chat = chat
+        self.stream = stream
+        self.include_usage = include_usage
+        self.keep_alive = keep_alive
+        self.response_id = response_id
+        self.created = int(time.time())
+        self.sent = 0  # output tokens written
+        self.started = False  # stream headers written
+        self.dirty = False  # in the server's list of streams to flush
+        self.done = False
+        self.request: SimRequest | None = None
+        kind = b"chat.completion.chunk" if chat else b"text_completion"
+        self.head = b'{"id":"%s","object":"%s","created":%d,"model":%s,' % (
+            response_id.encode(),
+            kind,
+            self.created,
+            orjson.dumps(model),
+        )
+
+    # ---- streaming -----------------------------------------------------------------------
+    def _content(self, text: str, finish: bytes) -> bytes:
+        if self.chat:
+            return _event(
+                self.head
+                + b'"choices":[{"index":0,"delta":{"content":'
+                + orjson.dumps(text)
+                + b'},"logprobs":null,"finish_reason":'
+                + finish
+                + b"}]"
+                + (self._sim_field() if finish != b"null" else b"")
+                + b"}"
+            )
+        return _event(
+            self.head
+            + b'"choices":[{"index":0,"text":'
+            + orjson.dumps(text)
+            + b',"logprobs":null,"finish_reason":'
+            + finish
+            + b"}]"
+            + (self._sim_field() if finish != b"null" else b"")
+            + b"}"
+        )
+
+    def _start(self) -> bytes:
+        self.started = True
+        head = _STREAM_HEAD % (b"" if self.keep_alive else _CLOSE)
+        if not self.chat:
+            return head
+        role = _event(
+            self.head + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+            b'"logprobs":null,"finish_reason":null}]}'
+        )
+        return head + _frame(role)
+
+    def flush(self) -> None:
+        """Write the tokens generated since the last write as one SSE event."""
+        self.dirty = False
+        request = self.request
+        if self.done or request is None or self.connection.closed:
+            return
+        produced = request.num_output
+        if produced <= self.sent:
+            return
+        data = self._start() if not self.started else b""
+        data += _frame(self._content(output_text(self.sent, produced), b"null"))
+        self.sent = produced
+        self.connection.write(data)
+
+    def finish(self) -> None:
+        """The request finished: write the rest (stream) or the whole answer, then release."""
+        if self.done:
+            return
+        self.done = True
+        self.dirty = False
+        request = self.request
+        assert request is not None
+        connection = self.connection
+        if connection.closed:
+            return
+        if not self.stream:
+            connection.write(_response(200, self._body(request), self.keep_alive))
+        else:
+            data = self._start() if not self.started else b""
+            events = self._content(output_text(self.sent, request.num_output), b'"length"')
+            self.sent = request.num_output
+            if self.include_usage:
+                events += _event(
+                    self.head
+                    + b'"choices":[],"usage":'
+                    + orjson.dumps(_usage(request))
+                    + self._sim_field()
+                    + b"}"
+                )
+            events += _DONE
+            connection.write(data + _frame(events) + b"0\r\n\r\n")
+        connection.exchange_done(self)
+
+    def _sim_field(self) -> bytes:
+        assert self.request is not None
+        return b',"sim":' + orjson.dumps(_sim(self.request))
+
+    def _body(self, request: SimRequest) -> bytes:
+        text = output_text(0, request.num_output)
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": "length",
+            }
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
+            kind = "text_completion"
+        return orjson.dumps(
+            {
+                "id": self.response_id,
+                "object": kind,
+                "created": self.created,
+                "model": self.connection.server.model_name,
+                "choices": [choice],
+                "usage": _usage(request),
+                "sim": _sim(request),
+            }
+        )
+
+
+def _usage(request: SimRequest) -> dict[str, Any]:
+    return {
+        "prompt_tokens": request.prompt_len,
+        "completion_tokens": request.num_output,
+        "total_tokens": request.prompt_len + request.num_output,
+        "prompt_tokens_details": {"cached_tokens": max(request.cached_tokens, 0)},
+    }
+
+
+def _sim(request: SimRequest) -> dict[str, Any]:
+    out: dict[str, Any] = request.timings()
+    out["arrival_s"] = request.arrival
+    out["finish_s"] = request.finish_time
+    out["preemptions"] = request.preemptions
+    out["cached_tokens"] = max(request.cached_tokens, 0)
+    return out
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parse with httptools, answer requests one after the other."""
+
+    def __init__(self, server: SimServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.queue: deque[tuple[bytes, bytes, bytes, bool]] = deque()
+        self.current: Exchange | None = None
+        self.url = b""
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.queue.clear()
+        current = self.current
+        if current is not None and not current.done:
+            current.done = True
+            if current.request is not None:
+                self.server.engine.abort(current.request)
+        self.current = None
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._close(abort=True)
+        except httptools.HttpParserError:
+            if not self.closed:
+                error = RequestError(400, "Invalid HTTP request")
+                self.write(_response(400, orjson.dumps(error.payload), False))
+                self._close()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.body = []
+        self.body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size <= _MAX_BODY:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        body = b"".join(self.body) if self.body_size <= _MAX_BODY else b""
+        if self.body_size > _MAX_BODY:
+            self.url = b"/__too_large__"
+        self.queue.append(
+            (self.parser.get_method(), self.url, body, self.parser.should_keep_alive())
+        )
+        if self.current is None:
+            self._next()
+
+    # answering
+    def _next(self) -> None:
+        server = self.server
+        while self.queue and self.current is None and not self.closed:
+            method, url, body, keep_alive = self.queue.popleft()
+            answer = server.handle(self, method, url, body, keep_alive)
+            if isinstance(answer, Exchange):
+                self.current = answer
+            else:
+                self.write(answer)
+                if not keep_alive:
+                    self._close()
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        if self.current is exchange:
+            self.current = None
+        if not exchange.keep_alive:
+            self._close()
+        elif self.queue:
+            self._next()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def _close(self, abort: bool = False) -> None:
+        self.closed = True
+        self.queue.clear()
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+
+class SimServer:
+    """The simulated engine behind an OpenAI-compatible HTTP interface (see the module doc)."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        speedup: float = 1.0,
+        model_name: str | None = None,
+        stream_interval: float = 0.02,
+        max_lag: float = 0.05,
+    ) -> None:
+        if speedup <= 0:
+            raise ValueError("speedup must be positive")
+        self.profile = profile
+        self.engine = Engine(profile)
+        self.speedup = speedup
+        self.model_name = model_name or profile.model
+        self.stream_interval = stream_interval
+        self.max_lag = max_lag
+        self.lag_s = 0.0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._idle = True
+        self._loop = asyncio.get_running_loop()
+        self._wall0 = self._loop.time()
+        self._sim0 = 0.0
+        self._step_start = 0.0
+        self._dirty: list[Exchange] = []
+        self._last_flush = 0.0
+        self._ids = 0
+
+    # ---- clock ---------------------------------------------------------------------------
+    def sim_now(self) -> float:
+        """The simulated time now (engine clock while idle follows the wall clock)."""
+        mapped = self._sim0 + (self._loop.time() - self._wall0) * self.speedup
+        engine = self.engine
+        if self._idle:
+            return max(mapped, engine.now)
+        return min(max(mapped, self._step_start), engine.now)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 4096) -> None:
+        self._server = await self._loop.create_server(
+            lambda: Connection(self), host, port, backlog=backlog, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._task = asyncio.create_task(self._run(), name="sim-engine")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _run(self) -> None:
+        engine = self.engine
+        loop = self._loop
+        while True:
+            if not engine.has_work():
+                self._idle = True
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._idle:
+                self._idle = False
+                mapped = self._sim0 + (loop.time() - self._wall0) * self.speedup
+                if mapped > engine.now:
+                    engine.now = mapped
+            self._step_start = engine.now
+            result = engine.step()
+            if result is None:
+                continue
+            delay = self._wall0 + (engine.now - self._sim0) / self.speedup - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                if -delay > self.max_lag:
+                    self._wall0 -= delay
+                    self.lag_s -= delay
+                await asyncio.sleep(0)
+            self._deliver(result.emitted, result.finished)
+
+    def _deliver(self, emitted: list[SimRequest], finished: list[SimRequest]) -> None:
+        dirty = self._dirty
+        for request in emitted:
+            exchange = request.client
+            if exchange is None or not exchange.stream or request.status == FINISHED:
+                continue
+            if not exchange.started:
+                exchange.flush()  # first token: at once
+            elif not exchange.dirty:
+                exchange.dirty = True
+                dirty.append(exchange)
+        for request in finished:
+            if request.client is not None:
+                request.client.finish()
+        now = self._loop.time()
+        if dirty and now - self._last_flush >= self.stream_interval:
+            self._last_flush = now
+            for exchange in dirty:
+                if exchange.dirty:
+                    exchange.flush()
+            dirty.clear()
+
+    # ---- requests ------------------------------------------------------------------------
+    def handle(
+        self, connection: Connection, method: bytes, url: bytes, body: bytes, keep_alive: bool
+    ) -> bytes | Exchange:
+        path = url.split(b"?", 1)[0]
+        try:
+            if method == b"GET":
+                return self._get(path, keep_alive)
+            if method != b"POST":
+                raise RequestError(405, "Method not allowed")
+            if path == b"/__too_large__":
+                raise RequestError(413, "Request body too large")
+            if path in (b"/v1/chat/completions", b"/chat/completions"):
+                return self._completion(connection, body, keep_alive, chat=True)
+            if path in (b"/v1/completions", b"/completions"):
+                return self._completion(connection, body, keep_alive, chat=False)
+            raise RequestError(404, f"Unknown path {path.decode(errors='replace')}")
+        except RequestError as exc:
+            return _response(exc.status, orjson.dumps(exc.payload), keep_alive)
+
+    def _get(self, path: bytes, keep_alive: bool) -> bytes:
+        if path == b"/health":
+            return _response(200, b"", keep_alive)
+        if path in (b"/v1/models", b"/models"):
+            model = {
+                "id": self.model_name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "backfill-sim",
+                "root": self.profile.model,
+                "max_model_len": self.engine.max_len,
+            }
+            return _response(200, orjson.dumps({"object": "list", "data": [model]}), keep_alive)
+        if path == b"/metrics":
+            text = self.metrics_text().encode()
+            return _response(200, text, keep_alive, b"text/plain; version=0.0.4; charset=utf-8")
+        if path == b"/sim/stats":
+            return _response(200, orjson.dumps(self.stats()), keep_alive)
+        raise RequestError(404, f"Unknown path {path.decode(errors='replace')}")
+
+    def metrics_text(self) -> str:
+        engine = self.engine
+        return render(
+            engine.metrics,
+            model=self.model_name,
+            running=engine.num_running,
+            waiting=engine.num_waiting,
+            kv_usage=engine.kv.usage,
+            sim_time=self.sim_now(),
+            lag_s=self.lag_s,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON snapshot for benches: clock, load, counters and the profile's sizes."""
+        engine = self.engine
+        metrics = engine.metrics
+        return {
+            "profile": self.profile.name,
+            "model": self.model_name,
+            "speedup": self.speedup,
+            "sim_time_s": self.sim_now(),
+            "lag_s": self.lag_s,
+            "running": engine.num_running,
+            "waiting": engine.num_waiting,
+            "kv_cache_usage": engine.kv.usage,
+            "num_gpu_blocks": engine.kv.num_blocks,
+            "max_model_len": engine.max_len,
+            "steps": metrics.steps,
+            "busy_s": metrics.busy_s,
+            "prompt_tokens": metrics.prompt_tokens,
+            "generation_tokens": metrics.generation_tokens,
+            "preemptions": metrics.preemptions,
+            "prefix_cache_queries": metrics.prefix_queries,
+            "prefix_cache_hits": metrics.prefix_hits,
+            "requests_finished": metrics.requests_finished,
+            "requests_aborted": metrics.requests_aborted,
+        }
+
+    def _completion(
+        self, connection: Connection, raw: bytes, keep_alive: bool, *, chat: bool
+    ) -> Exchange:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise RequestError(400, "We could not parse the JSON body of your request.") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "The request body must be a JSON object.")
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise RequestError(
+                404,
+                f"The model `{model}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+        prompt = self._prompt(body, chat)
+        max_tokens = _int_field(body, "max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = _int_field(body, "max_tokens")
+        if max_tokens is None:
+            max_tokens = 16
+        if max_tokens < 1:
+            raise RequestError(400, "max_tokens must be at least 1", param="max_tokens")
+        priority = _int_field(body, "priority", allow_negative=True) or 0
+        n = _int_field(body, "n")
+        if n not in (None, 1):
+            raise RequestError(400, "Only n=1 is supported by the simulator", param="n")
+        stream = body.get("stream") is True
+        options = body.get("stream_options")
+        include_usage = (
+            stream and isinstance(options, dict) and options.get("include_usage") is True
+        )
+        limit = self.engine.max_len
+        if prompt.num_tokens + max_tokens > limit:
+            where = "messages" if chat else "prompt"
+            raise RequestError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {prompt.num_tokens + max_tokens} tokens ({prompt.num_tokens} in "
+                f"the {where}, {max_tokens} in the completion). Please reduce the length of "
+                f"the {where} or completion.",
+                param=where,
+                code="context_length_exceeded",
+            )
+        self._ids += 1
+        prefix = "chatcmpl-sim" if chat else "cmpl-sim"
+        exchange = Exchange(
+            connection,
+            chat=chat,
+            stream=stream,
+            include_usage=include_usage,
+            keep_alive=keep_alive,
+            response_id=f"{prefix}{self._ids}",
+            model=self.model_name,
+        )
+        request = SimRequest(
+            exchange.response_id,
+            prompt,
+            max_tokens,
+            priority=priority,
+            arrival=self.sim_now(),
+            client=exchange,
+        )
+        exchange.request = request
+        if self._idle:
+            # the clock catches up with the wall clock before the request joins
+            mapped = self._sim0 + (self._loop.time() - self._wall0) * self.speedup
+            if mapped > self.engine.now:
+                self.engine.now = mapped
+        self.engine.add(request)
+        self._wake.set()
+        return exchange
+
+    def _prompt(self, body: dict[str, Any], chat: bool) -> Prompt:
+        block_size = self.profile.block_size
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise RequestError(400, "'messages' must be a non-empty list", param="messages")
+            return chat_prompt(messages, block_size)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return completion_prompt(prompt, block_size)
+        if isinstance(prompt, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            return completion_prompt(prompt, block_size)
+        raise RequestError(
+            400, "'prompt' must be a string or a list of token ids (one prompt)", param="prompt"
+        )
+
+
+def _int_field(body: dict[str, Any], name: str, *, allow_negative: bool = False) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(400, f"'{name}' must be an integer", param=name)
+    if value < 0 and not allow_negative:
+        raise RequestError(400, f"'{name}' must not be negative", param=name)
+    return value
+
+
+async def serve(
+    profile: Profile | str = "llama-3.1-8b-h100",
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    speedup: float = 1.0,
+    model_name: str | None = None,
+    stream_interval: float = 0.02,
+) -> SimServer:
+    """Start a simulator on the running loop; `await server.aclose()` to stop it."""
+    if isinstance(profile, str):
+        profile = get_profile(profile)
+    server = SimServer(
+        profile, speedup=speedup, model_name=model_name, stream_interval=stream_interval
+    )
+    await server.start(host, port)
+    return server
+
+
+async def _main(args: argparse.Namespace) -> None:
+    overrides: dict[str, Any] = {}
+    if args.max_num_seqs is not None:
+        overrides["max_num_seqs"] = args.max_num_seqs
+    if args.max_num_batched_tokens is not None:
+        overrides["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.num_gpu_blocks is not None:
+        overrides["num_gpu_blocks_override"] = args.num_gpu_blocks
+    server = await serve(
+        get_profile(args.profile, **overrides),
+        args.host,
+        args.port,
+        speedup=args.speedup,
+        model_name=args.model_name,
+        stream_interval=args.stream_interval_ms / 1000.0,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sys.stdout.write(f"READY {server.port}\n")
+    sys.stdout.flush()
+    try:
+        await stop.wait()
+    finally:
+        await server.aclose()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM (used by `backfill sim`)."""
+    if not args.no_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(_main(args))
+            return 0
+    asyncio.run(_main(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m backfill.sim", description="Simulated vLLM server (no GPU needed)."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
