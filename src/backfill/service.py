@@ -100,8 +100,13 @@ class Service:
 
         @contextlib.asynccontextmanager
         async def lifespan(app: Any) -> AsyncIterator[None]:
-            async with self.background():
-                yield
+            try:
+                async with self.background():
+                    yield
+            finally:
+                # Here rather than after uvicorn returns: uvicorn re-raises SIGTERM after a
+                # graceful shutdown, so code after `Server.run()` may never run.
+                self.close()
 
         return create_app(ctx, lifespan=lifespan)
 

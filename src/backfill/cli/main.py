@@ -123,7 +123,6 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
     )
     uvicorn.Server(config).run()
-    service.close()
     return 0
 
 

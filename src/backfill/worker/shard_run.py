@@ -238,6 +238,9 @@ class ShardRun:
             self._seq += 1
 
     async def _heartbeat(self) -> None:
+        """Renew the lease until the run ends (also while a cancel's grace period lets
+        in-flight requests finish: the scheduler finalizes only once no lease is live), and
+        tell the run to stop when its batch is cancelled, expired or gone."""
         shard = self.shard
         lease = self._settings.lease_seconds
         interval = min(1.0, lease / 3)
@@ -254,7 +257,11 @@ class ShardRun:
                     self._stop.set()
                     return
                 last_renew = now
-            batch = await asyncio.to_thread(self._store.get_batch, shard.batch_id)
-            if batch is None or batch.status is not BatchStatus.IN_PROGRESS or batch.stop_reason:
-                self._stop.set()
-                return
+            if not self._stop.is_set():
+                batch = await asyncio.to_thread(self._store.get_batch, shard.batch_id)
+                if (
+                    batch is None
+                    or batch.status is not BatchStatus.IN_PROGRESS
+                    or batch.stop_reason
+                ):
+                    self._stop.set()
