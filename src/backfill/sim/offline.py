@@ -194,6 +194,8 @@ def _lognormal_lengths(
     rng: random.Random, count: int, mean: float, sigma: float, low: int, high: int
 ) -> list[int]:
     """Clipped lognormal integers whose mean is `mean` (mu solved, then rescaled once)."""
+    if count <= 0:
+        return []
     mu = math.log(mean) - sigma * sigma / 2
     raw = [rng.lognormvariate(mu, sigma) for _ in range(count)]
     clipped = [min(high, max(low, x)) for x in raw]
