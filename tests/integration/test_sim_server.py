@@ -225,3 +225,37 @@ def test_cli_subcommand_help_lists_the_profiles() -> None:
         check=True,
     )
     assert "llama-3.1-8b-h100" in out.stdout and "--speedup" in out.stdout
+
+
+def test_kv_pressure_preempts_over_http_and_outputs_stay_exact() -> None:
+    # 64 blocks = 1024 tokens of KV; 8 concurrent requests of ~110 + 100 tokens need ~1700
+    with start_sim("llama-3.1-8b-h100", speedup=5, num_gpu_blocks=64, model_name=MODEL) as sim:
+
+        async def main() -> list[tuple[int, int]]:
+            client = AsyncOpenAI(base_url=sim.url, api_key="unused", max_retries=0, timeout=60)
+
+            async def one(i: int) -> tuple[int, int]:
+                response = await client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": f"q{i} " + "word " * 100}],
+                    max_tokens=100,
+                    extra_body={"priority": i % 2},
+                )
+                assert response.usage is not None
+                sim_fields = (response.model_extra or {})["sim"]
+                return response.usage.completion_tokens, sim_fields["preemptions"]
+
+            try:
+                return await asyncio.gather(*(one(i) for i in range(8)))
+            finally:
+                await client.close()
+
+        results = asyncio.run(main())
+        values = sim.metrics()
+    assert [tokens for tokens, _ in results] == [100] * 8
+    assert values["vllm:num_preemptions_total"] >= 1
+    assert sum(p for _, p in results) == values["vllm:num_preemptions_total"]
+    # victims are chosen among the low-priority (odd) requests first
+    assert sum(p for i, (_, p) in enumerate(results) if i % 2 == 0) <= sum(
+        p for i, (_, p) in enumerate(results) if i % 2 == 1
+    )
