@@ -73,6 +73,9 @@ class ModelConfig(BaseModel):
     def _kind_defaults(self) -> ModelConfig:
         if self.kind in IN_PROCESS_ENDPOINTS and "endpoints" not in self.model_fields_set:
             self.endpoints = list(IN_PROCESS_ENDPOINTS[self.kind])
+        if self.kind == "embeddings" and "max_concurrency" not in self.model_fields_set:
+            # in flight = what the engine can gather for its next forward pass while one runs
+            self.max_concurrency = 1024
         if self.kind == "openai" and not self.url:
             raise ValueError(f"model {self.name!r}: kind 'openai' needs a url")
         return self
