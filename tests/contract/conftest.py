@@ -108,3 +108,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 @pytest.fixture
 def store(backend: Backend) -> Store:
     return backend.store()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database (never migrated) on each SQL backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh' / 'store.db'}"
+    else:
+        with scratch_postgres_database() as url:
+            yield url

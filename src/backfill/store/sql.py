@@ -19,7 +19,8 @@ Design decisions:
 - PostgreSQL: leasing is `SELECT ... FOR UPDATE OF shards SKIP LOCKED`, so concurrent workers
   never wait on each other and never get the same shard; `OF shards` keeps the batch row
   unlocked. Migrations take a transaction-scoped advisory lock so many processes can start at
-  once. `postgresql://` URLs are rewritten to the psycopg 3 driver.
+  once (on SQLite, `BEGIN IMMEDIATE` does the same); within one process a thread lock guards
+  Alembic's global state. `postgresql://` URLs are rewritten to the psycopg 3 driver.
 - Queries use nothing dialect-specific beyond `with_for_update` (ignored by SQLite).
 - Idempotent inserts select first, then insert inside a SAVEPOINT; losing a race on the unique
   constraint rolls back only the savepoint and re-reads the winner's row.
@@ -28,6 +29,7 @@ Design decisions:
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -78,6 +80,9 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 READ_ONLY = "backfill_read_only"
 # pg_advisory_xact_lock key for schema migrations (any fixed 64-bit number).
 MIGRATION_LOCK_KEY = 0x6261636B66696C6C  # "backfill"
+# Alembic keeps its migration context in module globals, so two threads of one process must
+# not run it at once; the database lock below serializes processes.
+_MIGRATION_THREAD_LOCK = threading.Lock()
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 _USAGE_COLUMNS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
 
@@ -138,7 +143,8 @@ class SqlStore:
             command.upgrade(cfg, "head")
 
         try:
-            self._run(work)
+            with _MIGRATION_THREAD_LOCK:
+                self._run(work)
         except CommandError as exc:
             raise StoreError(f"schema migration failed: {exc}") from exc
 
