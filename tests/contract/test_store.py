@@ -24,6 +24,7 @@ from backfill.domain.records import (
 from backfill.domain.statuses import BatchStatus
 from backfill.errors import Conflict, StoreError
 from backfill.store import Store, open_store
+from backfill.store.engine import normalize_url
 from backfill.store.memory import MemoryStore
 from backfill.store.sql import SqlStore
 
@@ -110,6 +111,17 @@ def test_open_store_picks_backend(tmp_path: object) -> None:
     sql.close()
     with pytest.raises(ValueError):
         open_store(None)
+    in_memory = open_store("sqlite://")
+    in_memory.migrate()
+    assert in_memory.ensure_project("p") == in_memory.ensure_project("p")
+    in_memory.close()
+
+
+def test_postgres_urls_use_psycopg_3() -> None:
+    assert normalize_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("postgresql+psycopg://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("sqlite:///x.db").drivername == "sqlite"
 
 
 # -- projects and keys -----------------------------------------------------------------------

@@ -8,19 +8,13 @@ Design decisions:
 - State changes are conditional UPDATEs (`WHERE status IN (...)`, `WHERE lease_token = ... AND
   status = 'leased'`); the rowcount tells the caller whether it won. This is what makes many
   schedulers and workers on one database safe without any other coordination.
-- SQLite: the pysqlite driver's own transaction handling is switched off (`isolation_level =
-  None`) and we emit `BEGIN IMMEDIATE` for writing transactions, so a transaction that reads
-  and then writes holds the write lock from its first statement and can never fail with
-  SQLITE_BUSY on a lock upgrade; it waits (busy_timeout 30 s) instead. Read-only methods run
-  on an engine view with the `backfill_read_only` execution option and get a plain deferred
-  `BEGIN`, which under WAL never blocks writers. `synchronous=NORMAL` is durable against
-  process crashes (all that WAL needs); a power cut may lose the last commits, which the lease
-  protocol tolerates (the work is redone).
+- SQLite: writing transactions start with `BEGIN IMMEDIATE` and read-only methods run on an
+  engine view with the `READ_ONLY` execution option (plain `BEGIN`); see `engine.py`.
 - PostgreSQL: leasing is `SELECT ... FOR UPDATE OF shards SKIP LOCKED`, so concurrent workers
   never wait on each other and never get the same shard; `OF shards` keeps the batch row
   unlocked. Migrations take a transaction-scoped advisory lock so many processes can start at
   once (on SQLite, `BEGIN IMMEDIATE` does the same); within one process a thread lock guards
-  Alembic's global state. `postgresql://` URLs are rewritten to the psycopg 3 driver.
+  Alembic's global state.
 - Queries use nothing dialect-specific beyond `with_for_update` (ignored by SQLite).
 - Idempotent inserts select first, then insert inside a SAVEPOINT; losing a race on the unique
   constraint rolls back only the savepoint and re-reads the winner's row.
@@ -31,7 +25,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,8 +34,6 @@ from sqlalchemy import (
     Engine,
     Select,
     and_,
-    create_engine,
-    event,
     func,
     insert,
     or_,
@@ -49,16 +41,11 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy import (
-    delete as sql_delete,
-)
-from sqlalchemy.engine import URL, RowMapping, make_url
+from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
-from sqlalchemy.pool import StaticPool
 
 from backfill.domain.ids import new_project_id
 from backfill.domain.records import (
-    BatchError,
     BatchRecord,
     FileRecord,
     Project,
@@ -70,6 +57,16 @@ from backfill.domain.records import (
 from backfill.domain.statuses import TERMINAL, BatchStatus
 from backfill.errors import BackfillError, Conflict, StoreError
 from backfill.store.base import Page
+from backfill.store.engine import READ_ONLY, create_store_engine, normalize_url
+from backfill.store.rows import (
+    USAGE_COLUMNS,
+    batch_changes,
+    batch_record,
+    batch_values,
+    file_record,
+    segment_record,
+    shard_record,
+)
 from backfill.store.rules import IDEMPOTENCY_CONFLICT, KEY_CONFLICT, check_batch_fields
 from backfill.store.schema import api_keys, batches, files, projects, segments
 from backfill.store.schema import shards as _shards_table  # `shards` is also a method name
@@ -77,28 +74,18 @@ from backfill.store.schema import shards as _shards_table  # `shards` is also a 
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-READ_ONLY = "backfill_read_only"
 # pg_advisory_xact_lock key for schema migrations (any fixed 64-bit number).
 MIGRATION_LOCK_KEY = 0x6261636B66696C6C  # "backfill"
 # Alembic keeps its migration context in module globals, so two threads of one process must
 # not run it at once; the database lock below serializes processes.
 _MIGRATION_THREAD_LOCK = threading.Lock()
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
-_USAGE_COLUMNS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
-
-
-def normalize_url(url: str) -> URL:
-    """`postgres(ql)://` means psycopg 3 (the installed driver); everything else as given."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            url = "postgresql+psycopg://" + url[len(prefix) :]
-    return make_url(url)
 
 
 class SqlStore:
     def __init__(self, url: str, *, pool_size: int = 5, max_overflow: int = 20) -> None:
         self.url = normalize_url(url)
-        self._engine = _create_engine(self.url, pool_size=pool_size, max_overflow=max_overflow)
+        self._engine = create_store_engine(self.url, pool_size=pool_size, max_overflow=max_overflow)
         self._read_engine = self._engine.execution_options(**{READ_ONLY: True})
         self._postgres = self._engine.dialect.name == "postgresql"
 
@@ -229,7 +216,7 @@ class SqlStore:
         if project_id is not None:
             query = query.where(files.c.project_id == project_id)
         row = self._run(lambda conn: conn.execute(query).mappings().first(), write=False)
-        return None if row is None else _file(row)
+        return None if row is None else file_record(row)
 
     def list_files(
         self,
@@ -255,7 +242,7 @@ class SqlStore:
                     return Page([], False)
                 q = q.where(files.c.seq > seq if order == "asc" else files.c.seq < seq)
             rows = conn.execute(q.limit(limit + 1)).mappings().all()
-            return Page([_file(r) for r in rows[:limit]], len(rows) > limit)
+            return Page([file_record(r) for r in rows[:limit]], len(rows) > limit)
 
         return self._run(work, write=False)
 
@@ -269,7 +256,7 @@ class SqlStore:
             if row is None:
                 return None
             conn.execute(sql_delete(files).where(files.c.seq == row["seq"]))
-            return _file(row)
+            return file_record(row)
 
         return self._run(work)
 
@@ -281,7 +268,7 @@ class SqlStore:
             .limit(limit)
         )
         rows = self._run(lambda conn: conn.execute(query).mappings().all(), write=False)
-        return [_file(r) for r in rows]
+        return [file_record(r) for r in rows]
 
     def file_in_use(self, file_id: str) -> bool:
         query = (
@@ -302,7 +289,7 @@ class SqlStore:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
     ) -> BatchRecord:
-        values = _batch_values(batch)
+        values = batch_values(batch)
         values.update(idempotency_key=idempotency_key, request_hash=request_hash)
         existing_q = select(batches).where(
             batches.c.project_id == batch.project_id,
@@ -315,7 +302,7 @@ class SqlStore:
                 return None
             if row["request_hash"] != request_hash:
                 raise Conflict(IDEMPOTENCY_CONFLICT, param="Idempotency-Key")
-            return _batch(row)
+            return batch_record(row)
 
         def work(conn: Connection) -> BatchRecord:
             if idempotency_key is not None:
@@ -339,7 +326,7 @@ class SqlStore:
         if project_id is not None:
             query = query.where(batches.c.project_id == project_id)
         row = self._run(lambda conn: conn.execute(query).mappings().first(), write=False)
-        return None if row is None else _batch(row)
+        return None if row is None else batch_record(row)
 
     def list_batches(
         self, project_id: str, *, after: str | None = None, limit: int = 20
@@ -356,7 +343,7 @@ class SqlStore:
                     return Page([], False)
                 q = q.where(batches.c.seq < seq)
             rows = conn.execute(q.limit(limit + 1)).mappings().all()
-            return Page([_batch(r) for r in rows[:limit]], len(rows) > limit)
+            return Page([batch_record(r) for r in rows[:limit]], len(rows) > limit)
 
         return self._run(work, write=False)
 
@@ -368,7 +355,7 @@ class SqlStore:
             select(batches).where(batches.c.status.in_(wanted)).order_by(batches.c.seq).limit(limit)
         )
         rows = self._run(lambda conn: conn.execute(query).mappings().all(), write=False)
-        return [_batch(r) for r in rows]
+        return [batch_record(r) for r in rows]
 
     def transition(
         self,
@@ -377,14 +364,14 @@ class SqlStore:
         to_status: BatchStatus,
         **fields: Any,
     ) -> BatchRecord | None:
-        values = _batch_changes(check_batch_fields(fields))
+        values = batch_changes(check_batch_fields(fields))
         values["status"] = BatchStatus(to_status).value
         return self._update_batch(batch_id, from_statuses, values)
 
     def update_batch(
         self, batch_id: str, expect_statuses: Iterable[BatchStatus], **fields: Any
     ) -> BatchRecord | None:
-        values = _batch_changes(check_batch_fields(fields))
+        values = batch_changes(check_batch_fields(fields))
         return self._update_batch(batch_id, expect_statuses, values)
 
     def _update_batch(
@@ -401,7 +388,7 @@ class SqlStore:
             else:
                 where_after = where
             row = conn.execute(select(batches).where(where_after)).mappings().first()
-            return None if row is None else _batch(row)
+            return None if row is None else batch_record(row)
 
         return self._run(work)
 
@@ -452,7 +439,7 @@ class SqlStore:
             if shard_rows:
                 conn.execute(insert(_shards_table), shard_rows)
             row = conn.execute(select(batches).where(batches.c.id == batch_id)).mappings().one()
-            return _batch(row)
+            return batch_record(row)
 
         return self._run(work)
 
@@ -506,7 +493,7 @@ class SqlStore:
                 )
                 if result.rowcount == 1:
                     row = conn.execute(select(_shards_table).where(key)).mappings().one()
-                    return _shard(row)
+                    return shard_record(row)
             return None
 
         return self._run(work)
@@ -572,7 +559,7 @@ class SqlStore:
             .order_by(_shards_table.c.idx)
         )
         rows = self._run(lambda conn: conn.execute(query).mappings().all(), write=False)
-        return [_shard(r) for r in rows]
+        return [shard_record(r) for r in rows]
 
     def segments(self, batch_id: str, index: int | None = None) -> list[Segment]:
         query = select(segments).where(segments.c.batch_id == batch_id)
@@ -580,56 +567,17 @@ class SqlStore:
             query = query.where(segments.c.shard_index == index)
         query = query.order_by(segments.c.shard_index, segments.c.seq)
         rows = self._run(lambda conn: conn.execute(query).mappings().all(), write=False)
-        return [_segment(r) for r in rows]
+        return [segment_record(r) for r in rows]
 
     def usage_of(self, batch_id: str) -> Usage:
-        query = select(*(func.coalesce(func.sum(segments.c[c]), 0) for c in _USAGE_COLUMNS)).where(
+        query = select(*(func.coalesce(func.sum(segments.c[c]), 0) for c in USAGE_COLUMNS)).where(
             segments.c.batch_id == batch_id
         )
         row = self._run(lambda conn: conn.execute(query).one(), write=False)
         return Usage(*(int(v) for v in row))
 
 
-# -- engine --------------------------------------------------------------------------------
-def _create_engine(url: URL, *, pool_size: int, max_overflow: int) -> Engine:
-    if url.get_backend_name() != "sqlite":
-        return create_engine(
-            url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
-        )
-    database = url.database or ""
-    in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
-    if in_memory:
-        engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=StaticPool)
-    else:
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            url,
-            connect_args={"check_same_thread": False, "timeout": 30},
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-        )
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA busy_timeout = 30000")
-            if not in_memory:
-                cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        read_only = conn.get_execution_options().get(READ_ONLY, False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
-
-    return engine
-
-
-# -- rows <-> records ----------------------------------------------------------------------
+# -- query helpers ----------------------------------------------------------------------
 def _seq_of(conn: Connection, table: Any, item_id: str, project_id: str) -> int | None:
     query = select(table.c.seq).where(table.c.id == item_id, table.c.project_id == project_id)
     seq = conn.execute(query).scalar()
@@ -655,133 +603,3 @@ def _ended(status: str) -> dict[str, Any]:
         "lease_token": None,
         "lease_expires_at": None,
     }
-
-
-def _file(row: RowMapping) -> FileRecord:
-    return FileRecord(
-        id=row["id"],
-        project_id=row["project_id"],
-        filename=row["filename"],
-        purpose=row["purpose"],
-        bytes=int(row["bytes"]),
-        created_at=int(row["created_at"]),
-        blob_path=row["blob_path"],
-        expires_at=_int_or_none(row["expires_at"]),
-        status=row["status"],
-        status_details=row["status_details"],
-    )
-
-
-_BATCH_TIMES = (
-    "in_progress_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-)
-
-
-def _batch(row: RowMapping) -> BatchRecord:
-    errors = row["errors"]
-    metadata = row["metadata"]
-    return BatchRecord(
-        id=row["id"],
-        project_id=row["project_id"],
-        endpoint=row["endpoint"],
-        input_file_id=row["input_file_id"],
-        completion_window=row["completion_window"],
-        status=BatchStatus(row["status"]),
-        created_at=int(row["created_at"]),
-        expires_at=int(row["expires_at"]),
-        model=row["model"],
-        output_file_id=row["output_file_id"],
-        error_file_id=row["error_file_id"],
-        total=int(row["total"]),
-        completed=int(row["completed"]),
-        failed=int(row["failed"]),
-        usage=Usage(*(int(row[c]) for c in _USAGE_COLUMNS)),
-        metadata=None if metadata is None else dict(metadata),
-        errors=None if errors is None else tuple(BatchError(**e) for e in errors),
-        output_expires_after=_int_or_none(row["output_expires_after"]),
-        stop_reason=row["stop_reason"],
-        **{name: _int_or_none(row[name]) for name in _BATCH_TIMES},
-    )
-
-
-def _batch_values(batch: BatchRecord) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "id": batch.id,
-        "project_id": batch.project_id,
-        "status": BatchStatus(batch.status).value,
-        "created_at": batch.created_at,
-    }
-    changes = {
-        name: getattr(batch, name)
-        for name in (
-            "endpoint",
-            "input_file_id",
-            "completion_window",
-            "expires_at",
-            "model",
-            "output_file_id",
-            "error_file_id",
-            "total",
-            "completed",
-            "failed",
-            "usage",
-            "metadata",
-            "errors",
-            "output_expires_after",
-            "stop_reason",
-            *_BATCH_TIMES,
-        )
-    }
-    values.update(_batch_changes(check_batch_fields(changes)))
-    return values
-
-
-def _batch_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
-    """Normalized `BatchRecord` field changes -> column values."""
-    values: dict[str, Any] = {}
-    for name, value in changes.items():
-        if name == "usage":
-            values.update({c: getattr(value, c) for c in _USAGE_COLUMNS})
-        elif name == "errors":
-            values["errors"] = None if value is None else [e.to_dict() for e in value]
-        else:
-            values[name] = value
-    return values
-
-
-def _shard(row: RowMapping) -> Shard:
-    return Shard(
-        batch_id=row["batch_id"],
-        index=int(row["idx"]),
-        first_line=int(row["first_line"]),
-        start=int(row["byte_start"]),
-        end=int(row["byte_end"]),
-        count=int(row["request_count"]),
-        status=row["status"],
-        lease_owner=row["lease_owner"],
-        lease_token=row["lease_token"],
-        lease_expires_at=row["lease_expires_at"],
-        done=int(row["done"]),
-    )
-
-
-def _segment(row: RowMapping) -> Segment:
-    return Segment(
-        batch_id=row["batch_id"],
-        shard_index=int(row["shard_index"]),
-        seq=int(row["seq"]),
-        blob_path=row["blob_path"],
-        completed=int(row["completed"]),
-        failed=int(row["failed"]),
-        usage=Usage(*(int(row[c]) for c in _USAGE_COLUMNS)),
-    )
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)

@@ -1,0 +1,149 @@
+"""Rows <-> records: the mapping between the SQL columns and the domain dataclasses.
+
+Kept apart from the queries so `sql.py` reads as the transactions it runs. Shard byte offsets
+live in `byte_start`/`byte_end`/`request_count` (SQL keywords avoided), usage in four counter
+columns, errors as a JSON list of `BatchError.to_dict()`, statuses as their string values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.engine import RowMapping
+
+from backfill.domain.records import BatchError, BatchRecord, FileRecord, Segment, Shard, Usage
+from backfill.domain.statuses import BatchStatus
+from backfill.store.rules import check_batch_fields
+
+USAGE_COLUMNS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
+
+
+def file_record(row: RowMapping) -> FileRecord:
+    return FileRecord(
+        id=row["id"],
+        project_id=row["project_id"],
+        filename=row["filename"],
+        purpose=row["purpose"],
+        bytes=int(row["bytes"]),
+        created_at=int(row["created_at"]),
+        blob_path=row["blob_path"],
+        expires_at=_int_or_none(row["expires_at"]),
+        status=row["status"],
+        status_details=row["status_details"],
+    )
+
+
+_BATCH_TIMES = (
+    "in_progress_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+
+
+def batch_record(row: RowMapping) -> BatchRecord:
+    errors = row["errors"]
+    metadata = row["metadata"]
+    return BatchRecord(
+        id=row["id"],
+        project_id=row["project_id"],
+        endpoint=row["endpoint"],
+        input_file_id=row["input_file_id"],
+        completion_window=row["completion_window"],
+        status=BatchStatus(row["status"]),
+        created_at=int(row["created_at"]),
+        expires_at=int(row["expires_at"]),
+        model=row["model"],
+        output_file_id=row["output_file_id"],
+        error_file_id=row["error_file_id"],
+        total=int(row["total"]),
+        completed=int(row["completed"]),
+        failed=int(row["failed"]),
+        usage=Usage(*(int(row[c]) for c in USAGE_COLUMNS)),
+        metadata=None if metadata is None else dict(metadata),
+        errors=None if errors is None else tuple(BatchError(**e) for e in errors),
+        output_expires_after=_int_or_none(row["output_expires_after"]),
+        stop_reason=row["stop_reason"],
+        **{name: _int_or_none(row[name]) for name in _BATCH_TIMES},
+    )
+
+
+def batch_values(batch: BatchRecord) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "id": batch.id,
+        "project_id": batch.project_id,
+        "status": BatchStatus(batch.status).value,
+        "created_at": batch.created_at,
+    }
+    changes = {
+        name: getattr(batch, name)
+        for name in (
+            "endpoint",
+            "input_file_id",
+            "completion_window",
+            "expires_at",
+            "model",
+            "output_file_id",
+            "error_file_id",
+            "total",
+            "completed",
+            "failed",
+            "usage",
+            "metadata",
+            "errors",
+            "output_expires_after",
+            "stop_reason",
+            *_BATCH_TIMES,
+        )
+    }
+    values.update(batch_changes(check_batch_fields(changes)))
+    return values
+
+
+def batch_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Normalized `BatchRecord` field changes -> column values."""
+    values: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name == "usage":
+            values.update({c: getattr(value, c) for c in USAGE_COLUMNS})
+        elif name == "errors":
+            values["errors"] = None if value is None else [e.to_dict() for e in value]
+        else:
+            values[name] = value
+    return values
+
+
+def shard_record(row: RowMapping) -> Shard:
+    return Shard(
+        batch_id=row["batch_id"],
+        index=int(row["idx"]),
+        first_line=int(row["first_line"]),
+        start=int(row["byte_start"]),
+        end=int(row["byte_end"]),
+        count=int(row["request_count"]),
+        status=row["status"],
+        lease_owner=row["lease_owner"],
+        lease_token=row["lease_token"],
+        lease_expires_at=row["lease_expires_at"],
+        done=int(row["done"]),
+    )
+
+
+def segment_record(row: RowMapping) -> Segment:
+    return Segment(
+        batch_id=row["batch_id"],
+        shard_index=int(row["shard_index"]),
+        seq=int(row["seq"]),
+        blob_path=row["blob_path"],
+        completed=int(row["completed"]),
+        failed=int(row["failed"]),
+        usage=Usage(*(int(row[c]) for c in USAGE_COLUMNS)),
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
