@@ -29,7 +29,7 @@ from backfill.store.memory import MemoryStore
 from backfill.store.sql import SqlStore
 
 PG_ENV = "BACKFILL_TEST_POSTGRES_URL"
-TABLES = ("projects", "api_keys", "files", "batches", "shards", "segments")
+TABLES = ("projects", "api_keys", "files", "batches", "shards", "segments", "claims")
 
 
 def _libpq(url: str) -> str:

@@ -101,6 +101,8 @@ class BatchRecord:
     output_expires_after: int | None = None
     # Internal: why a running batch is being stopped ("expired"); cancel uses its own status.
     stop_reason: str | None = None
+    #: set after validation when the batch looks unable to finish inside its window
+    warning: str | None = None
 
     def with_(self, **changes: Any) -> BatchRecord:
         return replace(self, **changes)
@@ -145,3 +147,5 @@ class Segment:
     completed: int
     failed: int
     usage: Usage = field(default_factory=Usage)
+    #: the worker that recorded it (for operators: how work spread over workers)
+    owner: str | None = None

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from backfill.domain.ids import new_project_id
+from backfill.domain.ordering import Candidate, order_candidates
 from backfill.domain.records import (
     BatchRecord,
     FileRecord,
@@ -55,6 +56,7 @@ class MemoryStore:
         self._batches: dict[str, _StoredBatch] = {}
         self._shards: dict[tuple[str, int], Shard] = {}
         self._segments: dict[tuple[str, int, int], Segment] = {}
+        self._claims: dict[str, tuple[str, float]] = {}  # name -> (owner, expires_at)
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -274,39 +276,90 @@ class MemoryStore:
             return _out(stored.record)
 
     # -- shards and leases -------------------------------------------------------------------
-    def lease_shard(self, owner: str, token: str, now: float, lease_seconds: float) -> Shard | None:
+    def lease_shard(
+        self,
+        owner: str,
+        token: str,
+        now: float,
+        lease_seconds: float,
+        weights: Mapping[str, float] | None = None,
+    ) -> Shard | None:
         with self._lock:
-            best: tuple[int, int] | None = None
-            best_key: tuple[str, int] | None = None
-            for key, shard in self._shards.items():
-                free = shard.status == ShardStatus.PENDING or (
-                    shard.status == ShardStatus.LEASED
-                    and shard.lease_expires_at is not None
-                    and shard.lease_expires_at < now
-                )
-                if not free:
-                    continue
+            names = {p.id: p.name for p in self._projects.values()}
+            free_by_batch: dict[str, list[Shard]] = {}
+            live: dict[str, int] = {}
+            for shard in self._shards.values():
                 stored = self._batches.get(shard.batch_id)
-                if (
-                    stored is None
-                    or stored.record.status != BatchStatus.IN_PROGRESS
-                    or stored.record.stop_reason is not None
-                ):
+                if stored is None:
                     continue
-                rank = (stored.seq, shard.index)
-                if best is None or rank < best:
-                    best, best_key = rank, key
-            if best_key is None:
+                project = names.get(stored.record.project_id, stored.record.project_id)
+                if shard.status == ShardStatus.LEASED and (
+                    shard.lease_expires_at is not None and shard.lease_expires_at >= now
+                ):
+                    live[project] = live.get(project, 0) + 1
+                    continue
+                if stored.record.status != BatchStatus.IN_PROGRESS or stored.record.stop_reason:
+                    continue
+                if shard.status in (ShardStatus.PENDING, ShardStatus.LEASED):
+                    free_by_batch.setdefault(shard.batch_id, []).append(shard)
+            candidates = []
+            for batch_id in free_by_batch:
+                stored = self._batches[batch_id]
+                r = stored.record
+                candidates.append(
+                    Candidate(
+                        batch_id,
+                        names.get(r.project_id, r.project_id),
+                        stored.seq,
+                        r.expires_at,
+                        r.total,
+                        r.completed + r.failed,
+                        r.in_progress_at,
+                    )
+                )
+            ordered = order_candidates(candidates, live, weights, now)
+            if not ordered:
                 return None
+            pick = min(free_by_batch[ordered[0].batch_id], key=lambda sh: sh.index)
             leased = replace(
-                self._shards[best_key],
+                pick,
                 status=ShardStatus.LEASED,
                 lease_owner=owner,
                 lease_token=token,
                 lease_expires_at=now + lease_seconds,
             )
-            self._shards[best_key] = leased
+            self._shards[(pick.batch_id, pick.index)] = leased
             return leased
+
+    def revoke_leases(self, batch_id: str) -> int:
+        with self._lock:
+            n = 0
+            for key, shard in self._shards.items():
+                if shard.batch_id == batch_id and shard.status == ShardStatus.LEASED:
+                    self._shards[key] = replace(
+                        shard,
+                        status=ShardStatus.PENDING,
+                        lease_owner=None,
+                        lease_token=None,
+                        lease_expires_at=None,
+                    )
+                    n += 1
+            return n
+
+    # -- duty claims -------------------------------------------------------------------------
+    def claim(self, name: str, owner: str, now: float, seconds: float) -> bool:
+        with self._lock:
+            held = self._claims.get(name)
+            if held is not None and held[0] != owner and held[1] >= now:
+                return False
+            self._claims[name] = (owner, now + seconds)
+            return True
+
+    def release_claim(self, name: str, owner: str) -> None:
+        with self._lock:
+            held = self._claims.get(name)
+            if held is not None and held[0] == owner:
+                del self._claims[name]
 
     def _held(self, batch_id: str, index: int, token: str) -> Shard | None:
         shard = self._shards.get((batch_id, index))

@@ -68,6 +68,7 @@ def batch_record(row: RowMapping) -> BatchRecord:
         errors=None if errors is None else tuple(BatchError(**e) for e in errors),
         output_expires_after=_int_or_none(row["output_expires_after"]),
         stop_reason=row["stop_reason"],
+        warning=row["warning"],
         **{name: _int_or_none(row[name]) for name in _BATCH_TIMES},
     )
 
@@ -97,6 +98,7 @@ def batch_values(batch: BatchRecord) -> dict[str, Any]:
             "errors",
             "output_expires_after",
             "stop_reason",
+            "warning",
             *_BATCH_TIMES,
         )
     }
@@ -142,6 +144,7 @@ def segment_record(row: RowMapping) -> Segment:
         completed=int(row["completed"]),
         failed=int(row["failed"]),
         usage=Usage(*(int(row[c]) for c in USAGE_COLUMNS)),
+        owner=row["owner"],
     )
 
 

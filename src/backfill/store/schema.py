@@ -105,6 +105,7 @@ batches = Table(
     Column("error_file_id", String(64), nullable=True),
     Column("idempotency_key", String(255), nullable=True),
     Column("request_hash", String(128), nullable=True),
+    Column("warning", Text, nullable=True),
     UniqueConstraint("project_id", "idempotency_key", name="uq_batches_idempotency"),
 )
 
@@ -139,5 +140,16 @@ segments = Table(
     Column("cached_tokens", BigInteger, nullable=False, default=0),
     Column("output_tokens", BigInteger, nullable=False, default=0),
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Column("owner", String(128), nullable=True),
     PrimaryKeyConstraint("batch_id", "shard_index", "seq", name="pk_segments"),
+)
+
+# Duty claims: one row per named background duty (finalize:<batch>, validate:<batch>, ...),
+# held by one process until expires_at, so several schedulers never run the same duty at once.
+claims = Table(
+    "claims",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("owner", String(128), nullable=False),
+    Column("expires_at", Float, nullable=False),
 )

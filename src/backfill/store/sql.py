@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +45,7 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from backfill.domain.ids import new_project_id
+from backfill.domain.ordering import Candidate, order_candidates
 from backfill.domain.records import (
     BatchRecord,
     FileRecord,
@@ -68,7 +69,7 @@ from backfill.store.rows import (
     shard_record,
 )
 from backfill.store.rules import IDEMPOTENCY_CONFLICT, KEY_CONFLICT, check_batch_fields
-from backfill.store.schema import api_keys, batches, files, projects, segments
+from backfill.store.schema import api_keys, batches, claims, files, projects, segments
 from backfill.store.schema import shards as _shards_table  # `shards` is also a method name
 
 T = TypeVar("T")
@@ -444,59 +445,138 @@ class SqlStore:
         return self._run(work)
 
     # -- shards and leases -------------------------------------------------------------------
-    def lease_shard(self, owner: str, token: str, now: float, lease_seconds: float) -> Shard | None:
-        eligible = and_(
-            batches.c.status == BatchStatus.IN_PROGRESS.value,
-            batches.c.stop_reason.is_(None),
-            or_(
-                _shards_table.c.status == ShardStatus.PENDING,
-                and_(
-                    _shards_table.c.status == ShardStatus.LEASED,
-                    _shards_table.c.lease_expires_at < now,
-                ),
-            ),
+    def lease_shard(
+        self,
+        owner: str,
+        token: str,
+        now: float,
+        lease_seconds: float,
+        weights: Mapping[str, float] | None = None,
+    ) -> Shard | None:
+        s = _shards_table
+        free = or_(
+            s.c.status == ShardStatus.PENDING,
+            and_(s.c.status == ShardStatus.LEASED, s.c.lease_expires_at < now),
         )
-        pick: Select[Any] = (
-            select(_shards_table.c.batch_id, _shards_table.c.idx)
-            .join(batches, batches.c.id == _shards_table.c.batch_id)
-            .where(eligible)
-            .order_by(batches.c.seq, _shards_table.c.idx)
-            .limit(1)
-            .with_for_update(skip_locked=True, of=_shards_table)
+        has_free = select(s.c.idx).where(s.c.batch_id == batches.c.id, free).exists()
+        candidates_q = (
+            select(
+                batches.c.id,
+                projects.c.name,
+                batches.c.seq,
+                batches.c.expires_at,
+                batches.c.total,
+                batches.c.completed,
+                batches.c.failed,
+                batches.c.in_progress_at,
+            )
+            .join(projects, projects.c.id == batches.c.project_id)
+            .where(
+                batches.c.status == BatchStatus.IN_PROGRESS.value,
+                batches.c.stop_reason.is_(None),
+                has_free,
+            )
+        )
+        leases_q = (
+            select(projects.c.name, func.count())
+            .select_from(s.join(batches, batches.c.id == s.c.batch_id))
+            .join(projects, projects.c.id == batches.c.project_id)
+            .where(s.c.status == ShardStatus.LEASED, s.c.lease_expires_at >= now)
+            .group_by(projects.c.name)
         )
         expires = now + lease_seconds
 
         def work(conn: Connection) -> Shard | None:
-            # A pick can lose a race on PostgreSQL only in exotic interleavings (the row changed
-            # between snapshot and lock); the guarded UPDATE detects it and we pick again.
-            for _ in range(10):
-                picked = conn.execute(pick).first()
-                if picked is None:
-                    return None
-                key = _shard_key(picked.batch_id, picked.idx)
-                still_free = or_(
-                    _shards_table.c.status == ShardStatus.PENDING,
-                    and_(
-                        _shards_table.c.status == ShardStatus.LEASED,
-                        _shards_table.c.lease_expires_at < now,
-                    ),
+            found = [
+                Candidate(
+                    r[0],
+                    r[1],
+                    int(r[2]),
+                    int(r[3]),
+                    int(r[4]),
+                    int(r[5]) + int(r[6]),
+                    None if r[7] is None else int(r[7]),
                 )
-                result = conn.execute(
-                    update(_shards_table)
-                    .where(key, still_free)
-                    .values(
-                        status=ShardStatus.LEASED,
-                        lease_owner=owner,
-                        lease_token=token,
-                        lease_expires_at=expires,
+                for r in conn.execute(candidates_q)
+            ]
+            if not found:
+                return None
+            live = {name: int(n) for name, n in conn.execute(leases_q)}
+            for cand in order_candidates(found, live, weights, now):
+                pick: Select[Any] = (
+                    select(s.c.batch_id, s.c.idx)
+                    .where(s.c.batch_id == cand.batch_id, free)
+                    .order_by(s.c.idx)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                )
+                for _ in range(3):
+                    picked = conn.execute(pick).first()
+                    if picked is None:
+                        break
+                    key = _shard_key(picked.batch_id, picked.idx)
+                    # The guard re-checks freedom: on PostgreSQL a row can change between the
+                    # snapshot and the lock; then we pick again.
+                    result = conn.execute(
+                        update(s)
+                        .where(key, free)
+                        .values(
+                            status=ShardStatus.LEASED,
+                            lease_owner=owner,
+                            lease_token=token,
+                            lease_expires_at=expires,
+                        )
                     )
-                )
-                if result.rowcount == 1:
-                    row = conn.execute(select(_shards_table).where(key)).mappings().one()
-                    return shard_record(row)
+                    if result.rowcount == 1:
+                        row = conn.execute(select(s).where(key)).mappings().one()
+                        return shard_record(row)
             return None
 
         return self._run(work)
+
+    def revoke_leases(self, batch_id: str) -> int:
+        s = _shards_table
+        statement = (
+            update(s)
+            .where(s.c.batch_id == batch_id, s.c.status == ShardStatus.LEASED)
+            .values(**_ended(ShardStatus.PENDING))
+        )
+        return int(self._run(lambda conn: conn.execute(statement).rowcount))
+
+    # -- duty claims -------------------------------------------------------------------------
+    def claim(self, name: str, owner: str, now: float, seconds: float) -> bool:
+        take = (
+            update(claims)
+            .where(
+                claims.c.name == name,
+                or_(claims.c.expires_at < now, claims.c.owner == owner),
+            )
+            .values(owner=owner, expires_at=now + seconds)
+        )
+        create: Any
+        if self._postgres:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            create = pg_insert(claims).on_conflict_do_nothing(index_elements=["name"])
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            create = sqlite_insert(claims).on_conflict_do_nothing(index_elements=["name"])
+        create = create.values(name=name, owner=owner, expires_at=now + seconds).returning(
+            claims.c.name
+        )
+
+        def work(conn: Connection) -> bool:
+            if conn.execute(take).rowcount == 1:
+                return True
+            # rowcount is not reliable for INSERT .. ON CONFLICT on every driver: RETURNING is.
+            return conn.execute(create).first() is not None
+
+        return self._run(work)
+
+    def release_claim(self, name: str, owner: str) -> None:
+        statement = sql_delete(claims).where(claims.c.name == name, claims.c.owner == owner)
+        self._run(lambda conn: conn.execute(statement))
 
     def renew_lease(
         self, batch_id: str, index: int, token: str, now: float, lease_seconds: float
@@ -524,6 +604,7 @@ class SqlStore:
                     cached_tokens=u.cached_tokens,
                     output_tokens=u.output_tokens,
                     reasoning_tokens=u.reasoning_tokens,
+                    owner=segment.owner,
                 )
             )
             conn.execute(
