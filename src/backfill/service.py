@@ -7,6 +7,12 @@ API server's lifespan, or on their own for `backfill worker`.
 With no model configured at all (no `--model`, none in the config file), it serves the packaged
 all-MiniLM-L6-v2 embeddings model as `all-MiniLM-L6-v2` when `backfill[local]` is installed, so
 the quick start works offline; `BACKFILL_DEFAULT_MODEL=false` turns that off.
+
+Real time and batch share each model's engine. Per model, one `RealtimeStats` is written by the
+real-time gateway and read by the model's `Governor`, which moves the batch dispatcher's limit.
+A governor runs (with the worker) for models with `governor = true`, or, when unset, for models
+whose upstream accepts `priority` or serves vLLM metrics; the others keep their fixed
+`max_concurrency`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from typing import Any
 from backfill.blobs import open_blobs
 from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
-from backfill.engines.base import Engine
+from backfill.dispatch.governor import Governor, policy_config
+from backfill.dispatch.policy import GovernorPolicy
+from backfill.dispatch.signals import RealtimeStats
+from backfill.engines.base import Engine, MetricsSource
 from backfill.engines.registry import build_engines, default_models
 from backfill.scheduler.scheduler import Scheduler
 from backfill.settings import Settings
@@ -50,6 +59,10 @@ class Service:
             settings.models = default_models()
         self.engines: dict[str, Engine] = build_engines(settings.models)
         self.dispatchers: dict[str, Dispatcher] = {}
+        self.governors: dict[str, Governor] = {}
+        self.realtime_stats: dict[str, RealtimeStats] = {
+            m.name: RealtimeStats() for m in settings.models
+        }
         self.served: dict[str, frozenset[str]] = {
             m.name: frozenset(m.endpoints) for m in settings.models
         }
@@ -61,10 +74,26 @@ class Service:
         self.store.add_api_key(project.id, hash_key(key), int(time.time()))
 
     async def start_engines(self) -> None:
-        for config in self.settings.models:
+        settings = self.settings
+        for config in settings.models:
             engine = self.engines[config.name]
             await engine.start()
-            self.dispatchers[config.name] = Dispatcher.from_config(engine, config)
+            dispatcher = Dispatcher.from_config(engine, config, priority=settings.batch_priority)
+            self.dispatchers[config.name] = dispatcher
+            governed = config.governor
+            if governed is None:
+                governed = config.priority or (
+                    isinstance(engine, MetricsSource) and await engine.load_metrics() is not None
+                )
+            if governed and settings.run_worker:
+                policy = GovernorPolicy(policy_config(settings, config))
+                self.governors[config.name] = Governor(
+                    dispatcher,
+                    self.realtime_stats[config.name],
+                    policy,
+                    interval=settings.governor_interval,
+                )
+                log.info("governor on for model %s", config.name)
 
     async def close_engines(self) -> None:
         for engine in self.engines.values():
@@ -83,6 +112,8 @@ class Service:
         if self.settings.run_worker:
             worker = Worker(self.settings, self.store, self.blobs, self.dispatchers)
             tasks.append(asyncio.create_task(worker.run(stop)))
+        for governor in self.governors.values():
+            tasks.append(asyncio.create_task(governor.run(stop)))
         try:
             yield
         finally:
@@ -92,10 +123,20 @@ class Service:
 
     def api_app(self) -> Any:
         from backfill.api.app import create_app
-        from backfill.api.context import ApiContext
+        from backfill.api.context import ApiContext, RealtimeModel
 
+        realtime = {
+            m.name: RealtimeModel(
+                m.name, self.engines[m.name], m.priority, self.realtime_stats[m.name]
+            )
+            for m in self.settings.models
+        }
         ctx = ApiContext(
-            settings=self.settings, store=self.store, blobs=self.blobs, models=self.served
+            settings=self.settings,
+            store=self.store,
+            blobs=self.blobs,
+            models=self.served,
+            realtime=realtime,
         )
 
         @contextlib.asynccontextmanager

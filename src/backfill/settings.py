@@ -65,6 +65,12 @@ class ModelConfig(BaseModel):
     attempts: int = Field(default=5, ge=1)
     timeout: float = Field(default=600.0, gt=0)
     api_key_env: str | None = None
+    #: the upstream accepts vLLM's `priority` body field (lower runs first); a plain OpenAI
+    #: server rejects unknown fields, hence off by default
+    priority: bool = False
+    #: adaptive batch concurrency (see `dispatch/governor.py`); None: on when `priority` is
+    #: set or the upstream serves vLLM metrics
+    governor: bool | None = None
     endpoints: list[str] = Field(
         default_factory=lambda: ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     )
@@ -111,6 +117,23 @@ class Settings(BaseSettings):
     scheduler_interval: float = 0.5
     cancel_grace_seconds: float = 10.0  # in-flight requests may finish within this
     retention_interval: float = 60.0  # how often expired files are deleted
+    #: fair-share weights of projects by name when batches compete for workers (default 1)
+    project_weights: dict[str, float] = Field(default_factory=dict)
+
+    # real-time gateway (`api/realtime.py`): per-project token buckets, separate from batches
+    realtime_rpm: float = 6000.0  # requests per minute per project; 0: unlimited
+    realtime_tpm: float | None = None  # tokens per minute per project (estimated); None: off
+    realtime_priority: int = 0  # vLLM `priority` for real-time requests (lower runs first)
+    batch_priority: int = 10  # vLLM `priority` for batch requests
+
+    # governor (`dispatch/governor.py`): batch concurrency from live load signals
+    governor_ttft_inflation: float = 1.10  # allowed p99 real-time TTFT / what it would be alone
+    governor_tpot_inflation: float = 1.20  # allowed p99 real-time TPOT / what it would be alone
+    governor_interval: float = 0.1  # seconds between decisions (and metrics scrapes)
+    governor_min_limit: int = 1  # batch requests always allowed in flight
+    governor_window_seconds: float = 60.0  # memory of real-time load (the reference peak)
+    governor_idle_seconds: float = 5.0  # no real-time traffic this long: grow to the ceiling
+    governor_abort: bool = True  # abort batch requests over the limit when real-time load jumps
 
     @property
     def database_url(self) -> str:

@@ -5,7 +5,8 @@
 factory (`Callable[[FastAPI], AsyncContextManager[None]]`) the root uses to run background
 duties (scheduler, in-process worker) alongside the server.
 
-Routes are plain FastAPI routes grouped by resource (`files`, `batches`, `models`); each module
+Routes are plain FastAPI routes grouped by resource (`files`, `batches`, `models`, and the
+real-time gateway `realtime`); each module
 exposes `router(ctx, auth)` so handlers close over their dependencies instead of reaching into
 `app.state`. Every `/v1` route requires a Bearer key; `/health` does not. OpenAPI docs are off:
 the API is OpenAI's and documented there, and an unauthenticated schema page is one more thing
@@ -20,7 +21,7 @@ from contextlib import AbstractAsyncContextManager
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from backfill.api import batches, files, models, partial
+from backfill.api import batches, files, models, partial, realtime
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext
 from backfill.api.errors import install_error_handlers
@@ -45,7 +46,7 @@ def create_app(ctx: ApiContext, lifespan: Lifespan | None = None) -> FastAPI:
 
     auth = Authenticator(ctx.store)
     app.state.auth = auth
-    for module in (files, batches, partial, models):
+    for module in (files, batches, partial, models, realtime):
         app.include_router(module.router(ctx, auth), prefix="/v1")
 
     @app.get("/health")

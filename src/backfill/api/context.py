@@ -1,7 +1,7 @@
 """What the API needs from the composition root, and nothing more.
 
 The API talks to the store and the blob store through their interfaces and knows which models
-are served (and on which endpoints). It never imports the scheduler or the worker: creating a
+are served (and on which endpoints), and, for the real-time gateway, their engines. It never imports the scheduler or the worker: creating a
 batch writes a `validating` row, cancelling writes `cancelling`; background duties do the rest.
 """
 
@@ -12,8 +12,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backfill.blobs.base import Blobs
+from backfill.dispatch.signals import RealtimeStats
+from backfill.engines.base import Engine
 from backfill.settings import Settings
 from backfill.store.base import Store
+
+
+@dataclass
+class RealtimeModel:
+    """What the real-time gateway needs to serve one model."""
+
+    name: str
+    engine: Engine
+    #: the upstream accepts vLLM's `priority` field
+    priority: bool = False
+    #: shared with the model's governor
+    stats: RealtimeStats = field(default_factory=RealtimeStats)
 
 
 @dataclass
@@ -23,6 +37,8 @@ class ApiContext:
     blobs: Blobs
     #: public model name -> endpoints it serves (e.g. {"/v1/chat/completions", ...})
     models: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: public model name -> engine for the real-time gateway (empty: it answers 404)
+    realtime: dict[str, RealtimeModel] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
 
     def now(self) -> int:

@@ -13,6 +13,15 @@ with retries.
   the error file (`upstream_unavailable`, `request_timeout`) when no attempt produced an answer.
   Exceptions that are not engine failures (bugs, cancellation) propagate.
 - Counters are plain ints on `DispatchStats`; the metrics endpoint reads them as they are.
+- Priority: for upstreams that accept vLLM's `priority` field (`ModelConfig.priority`), every
+  batch request is sent with `priority` (the `batch_priority` setting; lower runs first), so
+  real-time requests sent by the gateway at a lower number are admitted first.
+- Shedding: `shed(n)` aborts the `n` most recently started requests at the engine (the least
+  work lost). They are not failures and do not use up an attempt: each goes back to wait for a
+  slot and is sent again. The governor sheds when real-time load jumps, because the engine
+  never preempts running requests for waiting ones and every step is shared, so only fewer
+  batch sequences at the engine lower real-time per-token latency at once. Re-sending is cheap
+  with a prefix cache (the prompt's blocks usually still are cached).
 """
 
 from __future__ import annotations
@@ -75,6 +84,8 @@ class DispatchStats:
     succeeded: int = 0  # requests whose outcome was 2xx
     failed: int = 0  # requests whose outcome was not 2xx (final error status or transport)
     transport_errors: int = 0  # attempts that raised EngineUnavailable
+    throttled: int = 0  # answers 429/503 (the upstream says: slow down)
+    shed: int = 0  # attempts aborted by `shed()` and sent again later
 
 
 class Dispatcher:
@@ -87,14 +98,21 @@ class Dispatcher:
         timeout: float | None = None,
         sleep: Sleep = asyncio.sleep,
         rand: Callable[[], float] = random.random,
+        priority: int | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy
         self.timeout = timeout
+        self.priority = priority
+        self.max_concurrency = max_concurrency
         self.stats = DispatchStats()
         self._window = Window(max_concurrency)
         self._sleep = sleep
         self._rand = rand
+        #: sends at the engine, oldest first (dicts keep insertion order)
+        #: tasks whose request is at the engine right now, oldest first (dicts keep order)
+        self._active: dict[asyncio.Task[Any], None] = {}
+        self._shed: set[asyncio.Task[Any]] = set()
 
     @classmethod
     def from_config(
@@ -105,9 +123,17 @@ class Dispatcher:
         base_delay: float = 0.5,
         max_delay: float = 30.0,
         sleep: Sleep = asyncio.sleep,
+        priority: int | None = None,
     ) -> Dispatcher:
+        """`priority` is sent only when the model's upstream accepts it (`config.priority`)."""
         policy = RetryPolicy(attempts=config.attempts, base_delay=base_delay, max_delay=max_delay)
-        return cls(engine, max_concurrency=config.max_concurrency, policy=policy, sleep=sleep)
+        return cls(
+            engine,
+            max_concurrency=config.max_concurrency,
+            policy=policy,
+            sleep=sleep,
+            priority=priority if config.priority else None,
+        )
 
     @property
     def limit(self) -> int:
@@ -121,6 +147,20 @@ class Dispatcher:
         """Move the concurrency limit (>= 1). Running requests are never interrupted."""
         self._window.set_limit(n)
 
+    def shed(self, n: int) -> int:
+        """Abort up to `n` of the most recently started sends; they are sent again once a slot
+        is free (not failures, no attempt used). Returns how many were aborted."""
+        count = 0
+        for task in reversed(list(self._active)):
+            if count >= n:
+                break
+            if task.done() or task in self._shed or task.cancelling():
+                continue
+            self._shed.add(task)
+            task.cancel("shed by the governor")
+            count += 1
+        return count
+
     async def run(
         self,
         endpoint: str,
@@ -133,6 +173,11 @@ class Dispatcher:
         stats = self.stats
         window = self._window
         per_call = self.timeout if timeout is None else timeout
+        if self.priority is not None:
+            body = {**body, "priority": self.priority}
+        active = self._active
+        shed = self._shed
+        current = asyncio.current_task()
         attempt = 0
         while True:
             attempt += 1
@@ -141,8 +186,24 @@ class Dispatcher:
             stats.sent += 1
             if attempt > 1:
                 stats.retried += 1
+            if current is not None:
+                active[current] = None
             try:
-                reply = await self.engine.send(endpoint, body, timeout=per_call)
+                try:
+                    reply = await self.engine.send(endpoint, body, timeout=per_call)
+                finally:
+                    if current is not None:
+                        del active[current]
+            except asyncio.CancelledError:
+                if current is None or current not in shed:
+                    raise
+                shed.discard(current)
+                if current.cancelling() != 1:
+                    raise  # also cancelled by someone else (batch cancel, shutdown): give up
+                current.uncancel()
+                stats.shed += 1
+                attempt -= 1  # shedding is ours, not the request's fault
+                wait = 0.0
             except EngineUnavailable as exc:
                 stats.transport_errors += 1
                 if attempt >= policy.attempts:
@@ -153,7 +214,11 @@ class Dispatcher:
                 stats.failed += 1
                 return Outcome.failure(exc.code or "upstream_error", exc.message, attempt)
             else:
+                if shed and current in shed:  # shed just as the answer came: keep the answer
+                    shed.discard(current)
                 status = reply.status
+                if status == 429 or status == 503:
+                    stats.throttled += 1
                 if not policy.can_retry(attempt, status):
                     if 200 <= status < 300:
                         stats.succeeded += 1
@@ -164,4 +229,5 @@ class Dispatcher:
             finally:
                 stats.in_flight -= 1
                 window.release()
-            await self._sleep(wait)
+            if wait > 0:
+                await self._sleep(wait)

@@ -5,12 +5,24 @@ An engine knows nothing of batches, shards or storage: it gets the endpoint path
 and the raw JSON body it produced. Transport failures (refused connection, timeout, reset) raise
 `EngineUnavailable`; the dispatcher decides about retries. Engines rename the model if the
 operator mapped a public name to a different upstream name.
+
+Two optional capabilities, checked with `isinstance(engine, StreamingEngine)` /
+`isinstance(engine, MetricsSource)` (runtime-checkable protocols, so in-process engines that
+lack them need no change):
+- `stream(endpoint, body, timeout=...)`: an async context manager yielding a `StreamReply`
+  whose `chunks` are the upstream's response bytes as they arrive (SSE for `stream: true`);
+  the real-time gateway relays them without buffering. Leaving the block closes the upstream
+  connection, which aborts the request upstream.
+- `load_metrics()`: the upstream's Prometheus metrics parsed to `{name: value}` (vLLM names),
+  or None when it serves none; the governor polls it.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +52,34 @@ class Engine(Protocol):
         """Run one request. Raises `EngineUnavailable` on transport failure or timeout."""
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReply:
+    """An upstream answer whose body is read as it arrives."""
+
+    status: int
+    headers: Mapping[str, str]
+    chunks: AsyncIterator[bytes]
+
+
+@runtime_checkable
+class StreamingEngine(Protocol):
+    def stream(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,
+    ) -> AbstractAsyncContextManager[StreamReply]:
+        """Send one request and expose the answer's bytes as they arrive.
+
+        Raises `EngineUnavailable` (on entering, or from `chunks`) on transport failure."""
+        ...
+
+
+@runtime_checkable
+class MetricsSource(Protocol):
+    async def load_metrics(self) -> dict[str, float] | None:
+        """The upstream's metrics (vLLM names), or None when it has none."""
+        ...

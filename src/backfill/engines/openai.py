@@ -21,13 +21,24 @@ Errors are translated at this seam: anything that kept us from reading a complet
 (refused, reset, DNS, invalid HTTP, truncated body) raises `EngineUnavailable` with code
 `upstream_unavailable`; a timeout raises it with code `request_timeout`. HTTP error statuses
 are not exceptions: they are answers, returned as they came, and the retry policy judges them.
+
+Real time (`stream`): the gateway's path. The answer's bytes are yielded as aiohttp receives
+them (`iter_any`, no line splitting, no buffering), so SSE events reach the client as the
+upstream writes them. Leaving the context early closes the connection, which is how vLLM learns
+that the client went away and aborts the request.
+
+Load (`load_metrics`): `GET <root>/metrics` (the URL without its `/v1`), parsed from Prometheus
+text. An upstream that answers anything else than 200 is remembered as having no metrics and
+asked again only every `METRICS_RETRY_SECONDS`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -35,14 +46,19 @@ import orjson
 from yarl import URL
 
 from backfill.domain.retry import parse_retry_after
-from backfill.engines.base import EngineReply
+from backfill.engines.base import EngineReply, StreamReply
 from backfill.errors import EngineUnavailable, InvalidRequest
 from backfill.settings import ModelConfig
+from backfill.sim.metrics import parse as parse_metrics
 
 #: seconds an idle upstream connection is kept for reuse
 KEEPALIVE_SECONDS = 30.0
 #: seconds a DNS answer is reused
 DNS_CACHE_SECONDS = 300
+#: seconds before asking again an upstream that served no metrics
+METRICS_RETRY_SECONDS = 30.0
+#: budget of one metrics scrape
+METRICS_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 
 
 def join_url(base: str, endpoint: str) -> str:
@@ -66,6 +82,13 @@ class OpenAIEngine:
         self.config = config
         self.model = config.name
         self.endpoints = frozenset(config.endpoints)
+        #: the upstream accepts vLLM's `priority` body field
+        self.supports_priority = config.priority
+        self._no_metrics_until = 0.0
+        base = config.url.rstrip("/")
+        self._metrics_url = URL(
+            (base[: -len("/v1")] if base.endswith("/v1") else base) + "/metrics"
+        )
         self._upstream_name = config.upstream_name
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._urls: dict[str, URL] = {}
@@ -143,3 +166,72 @@ class OpenAIEngine:
             None if retry_after is None else parse_retry_after(retry_after, time.time()),
             request_id,
         )
+
+    def _translate(self, exc: BaseException, timeout: float | None) -> EngineUnavailable:
+        if isinstance(exc, TimeoutError):
+            seconds = self.config.timeout if timeout is None else timeout
+            return EngineUnavailable(
+                f"upstream {self.model!r} did not answer within {seconds:g}s",
+                code="request_timeout",
+            )
+        return EngineUnavailable(
+            f"upstream {self.model!r} unreachable: {type(exc).__name__}: {exc}",
+            code="upstream_unavailable",
+        )
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (the per-request budget)
+    ) -> AsyncIterator[StreamReply]:
+        """Send one request; yield its status, headers and body bytes as they arrive."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("OpenAIEngine.stream() called before start()")
+        url = self._urls.get(endpoint) or self.url_for(endpoint)
+        upstream = self._upstream_name
+        if upstream is not None and body.get("model") != upstream:
+            body = {**body, "model": upstream}
+        request_timeout = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
+        try:
+            resp = await session.post(url, data=orjson.dumps(body), timeout=request_timeout)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise self._translate(exc, timeout) from exc
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for data in resp.content.iter_any():
+                    yield data
+            except (TimeoutError, aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+                raise self._translate(exc, timeout) from exc
+
+        try:
+            yield StreamReply(resp.status, resp.headers, chunks())
+        finally:
+            if resp.content.at_eof():
+                resp.release()  # read to the end: the connection goes back to the pool
+            else:
+                resp.close()  # the client left early: drop the connection (vLLM aborts)
+
+    async def load_metrics(self) -> dict[str, float] | None:
+        """The upstream's `/metrics`, parsed (vLLM names), or None when it serves none."""
+        session = self._session
+        now = time.monotonic()
+        if session is None or now < self._no_metrics_until:
+            return None
+        try:
+            async with session.get(self._metrics_url, timeout=METRICS_TIMEOUT) as resp:
+                if resp.status != 200:
+                    self._no_metrics_until = now + METRICS_RETRY_SECONDS
+                    return None
+                text = await resp.text()
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return None
+        try:
+            return parse_metrics(text)
+        except ValueError:
+            self._no_metrics_until = now + METRICS_RETRY_SECONDS
+            return None

@@ -9,6 +9,9 @@ serves tens of thousands of small requests per second on one core.
 
 Endpoints: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` (echo answers with a
 word-count `usage`), `GET /v1/models`, `GET /stats`, `POST /reset`, `GET /health`.
+`"stream": true` answers the echo as SSE chunks (one word per chunk, then a usage chunk with
+`stream_options.include_usage`, then `data: [DONE]`), sent in one write. `/stats` also shows the
+`priority` field of the last completion request (`last_priority`, null when it had none).
 
 Directives in the request's text (the last message's content, the prompt, or the input) script
 failures per request, so a test can mix good and bad lines in one batch:
@@ -57,7 +60,7 @@ _REASONS = {
 _MODELS_PATH = b"/v1/models"
 _HEAD = (
     b"HTTP/1.1 %d %s\r\n"
-    b"Content-Type: application/json\r\n"
+    b"Content-Type: %s\r\n"
     b"Content-Length: %d\r\n"
     b"x-request-id: req-%d\r\n"
     b"%s%s\r\n%s"
@@ -74,6 +77,7 @@ class UpstreamState:
     by_text: dict[str, int] = field(default_factory=dict)
     next_id: int = 0  # completion ids
     answered: int = 0  # x-request-id values
+    last_priority: Any = None  # `priority` of the last completion request
     _auth: bytes | None = None
 
     def __post_init__(self) -> None:
@@ -82,6 +86,7 @@ class UpstreamState:
     def reset(self) -> None:
         self.requests = 0
         self.by_text.clear()
+        self.last_priority = None
 
 
 @dataclass(slots=True)
@@ -91,6 +96,7 @@ class Answer:
     headers: bytes = b""  # extra header lines, each ending in CRLF
     delay: float = 0.0
     drop: bool = False
+    content_type: bytes = b"application/json"
 
 
 def _error(status: int, message: str, type_: str, param: str | None, code: str | None) -> Answer:
@@ -126,7 +132,12 @@ def handle(
         path = path.split(b"?", 1)[0]
     if method == b"GET":
         if path == b"/stats":
-            return Answer(200, orjson.dumps({"requests": state.requests, "by_text": state.by_text}))
+            stats = {
+                "requests": state.requests,
+                "by_text": state.by_text,
+                "last_priority": state.last_priority,
+            }
+            return Answer(200, orjson.dumps(stats))
         if path == b"/health":
             return Answer(200, b"{}")
         if path == _MODELS_PATH or path == b"/models":
@@ -173,6 +184,8 @@ def handle(
         return _error(
             400, "The request body must be a JSON object.", "invalid_request_error", None, None
         )
+    if path != b"/embeddings":
+        state.last_priority = request.get("priority")
     try:
         if path == b"/chat/completions":
             return _chat(state, request)
@@ -250,6 +263,9 @@ def _chat(state: UpstreamState, request: dict[str, Any]) -> Answer:
         return failure
     reply = "echo: " + last
     state.next_id += 1
+    if request.get("stream") is True:
+        usage = _usage(sum(_words(t) for t in texts), _words(reply))
+        return _sse(f"chatcmpl-{state.next_id}", request, reply, usage, chat=True, delay=delay)
     payload = {
         "id": f"chatcmpl-{state.next_id}",
         "object": "chat.completion",
@@ -276,6 +292,9 @@ def _completion(state: UpstreamState, request: dict[str, Any]) -> Answer:
         return failure
     reply = "echo: " + text
     state.next_id += 1
+    if request.get("stream") is True:
+        usage = _usage(_words(text), _words(reply))
+        return _sse(f"cmpl-{state.next_id}", request, reply, usage, chat=False, delay=delay)
     payload = {
         "id": f"cmpl-{state.next_id}",
         "object": "text_completion",
@@ -285,6 +304,40 @@ def _completion(state: UpstreamState, request: dict[str, Any]) -> Answer:
         "usage": _usage(_words(text), _words(reply)),
     }
     return Answer(200, orjson.dumps(payload), delay=delay)
+
+
+def _sse(
+    id_: str,
+    request: dict[str, Any],
+    reply: str,
+    usage: dict[str, int],
+    *,
+    chat: bool,
+    delay: float,
+) -> Answer:
+    """The echo as Server-Sent Events: one word per chunk."""
+    head = {"id": id_, "created": int(time.time()), "model": request.get("model")}
+    events: list[dict[str, Any]] = []
+    words = reply.split(" ")
+    for i, word in enumerate(words):
+        text = word if i == 0 else " " + word
+        last = i == len(words) - 1
+        finish = "stop" if last else None
+        if chat:
+            delta: dict[str, Any] = {"content": text}
+            if i == 0:
+                delta["role"] = "assistant"
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            events.append({**head, "object": "chat.completion.chunk", "choices": [choice]})
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            events.append({**head, "object": "text_completion", "choices": [choice]})
+    options = request.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        events.append({**head, "object": kind, "choices": [], "usage": usage})
+    body = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    return Answer(200, body, delay=delay, content_type=b"text/event-stream")
 
 
 def _embeddings(state: UpstreamState, request: dict[str, Any]) -> Answer:
@@ -378,6 +431,7 @@ class HttpConnection(asyncio.Protocol):
             data = _HEAD % (
                 answer.status,
                 _REASONS.get(answer.status, b"Unknown"),
+                answer.content_type,
                 len(answer.body),
                 self.state.answered,
                 answer.headers,

@@ -55,8 +55,10 @@ class ShardRun:
         dispatchers: dict[str, Dispatcher],
         shard: Shard,
         token: str,
+        owner: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._owner = owner or None
         self._settings = settings
         self._store = store
         self._blobs = blobs
@@ -107,7 +109,8 @@ class ShardRun:
         """Start requests lazily, at most `cap` at a time, so memory stays bounded by the
         window, not the shard; on stop, abort whatever is in flight."""
         dispatcher = self._dispatchers.get(batch.model or "")
-        cap = max(16, dispatcher.limit if dispatcher is not None else 16)
+        # the configured ceiling, not the current limit: the governor may raise it later
+        cap = max(16, dispatcher.max_concurrency if dispatcher is not None else 16)
         slots = asyncio.Semaphore(cap)
         running: set[asyncio.Task[None]] = set()
 
@@ -229,6 +232,7 @@ class ShardRun:
                 completed=completed,
                 failed=failed,
                 usage=usage,
+                owner=self._owner,
             )
             ok = await asyncio.to_thread(self._store.record_segment, segment, self._token)
             if not ok:

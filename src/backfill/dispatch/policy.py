@@ -1,0 +1,224 @@
+"""The governor's policy: how many batch requests a model may have in flight. No I/O, no clock.
+
+`GovernorPolicy.decide(signals) -> Decision` is called every tick (~100 ms) with what the
+gateway and the upstream's metrics say (`signals.Signals`); the governor applies the decision
+to the model's `Dispatcher` (`set_limit`, `shed`). Tests feed it synthetic signals.
+
+What the engine does, and so what the policy must respect (measured on vLLM's v1 scheduler and
+on `backfill sim`): the engine never preempts a running request to admit a waiting one, and
+every step runs all running sequences together. Priority only orders admissions; it does not
+protect real-time per-token latency. The step time grows about linearly with the sequences in
+the step, `step(n) ~ a * (1 + n / K)` (K, the "knee", is where the step time doubles: ~130
+sequences for an 8B model on an H100), so *batch concurrency directly sets real-time TPOT*,
+and TTFT (about one step plus a prefill chunk) moves with it.
+
+The operator's budget is relative to what real-time traffic would see alone: p99 TTFT and TPOT
+may grow by `ttft_inflation` / `tpot_inflation` (1.10 / 1.20 by default). Real-time p99 latency
+alone is set by its peaks, when its own concurrency `r` is highest. So the policy fills the
+valleys up to the step time of the peaks, inflated by the budget:
+
+    total target   N* = f * r_ref + (f - 1) * K        for f = 1 + margin * (inflation - 1),
+                                                        the smaller over TTFT and TPOT
+    batch target   N* - r_now
+
+where `r_ref` is a high quantile of the real-time concurrency over the last `window` seconds
+and `r_now` the current one (from the gateway, or the engine's running + waiting minus our
+batch requests when more real-time traffic reaches the engine than passes the gateway). At
+r_now = r_ref the batch keeps `(f - 1) * (r_ref + K)` sequences: exactly the budget.
+
+- K is learned online by least squares with forgetting over (sequences, mean inter-token
+  latency) pairs: from the engine's metrics when it has them (the TPOT histogram's deltas and
+  the running gauge), else from the gateway's streamed TPOTs with the in-flight counts. Until
+  the pairs spread enough, `knee_prior` is used.
+- A trim factor in [0.25, 1] corrects the model: it shrinks while the measured step time is
+  above the budgeted one (`f * a * (1 + r_ref / K)`), and recovers slowly when below.
+- Idle: no real-time arrival for `idle_after` seconds and none in flight: grow to the ceiling.
+  When real-time traffic returns the target falls at once.
+- Yield fast: the limit drops to the target in one tick; with `abort`, batch requests above
+  the limit (plus a little hysteresis) are shed (aborted and re-sent later; the prefix cache
+  makes the re-prefill cheap), because waiting for running batch requests to finish takes as
+  long as their whole decode.
+- Grow slowly: at most `growth` of the limit per tick (at least one), so a wave of batch
+  prefills never lands in one step.
+- 429/503 answers halve the limit and pause growth; a nearly full KV cache (>= 95%) stops
+  growth and trims the limit toward what is in flight (more would only cause preemptions).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from backfill.dispatch.signals import Signals
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    ceiling: int  # the model's max_concurrency
+    floor: int = 1
+    ttft_inflation: float = 1.10
+    tpot_inflation: float = 1.20
+    window: float = 60.0  # seconds of real-time load history (the reference peak)
+    idle_after: float = 5.0
+    abort: bool = True
+    knee_prior: float = 128.0
+    margin: float = 0.8  # share of the allowed inflation the target plans to use
+    growth: float = 0.1  # per tick, as a share of the current limit
+    reference_quantile: float = 0.98
+    forget: float = 0.995  # weight kept per sample by the knee fit
+    throttle_pause: float = 2.0  # seconds without growth after a 429/503
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    limit: int
+    shed: int = 0
+    #: what it was based on (for logs, tests and benches)
+    target_total: float = 0.0
+    reference: float = 0.0
+    knee: float = 0.0
+    trim: float = 1.0
+    idle: bool = False
+
+
+class KneeFit:
+    """Weighted least squares of `latency = a + b * n` with exponential forgetting."""
+
+    def __init__(self, prior: float, forget: float) -> None:
+        self.prior = prior
+        self.forget = forget
+        self.sw = self.sn = self.st = self.snn = self.snt = 0.0
+
+    def add(self, n: float, latency: float, weight: float = 1.0) -> None:
+        k = self.forget
+        self.sw = self.sw * k + weight
+        self.sn = self.sn * k + weight * n
+        self.st = self.st * k + weight * latency
+        self.snn = self.snn * k + weight * n * n
+        self.snt = self.snt * k + weight * n * latency
+
+    def params(self) -> tuple[float, float] | None:
+        """(a, K) or None before any sample. K falls back to the prior until the samples'
+        sequence counts spread over at least an eighth of it."""
+        if self.sw <= 0:
+            return None
+        mean_n = self.sn / self.sw
+        mean_t = self.st / self.sw
+        var_n = self.snn / self.sw - mean_n * mean_n
+        prior = self.prior
+        if var_n >= (prior / 8) ** 2:
+            b = (self.snt / self.sw - mean_n * mean_t) / var_n
+            a = mean_t - b * mean_n
+            if b > 0 and a > 0:
+                return a, min(max(a / b, prior / 4), prior * 8)
+        return mean_t / (1 + mean_n / prior), prior
+
+
+class GovernorPolicy:
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        start = max(config.floor, round(config.knee_prior * (config.tpot_inflation - 1)))
+        self.limit = min(config.ceiling, start)
+        self.fit = KneeFit(config.knee_prior, config.forget)
+        self.trim = 1.0
+        self._history: deque[tuple[float, int]] = deque()
+        self._last_activity: float | None = None
+        self._pause_until = -math.inf
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def realtime_load(self, s: Signals) -> int:
+        """Real-time sequences at the engine now: the gateway's, or more if the engine shows
+        load that is neither ours nor the gateway's."""
+        load = s.rt_in_flight
+        if s.engine is not None:
+            other = s.engine.running + s.engine.waiting - s.batch_in_flight
+            slack = 2 + 0.1 * s.batch_in_flight  # scrape and counters are not simultaneous
+            load = max(load, math.floor(other - slack))
+        return max(0, load)
+
+    def reference(self, now: float, load: int) -> float:
+        """A high quantile of the real-time load over the window."""
+        history = self._history
+        history.append((now, load))
+        horizon = now - self.config.window
+        while history and history[0][0] < horizon:
+            history.popleft()
+        ordered = sorted(v for _, v in history)
+        index = min(len(ordered) - 1, math.ceil(self.config.reference_quantile * len(ordered)) - 1)
+        return float(ordered[max(0, index)])
+
+    def _learn(self, s: Signals, load: int) -> None:
+        if s.engine is not None:
+            if s.engine.tpot is not None and s.engine.running > 0:
+                self.fit.add(s.engine.running, s.engine.tpot)
+            return
+        n = load + s.batch_in_flight
+        for tpot in s.rt_tpot:
+            self.fit.add(n, tpot)
+
+    def _measured_step(self, s: Signals) -> float | None:
+        if s.engine is not None:
+            return s.engine.tpot
+        if s.rt_tpot:
+            return sorted(s.rt_tpot)[len(s.rt_tpot) // 2]
+        return None
+
+    # -- the decision ---------------------------------------------------------------------------
+    def decide(self, s: Signals) -> Decision:
+        c = self.config
+        load = self.realtime_load(s)
+        if self._last_activity is None or s.rt_arrivals > 0 or load > 0:
+            self._last_activity = s.now  # (the first tick counts: idle only after idle_after)
+        r_ref = self.reference(s.now, load)
+        self._learn(s, load)
+        params = self.fit.params()
+        a, knee = params if params is not None else (0.0, c.knee_prior)
+
+        factors = [1 + c.margin * (x - 1) for x in (c.ttft_inflation, c.tpot_inflation)]
+        f = min(factors)
+        # model check: is the step time within the budget the target planned for?
+        measured = self._measured_step(s)
+        if measured is not None and a > 0 and load > 0:
+            budget = f * a * (1 + r_ref / knee)
+            if measured > budget * 1.05:
+                self.trim = max(0.25, self.trim * 0.97)
+            elif measured < budget:
+                self.trim = min(1.0, self.trim * 1.005)
+        target_total = f * r_ref + (f - 1) * knee * self.trim
+        idle = (
+            load == 0
+            and s.rt_arrivals == 0
+            and self._last_activity is not None
+            and s.now - self._last_activity >= c.idle_after
+        )
+        target = float(c.ceiling) if idle else target_total - load
+
+        if s.engine is not None and s.engine.kv_usage >= 0.95:
+            target = min(target, max(c.floor, s.batch_in_flight * 0.9))
+            self._pause_until = max(self._pause_until, s.now + c.throttle_pause)
+        if s.batch_throttled > 0:
+            target = min(target, self.limit / 2)
+            self._pause_until = s.now + c.throttle_pause
+
+        limit: float = self.limit
+        if target < limit:
+            limit = target
+        elif s.now >= self._pause_until:
+            limit = min(target, limit + max(1.0, c.growth * limit))
+        self.limit = int(min(c.ceiling, max(c.floor, math.floor(limit))))
+
+        shed = 0
+        if c.abort and not idle:
+            excess = s.batch_in_flight - self.limit
+            if excess > max(4.0, 0.1 * self.limit):
+                shed = excess
+        return Decision(
+            self.limit,
+            shed,
+            target_total=target_total,
+            reference=r_ref,
+            knee=knee,
+            trim=self.trim,
+            idle=idle,
+        )

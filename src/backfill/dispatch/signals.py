@@ -1,0 +1,81 @@
+"""Live load signals shared between the real-time gateway and the governor, in-process.
+
+`RealtimeStats` (one per model) is written by the gateway on every real-time request and read
+by the governor on every tick: plain attributes and lists, no locks (one event loop), no
+per-request objects kept beyond the latency samples not yet read. The governor is the only
+reader: `drain_latencies()` hands over the samples gathered since its last tick.
+
+Latencies are wall seconds as the gateway sees them: TTFT is from the request's arrival to the
+first body bytes of a streamed answer; TPOT is `(last bytes - first bytes) / (tokens - 1)`
+with the token count read from the stream's usage chunk when present, else the number of SSE
+events (an upper bound on TPOT when an upstream packs several tokens into one event).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class RealtimeStats:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.in_flight = 0
+        self.arrivals = 0  # cumulative
+        self.finished = 0  # cumulative
+        self.last_arrival = -math.inf
+        self._ttft: list[float] = []
+        self._tpot: list[float] = []
+
+    def now(self) -> float:
+        return self._clock()
+
+    def started(self) -> float:
+        """A real-time request arrived; returns its start time (for `ended`)."""
+        now = self._clock()
+        self.in_flight += 1
+        self.arrivals += 1
+        self.last_arrival = now
+        return now
+
+    def ended(self, ttft: float | None = None, tpot: float | None = None) -> None:
+        self.in_flight -= 1
+        self.finished += 1
+        if ttft is not None and len(self._ttft) < 65536:
+            self._ttft.append(ttft)
+        if tpot is not None and len(self._tpot) < 65536:
+            self._tpot.append(tpot)
+
+    def drain_latencies(self) -> tuple[list[float], list[float]]:
+        """(TTFTs, TPOTs) recorded since the last call."""
+        ttft, tpot = self._ttft, self._tpot
+        self._ttft, self._tpot = [], []
+        return ttft, tpot
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """What the upstream's metrics say (vLLM names), at one scrape."""
+
+    running: float  # vllm:num_requests_running
+    waiting: float  # vllm:num_requests_waiting
+    kv_usage: float  # vllm:kv_cache_usage_perc, 0..1
+    #: mean inter-token latency of every token generated since the previous scrape (engine's
+    #: clock), None when no token was generated
+    tpot: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """Everything the policy sees at one tick."""
+
+    now: float  # seconds (monotonic)
+    rt_in_flight: int  # real-time requests the gateway has at the engine
+    rt_arrivals: int  # since the previous tick
+    batch_in_flight: int  # batch requests at the engine
+    batch_throttled: int = 0  # batch answers 429/503 since the previous tick
+    rt_ttft: tuple[float, ...] = ()  # real-time TTFTs since the previous tick (wall seconds)
+    rt_tpot: tuple[float, ...] = ()  # real-time TPOTs since the previous tick (wall seconds)
+    engine: EngineLoad | None = None  # None: the upstream serves no metrics
