@@ -69,6 +69,8 @@ async def test_create_returns_full_batch_object(tmp_path: Path) -> None:
             "request_counts": {"total": 0, "completed": 0, "failed": 0},
             "usage": ZERO_USAGE,
             "metadata": {"job": "nightly"},
+            "estimated_completion_at": None,
+            "warning": None,
         }
         stored = api.store.get_batch(batch["id"], api.project.id)
         assert stored is not None and stored.status == BatchStatus.VALIDATING

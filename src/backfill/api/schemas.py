@@ -11,12 +11,15 @@ wording (metadata sizes, expiry ranges) are checked by hand in `check_metadata` 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
+from backfill.domain.ordering import estimated_completion
 from backfill.domain.records import BatchRecord, FileRecord
+from backfill.domain.statuses import BatchStatus
 from backfill.errors import InvalidRequest
 
 MAX_METADATA_PAIRS = 16
@@ -126,7 +129,18 @@ def batch_object(b: BatchRecord) -> dict[str, Any]:
         "request_counts": {"total": b.total, "completed": b.completed, "failed": b.failed},
         "usage": b.usage.to_dict(),
         "metadata": b.metadata,
+        # Extensions (not in the OpenAI API; the SDK keeps them in `model_extra`):
+        "estimated_completion_at": _eta(b),
+        "warning": b.warning,
     }
+
+
+def _eta(b: BatchRecord) -> int | None:
+    """When a running batch should finish at the rate it has run so far."""
+    if b.status is not BatchStatus.IN_PROGRESS:
+        return None
+    eta = estimated_completion(b.total, b.completed + b.failed, b.in_progress_at, time.time())
+    return None if eta is None else int(eta)
 
 
 def list_object(data: Sequence[dict[str, Any]], has_more: bool) -> dict[str, Any]:

@@ -64,3 +64,26 @@ def order_candidates(
         return (1, share(c.project), c.expires_at, c.seq)
 
     return sorted(candidates, key=key)
+
+
+def admission_warning(
+    total: int,
+    expires_at: int,
+    ahead: int,
+    rate: float | None,
+    now: float,
+) -> str | None:
+    """A warning for a batch that, at the measured rate of its model, would finish after its
+    deadline: `ahead` requests of the same model are due first. None when it fits or when no
+    rate has been measured yet (nothing to go on)."""
+    if rate is None or rate <= 0:
+        return None
+    eta = now + (ahead + total) / rate
+    if eta <= expires_at:
+        return None
+    return (
+        f"At the measured rate of about {rate:.1f} requests/s for this model, with {ahead} "
+        f"requests due before it, this batch would finish around {int(eta)}, after its "
+        f"completion window ends at {expires_at}. It will run anyway; finished results are "
+        "kept if it expires."
+    )

@@ -8,20 +8,24 @@
 - `cancelling`, no live lease -> finalize as `cancelled`
 - `finalizing` left behind by a crash -> finalize again (files have deterministic ids)
 
-Every duty is a conditional state change in the store, so two schedulers racing on one batch
-cannot both win. Within one process, a set of busy batch ids keeps a duty from running twice.
+Every duty runs under a store claim (`validate:<batch>`, `finalize:<batch>`), renewed while it
+runs and taken over when its holder dies, so any number of processes can run schedulers; each
+state change is also conditional, so even a duty run twice cannot apply twice. Within one
+process, a set of busy batch ids keeps a duty from being started twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
 
 from backfill.blobs.base import Blobs
+from backfill.domain.ids import new_token
+from backfill.domain.ordering import admission_warning
 from backfill.domain.records import BatchRecord, Shard
 from backfill.domain.statuses import BatchStatus
 from backfill.domain.validation import ValidationLimits
@@ -50,6 +54,8 @@ class Scheduler:
         self._clock = clock
         self._busy: set[str] = set()
         self._next_retention = 0.0
+        self.owner = "scheduler-" + new_token()[:12]
+        self._claim_seconds = max(settings.lease_seconds, 5.0)
         self._tasks: set[asyncio.Task[None]] = set()
         self._limits = ValidationLimits(
             max_requests=settings.max_requests_per_batch,
@@ -85,13 +91,21 @@ class Scheduler:
             if batch.id in self._busy:
                 continue
             if batch.status is S.VALIDATING:
-                self._spawn(batch.id, self._validate(batch))
+                self._spawn(batch.id, "validate", functools.partial(self._validate, batch))
             elif batch.status is S.FINALIZING:
-                self._spawn(batch.id, self._finish(batch, S.COMPLETED, {S.FINALIZING}))
+                self._spawn(
+                    batch.id,
+                    "finalize",
+                    functools.partial(self._finish, batch, S.COMPLETED, {S.FINALIZING}),
+                )
             elif batch.status is S.CANCELLING:
                 shards = await asyncio.to_thread(self._store.shards, batch.id)
                 if not _live_leases(shards, now):
-                    self._spawn(batch.id, self._finish(batch, S.CANCELLED, {S.CANCELLING}))
+                    self._spawn(
+                        batch.id,
+                        "finalize",
+                        functools.partial(self._finish, batch, S.CANCELLED, {S.CANCELLING}),
+                    )
             elif batch.status is S.IN_PROGRESS:
                 await self._check_running(batch, now)
 
@@ -106,7 +120,11 @@ class Scheduler:
         shards = await asyncio.to_thread(self._store.shards, batch.id)
         if batch.stop_reason == "expired":
             if not _live_leases(shards, now):
-                self._spawn(batch.id, self._finish(batch, S.EXPIRED, {S.IN_PROGRESS}))
+                self._spawn(
+                    batch.id,
+                    "finalize",
+                    functools.partial(self._finish, batch, S.EXPIRED, {S.IN_PROGRESS}),
+                )
         elif shards_finished(shards):
             moved = await asyncio.to_thread(
                 self._store.transition,
@@ -116,7 +134,11 @@ class Scheduler:
                 finalizing_at=int(now),
             )
             if moved is not None:
-                self._spawn(batch.id, self._finish(moved, S.COMPLETED, {S.FINALIZING}))
+                self._spawn(
+                    batch.id,
+                    "finalize",
+                    functools.partial(self._finish, moved, S.COMPLETED, {S.FINALIZING}),
+                )
 
     async def _retention(self) -> None:
         try:
@@ -127,20 +149,40 @@ class Scheduler:
         if n:
             log.info("retention: deleted %d expired files", n)
 
-    def _spawn(self, batch_id: str, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, batch_id: str, duty: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run a duty for a batch once in this process, and only while this process holds the
+        store claim `duty:batch_id` (renewed as it runs), so no two processes run it at once."""
         self._busy.add(batch_id)
+        name = f"{duty}:{batch_id}"
 
         async def guarded() -> None:
+            renew: asyncio.Task[None] | None = None
             try:
-                await coro
+                if not await asyncio.to_thread(
+                    self._store.claim, name, self.owner, self._clock(), self._claim_seconds
+                ):
+                    return
+                renew = asyncio.create_task(self._renew_claim(name))
+                await work()
             except Exception:
-                log.exception("duty for %s failed; it will be retried", batch_id)
+                log.exception("%s failed; it will be retried", name)
             finally:
+                if renew is not None:
+                    renew.cancel()
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(self._store.release_claim, name, self.owner)
                 self._busy.discard(batch_id)
 
         task = asyncio.create_task(guarded())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _renew_claim(self, name: str) -> None:
+        while True:
+            await asyncio.sleep(self._claim_seconds / 3)
+            await asyncio.to_thread(
+                self._store.claim, name, self.owner, self._clock(), self._claim_seconds
+            )
 
     async def _validate(self, batch: BatchRecord) -> None:
         result = await validate_batch(
@@ -148,10 +190,37 @@ class Scheduler:
         )
         if result is not None:
             log.info("batch %s: %s", batch.id, result.status)
+            if result.status is S.IN_PROGRESS:
+                await self._warn_if_late(result)
+
+    async def _warn_if_late(self, batch: BatchRecord) -> None:
+        """Say so on the batch when, at the measured rate of its model, it cannot finish in
+        its window (a warning, not a refusal)."""
+        now = self._clock()
+        running = await asyncio.to_thread(self._store.batches_in, [S.IN_PROGRESS], 1000)
+        rate = 0.0
+        ahead = 0
+        for other in running:
+            if other.id == batch.id or other.model != batch.model:
+                continue
+            done = other.completed + other.failed
+            if other.in_progress_at is not None and done > 0:
+                rate += done / max(now - other.in_progress_at, 1.0)
+            if other.expires_at <= batch.expires_at:
+                ahead += max(other.total - done, 0)
+        warning = admission_warning(batch.total, batch.expires_at, ahead, rate or None, now)
+        if warning is not None:
+            await asyncio.to_thread(
+                self._store.update_batch, batch.id, [S.IN_PROGRESS], warning=warning
+            )
 
     async def _finish(
         self, batch: BatchRecord, final: BatchStatus, sources: set[BatchStatus]
     ) -> None:
+        if final is not S.COMPLETED:
+            # A stalled worker whose lease ran out still holds its token: revoke it, so
+            # nothing can be recorded once the merge has started.
+            await asyncio.to_thread(self._store.revoke_leases, batch.id)
         fresh = await asyncio.to_thread(self._store.get_batch, batch.id)
         if fresh is None or fresh.status not in sources:
             return

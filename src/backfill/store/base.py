@@ -13,7 +13,7 @@ Time is passed in (`now`, Unix seconds) so tests can drive a fake clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -128,9 +128,31 @@ class Store(Protocol):
         None if the batch is no longer validating (e.g. cancelled meanwhile)."""
 
     # -- shards and leases -------------------------------------------------------------------
-    def lease_shard(self, owner: str, token: str, now: float, lease_seconds: float) -> Shard | None:
+    def lease_shard(
+        self,
+        owner: str,
+        token: str,
+        now: float,
+        lease_seconds: float,
+        weights: Mapping[str, float] | None = None,
+    ) -> Shard | None:
         """Lease one shard of an `in_progress` batch without a stop_reason: a pending shard, or
-        a leased one whose lease has expired. Oldest batch first. None if there is nothing."""
+        a leased one whose lease has expired. Batches are tried in the order of
+        `backfill.domain.ordering.order_candidates` (at-risk first, then fair shares between
+        projects by `weights` keyed by project name, then earliest deadline). None if there
+        is nothing to lease."""
+
+    def revoke_leases(self, batch_id: str) -> int:
+        """End every lease on the batch's shards (leased -> pending), so a stalled worker can
+        record nothing more. Called before a stopped batch is finalized. Returns how many."""
+
+    # -- duty claims -------------------------------------------------------------------------
+    def claim(self, name: str, owner: str, now: float, seconds: float) -> bool:
+        """Take or renew the named claim (e.g. `finalize:batch_x`) until now + seconds. True
+        if `owner` holds it now; False if another owner holds an unexpired claim."""
+
+    def release_claim(self, name: str, owner: str) -> None:
+        """Drop the claim if `owner` holds it."""
 
     def renew_lease(
         self, batch_id: str, index: int, token: str, now: float, lease_seconds: float

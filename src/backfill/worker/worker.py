@@ -67,6 +67,7 @@ class Worker:
             token,
             self._clock(),
             self._settings.lease_seconds,
+            self._settings.project_weights or None,
         )
         if shard is None:
             return False
@@ -77,6 +78,7 @@ class Worker:
             dispatchers=self._dispatchers,
             shard=shard,
             token=token,
+            owner=self.id,
             clock=self._clock,
         )
         task = asyncio.create_task(self._guard(shard_run))
