@@ -40,6 +40,7 @@ from openai import OpenAI
 from backfill.sim import Simulator, sharegpt_like
 from backfill.sim.offline import Distribution
 from backfill.sim.process import SimProcess, start_sim
+from backfill.sim.tokens import Prompt
 from backfill.testing.server import BackfillProcess
 
 PROFILE = "llama-3.1-8b-h100"

@@ -96,7 +96,7 @@ def test_governor_yields_to_a_real_time_burst_and_grows_back(sim: SimProcess) ->
 
         workers = [asyncio.create_task(batch_worker(i)) for i in range(CEILING)]
         try:
-            await until(lambda: governor.history and governor.history[-1][1].idle)
+            await until(lambda: bool(governor.history) and governor.history[-1][1].idle)
             await until(lambda: limit() >= 200)
             before = limit()
 

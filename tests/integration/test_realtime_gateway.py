@@ -118,7 +118,7 @@ def last_priority(upstream: UpstreamProcess) -> Any:
 
 
 def assert_envelope(body: dict[str, Any]) -> dict[str, Any]:
-    error = body["error"]
+    error: dict[str, Any] = body["error"]
     assert set(error) == {"message", "type", "param", "code"}
     return error
 

@@ -1,8 +1,9 @@
 """What the API needs from the composition root, and nothing more.
 
 The API talks to the store and the blob store through their interfaces and knows which models
-are served (and on which endpoints), and, for the real-time gateway, their engines. It never imports the scheduler or the worker: creating a
-batch writes a `validating` row, cancelling writes `cancelling`; background duties do the rest.
+are served (and on which endpoints), and, for the real-time gateway, their engines. It never
+imports the scheduler or the worker: creating a batch writes a `validating` row, cancelling
+writes `cancelling`; background duties do the rest.
 """
 
 from __future__ import annotations
