@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from acceptance_settings import FAST_ENV
 from openai import OpenAI
-from sdk_helpers import chat_line, read_jsonl, run_batch
+from sdk_helpers import chat_line, poll, read_jsonl, run_batch
 
 from backfill.testing import UpstreamProcess
 from backfill.testing.server import BackfillProcess
@@ -73,11 +73,13 @@ def test_serve_on_s3_storage(
     assert done.output_file_id is not None
     assert [o["custom_id"] for o in read_jsonl(client, done.output_file_id)] == ids
 
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
-    assert keys == {
-        f"{prefix}/files/{done.input_file_id}",
-        f"{prefix}/files/{done.output_file_id}",
-    }  # nothing outside the prefix; the segments are gone
+    def keys() -> set[str]:
+        return {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+    # the segments are deleted just after the batch is reported completed: wait for that
+    expected = {f"{prefix}/files/{done.input_file_id}", f"{prefix}/files/{done.output_file_id}"}
+    assert keys() >= expected
+    poll(keys, lambda k: k == expected, what="only the input and output to stay in the bucket")
     body = s3.get_object(Bucket=bucket, Key=f"{prefix}/files/{done.output_file_id}")["Body"]
     assert body.read() == client.files.content(done.output_file_id).content
     assert not (tmp_path / "blobs").exists()  # nothing went to the local folder
