@@ -8,45 +8,27 @@ only. Startup waits for the child's `READY <port>` line with a deadline.
 from __future__ import annotations
 
 import json
-import queue
 import subprocess
 import sys
-import threading
-import time
-import urllib.request
-from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from backfill.sim.metrics import parse
+from backfill.testing.child import ChildProcess, spawn_ready
 
 __all__ = ["SimProcess", "start_sim"]
 
 
-class SimProcess:
+class SimProcess(ChildProcess):
     """A running simulator child process. Use as a context manager, or call `stop()`."""
 
     def __init__(
         self, proc: subprocess.Popen[str], host: str, port: int, model_name: str | None
     ) -> None:
-        self.proc = proc
-        self.host = host
-        self.port = port
+        super().__init__(proc, host, port)
         self._model_name = model_name
 
-    @property
-    def base(self) -> str:
-        """`http://HOST:PORT`, without `/v1`."""
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """The OpenAI base URL: `http://HOST:PORT/v1`."""
-        return f"{self.base}/v1"
-
     def _get(self, path: str, timeout: float) -> bytes:
-        with urllib.request.urlopen(self.base + path, timeout=timeout) as resp:
-            data: bytes = resp.read()
-        return data
+        return self.request("GET", path, timeout)
 
     def metrics_text(self, timeout: float = 5.0) -> str:
         return self._get("/metrics", timeout).decode()
@@ -66,33 +48,6 @@ class SimProcess:
         if self._model_name is None:
             self._model_name = str(json.loads(self._get("/v1/models", 5.0))["data"][0]["id"])
         return self._model_name
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-
-    def __enter__(self) -> SimProcess:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-def _read_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:
-    with stream:
-        for line in stream:
-            lines.put(line)
-    lines.put(None)
 
 
 def start_sim(
@@ -124,25 +79,5 @@ def start_sim(
             cmd += [flag, str(value)]
     if not uvloop:
         cmd.append("--no-uvloop")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
-    assert proc.stdout is not None
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
-    deadline = time.monotonic() + startup_timeout
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"sim did not print READY within {startup_timeout:g}s")
-            try:
-                line = lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"sim exited before READY (exit code {proc.wait()})")
-            if line.startswith("READY "):
-                return SimProcess(proc, host, int(line.split()[1]), model_name)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+    proc, bound = spawn_ready(cmd, what="sim", startup_timeout=startup_timeout)
+    return SimProcess(proc, host, bound, model_name)
