@@ -10,7 +10,8 @@ Design decisions:
   schedulers and workers on one database safe without any other coordination.
 - SQLite: writing transactions start with `BEGIN IMMEDIATE` and read-only methods run on an
   engine view with the `READ_ONLY` execution option (plain `BEGIN`); see `engine.py`.
-- PostgreSQL: leasing is `SELECT ... FOR UPDATE OF shards SKIP LOCKED`, so concurrent workers
+- Leases, fenced checkpoints and duty claims live in `sql_work.py` (a mixin). PostgreSQL:
+  leasing is `SELECT ... FOR UPDATE SKIP LOCKED`, so concurrent workers
   never wait on each other and never get the same shard; `OF shards` keeps the batch row
   unlocked. Migrations take a transaction-scoped advisory lock so many processes can start at
   once (on SQLite, `BEGIN IMMEDIATE` does the same); within one process a thread lock guards
@@ -25,18 +26,15 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
     Engine,
-    Select,
     and_,
-    func,
     insert,
-    or_,
     select,
     text,
     update,
@@ -45,32 +43,27 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from backfill.domain.ids import new_project_id
-from backfill.domain.ordering import Candidate, order_candidates
 from backfill.domain.records import (
     BatchRecord,
     FileRecord,
     Project,
-    Segment,
     Shard,
     ShardStatus,
-    Usage,
 )
 from backfill.domain.statuses import TERMINAL, BatchStatus
 from backfill.errors import BackfillError, Conflict, StoreError
 from backfill.store.base import Page
 from backfill.store.engine import READ_ONLY, create_store_engine, normalize_url
 from backfill.store.rows import (
-    USAGE_COLUMNS,
     batch_changes,
     batch_record,
     batch_values,
     file_record,
-    segment_record,
-    shard_record,
 )
 from backfill.store.rules import IDEMPOTENCY_CONFLICT, KEY_CONFLICT, check_batch_fields
-from backfill.store.schema import api_keys, batches, claims, files, projects, segments
+from backfill.store.schema import api_keys, batches, files, projects
 from backfill.store.schema import shards as _shards_table  # `shards` is also a method name
+from backfill.store.sql_work import SqlWorkMixin
 
 T = TypeVar("T")
 
@@ -83,7 +76,7 @@ _MIGRATION_THREAD_LOCK = threading.Lock()
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 
 
-class SqlStore:
+class SqlStore(SqlWorkMixin):
     def __init__(self, url: str, *, pool_size: int = 5, max_overflow: int = 20) -> None:
         self.url = normalize_url(url)
         self._engine = create_store_engine(self.url, pool_size=pool_size, max_overflow=max_overflow)
@@ -444,243 +437,9 @@ class SqlStore:
 
         return self._run(work)
 
-    # -- shards and leases -------------------------------------------------------------------
-    def lease_shard(
-        self,
-        owner: str,
-        token: str,
-        now: float,
-        lease_seconds: float,
-        weights: Mapping[str, float] | None = None,
-    ) -> Shard | None:
-        s = _shards_table
-        free = or_(
-            s.c.status == ShardStatus.PENDING,
-            and_(s.c.status == ShardStatus.LEASED, s.c.lease_expires_at < now),
-        )
-        has_free = select(s.c.idx).where(s.c.batch_id == batches.c.id, free).exists()
-        candidates_q = (
-            select(
-                batches.c.id,
-                projects.c.name,
-                batches.c.seq,
-                batches.c.expires_at,
-                batches.c.total,
-                batches.c.completed,
-                batches.c.failed,
-                batches.c.in_progress_at,
-            )
-            .join(projects, projects.c.id == batches.c.project_id)
-            .where(
-                batches.c.status == BatchStatus.IN_PROGRESS.value,
-                batches.c.stop_reason.is_(None),
-                has_free,
-            )
-        )
-        leases_q = (
-            select(projects.c.name, func.count())
-            .select_from(s.join(batches, batches.c.id == s.c.batch_id))
-            .join(projects, projects.c.id == batches.c.project_id)
-            .where(s.c.status == ShardStatus.LEASED, s.c.lease_expires_at >= now)
-            .group_by(projects.c.name)
-        )
-        expires = now + lease_seconds
-
-        def work(conn: Connection) -> Shard | None:
-            found = [
-                Candidate(
-                    r[0],
-                    r[1],
-                    int(r[2]),
-                    int(r[3]),
-                    int(r[4]),
-                    int(r[5]) + int(r[6]),
-                    None if r[7] is None else int(r[7]),
-                )
-                for r in conn.execute(candidates_q)
-            ]
-            if not found:
-                return None
-            live = {name: int(n) for name, n in conn.execute(leases_q)}
-            for cand in order_candidates(found, live, weights, now):
-                pick: Select[Any] = (
-                    select(s.c.batch_id, s.c.idx)
-                    .where(s.c.batch_id == cand.batch_id, free)
-                    .order_by(s.c.idx)
-                    .limit(1)
-                    .with_for_update(skip_locked=True)
-                )
-                for _ in range(3):
-                    picked = conn.execute(pick).first()
-                    if picked is None:
-                        break
-                    key = _shard_key(picked.batch_id, picked.idx)
-                    # The guard re-checks freedom: on PostgreSQL a row can change between the
-                    # snapshot and the lock; then we pick again.
-                    result = conn.execute(
-                        update(s)
-                        .where(key, free)
-                        .values(
-                            status=ShardStatus.LEASED,
-                            lease_owner=owner,
-                            lease_token=token,
-                            lease_expires_at=expires,
-                        )
-                    )
-                    if result.rowcount == 1:
-                        row = conn.execute(select(s).where(key)).mappings().one()
-                        return shard_record(row)
-            return None
-
-        return self._run(work)
-
-    def revoke_leases(self, batch_id: str) -> int:
-        s = _shards_table
-        statement = (
-            update(s)
-            .where(s.c.batch_id == batch_id, s.c.status == ShardStatus.LEASED)
-            .values(**_ended(ShardStatus.PENDING))
-        )
-        return int(self._run(lambda conn: conn.execute(statement).rowcount))
-
-    # -- duty claims -------------------------------------------------------------------------
-    def claim(self, name: str, owner: str, now: float, seconds: float) -> bool:
-        take = (
-            update(claims)
-            .where(
-                claims.c.name == name,
-                or_(claims.c.expires_at < now, claims.c.owner == owner),
-            )
-            .values(owner=owner, expires_at=now + seconds)
-        )
-        create: Any
-        if self._postgres:
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            create = pg_insert(claims).on_conflict_do_nothing(index_elements=["name"])
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            create = sqlite_insert(claims).on_conflict_do_nothing(index_elements=["name"])
-        create = create.values(name=name, owner=owner, expires_at=now + seconds).returning(
-            claims.c.name
-        )
-
-        def work(conn: Connection) -> bool:
-            if conn.execute(take).rowcount == 1:
-                return True
-            # rowcount is not reliable for INSERT .. ON CONFLICT on every driver: RETURNING is.
-            return conn.execute(create).first() is not None
-
-        return self._run(work)
-
-    def release_claim(self, name: str, owner: str) -> None:
-        statement = sql_delete(claims).where(claims.c.name == name, claims.c.owner == owner)
-        self._run(lambda conn: conn.execute(statement))
-
-    def renew_lease(
-        self, batch_id: str, index: int, token: str, now: float, lease_seconds: float
-    ) -> bool:
-        return self._fenced(batch_id, index, token, {"lease_expires_at": now + lease_seconds})
-
-    def record_segment(self, segment: Segment, token: str) -> bool:
-        fence = _fence(segment.batch_id, segment.shard_index, token)
-        n = segment.completed + segment.failed
-        u = segment.usage
-
-        def work(conn: Connection) -> bool:
-            shard_update = update(_shards_table).where(fence).values(done=_shards_table.c.done + n)
-            if conn.execute(shard_update).rowcount != 1:
-                return False
-            conn.execute(
-                insert(segments).values(
-                    batch_id=segment.batch_id,
-                    shard_index=segment.shard_index,
-                    seq=segment.seq,
-                    blob_path=segment.blob_path,
-                    completed=segment.completed,
-                    failed=segment.failed,
-                    input_tokens=u.input_tokens,
-                    cached_tokens=u.cached_tokens,
-                    output_tokens=u.output_tokens,
-                    reasoning_tokens=u.reasoning_tokens,
-                    owner=segment.owner,
-                )
-            )
-            conn.execute(
-                update(batches)
-                .where(batches.c.id == segment.batch_id)
-                .values(
-                    completed=batches.c.completed + segment.completed,
-                    failed=batches.c.failed + segment.failed,
-                    input_tokens=batches.c.input_tokens + u.input_tokens,
-                    cached_tokens=batches.c.cached_tokens + u.cached_tokens,
-                    output_tokens=batches.c.output_tokens + u.output_tokens,
-                    reasoning_tokens=batches.c.reasoning_tokens + u.reasoning_tokens,
-                )
-            )
-            return True
-
-        return self._run(work)
-
-    def finish_shard(self, batch_id: str, index: int, token: str) -> bool:
-        return self._fenced(batch_id, index, token, _ended(ShardStatus.DONE))
-
-    def release_shard(self, batch_id: str, index: int, token: str) -> bool:
-        return self._fenced(batch_id, index, token, _ended(ShardStatus.PENDING))
-
-    def _fenced(self, batch_id: str, index: int, token: str, values: dict[str, Any]) -> bool:
-        statement = update(_shards_table).where(_fence(batch_id, index, token)).values(**values)
-        return self._run(lambda conn: conn.execute(statement).rowcount == 1)
-
-    def shards(self, batch_id: str) -> list[Shard]:
-        query = (
-            select(_shards_table)
-            .where(_shards_table.c.batch_id == batch_id)
-            .order_by(_shards_table.c.idx)
-        )
-        rows = self._run(lambda conn: conn.execute(query).mappings().all(), write=False)
-        return [shard_record(r) for r in rows]
-
-    def segments(self, batch_id: str, index: int | None = None) -> list[Segment]:
-        query = select(segments).where(segments.c.batch_id == batch_id)
-        if index is not None:
-            query = query.where(segments.c.shard_index == index)
-        query = query.order_by(segments.c.shard_index, segments.c.seq)
-        rows = self._run(lambda conn: conn.execute(query).mappings().all(), write=False)
-        return [segment_record(r) for r in rows]
-
-    def usage_of(self, batch_id: str) -> Usage:
-        query = select(*(func.coalesce(func.sum(segments.c[c]), 0) for c in USAGE_COLUMNS)).where(
-            segments.c.batch_id == batch_id
-        )
-        row = self._run(lambda conn: conn.execute(query).one(), write=False)
-        return Usage(*(int(v) for v in row))
-
 
 # -- query helpers ----------------------------------------------------------------------
 def _seq_of(conn: Connection, table: Any, item_id: str, project_id: str) -> int | None:
     query = select(table.c.seq).where(table.c.id == item_id, table.c.project_id == project_id)
     seq = conn.execute(query).scalar()
     return None if seq is None else int(seq)
-
-
-def _shard_key(batch_id: str, index: int) -> Any:
-    return and_(_shards_table.c.batch_id == batch_id, _shards_table.c.idx == index)
-
-
-def _fence(batch_id: str, index: int, token: str) -> Any:
-    return and_(
-        _shard_key(batch_id, index),
-        _shards_table.c.lease_token == token,
-        _shards_table.c.status == ShardStatus.LEASED,
-    )
-
-
-def _ended(status: str) -> dict[str, Any]:
-    return {
-        "status": status,
-        "lease_owner": None,
-        "lease_token": None,
-        "lease_expires_at": None,
-    }
