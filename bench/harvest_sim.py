@@ -1,0 +1,314 @@
+"""`bench/harvest.py` in simulated time, without HTTP: fast, deterministic policy tuning.
+
+    python bench/harvest_sim.py [--only abc] [--duration 240] [--speedup 4]
+
+The same real-time trace and the same 10,000-request batch as `bench/harvest.py` are replayed
+straight into `backfill.sim.engine.Engine` (no server, no sockets), with a faithful in-process
+model of what backfill does around it:
+
+- the gateway: real-time requests go in at their arrival with priority 0; "in flight" is the
+  gateway's count (arrived, not finished);
+- the worker + dispatcher: the worker keeps up to `max_concurrency` batch requests waiting on
+  the dispatcher (its lookahead), the dispatcher sends them in file order within its limit,
+  at priority 10 (admission through the real `dispatch.dispatcher.Admission` when the
+  governor is on); shed requests are aborted at the engine and go back to the end of the queue,
+  re-sent with the same prompt (prefix-cache hits);
+- the governor: the real `dispatch.policy.GovernorPolicy` every `--interval` wall seconds
+  (`interval * speedup` simulated seconds, as in the HTTP bench), fed what it would read from
+  vLLM's /metrics (running, waiting, KV usage, the TPOT histogram's deltas) and the gateway.
+
+Wall-clock effects of the real run are not modelled: HTTP and scrape delays, the simulator's
+lag on a busy host, the gateway's streaming chunking. Use it to compare policies, then confirm
+with the real run. Prints the same table as `bench/harvest.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harvest import LOAD, PROFILE, length, saturated_capacity, trace  # noqa: E402
+
+from backfill.dispatch.dispatcher import Admission  # noqa: E402
+from backfill.dispatch.policy import GovernorPolicy, PolicyConfig  # noqa: E402
+from backfill.dispatch.signals import EngineLoad, Signals  # noqa: E402
+from backfill.sim import Distribution, SimRequest, get_profile, sharegpt_like  # noqa: E402
+from backfill.sim.engine import FINISHED, Engine  # noqa: E402
+from backfill.sim.tokens import Prompt  # noqa: E402
+
+
+@dataclass
+class Run:
+    name: str
+    rt: list[SimRequest] = field(default_factory=list)
+    batch_done: list[SimRequest] = field(default_factory=list)
+    limits: list[tuple[float, int]] = field(default_factory=list)
+    shed: int = 0
+
+
+@dataclass
+class BatchItem:
+    index: int
+    prompt: Prompt
+    max_tokens: int
+    tokens: int  # the dispatcher's estimate of the prompt tokens
+    sends: int = 0
+    sent_at: float = 0.0
+
+
+def simulate(
+    name: str,
+    items: list[tuple[float, int, int]],
+    batch: list[tuple[int, int]] | None,
+    args: argparse.Namespace,
+    *,
+    governor: bool,
+    ceiling: int,
+) -> Run:
+    engine = Engine(get_profile(PROFILE))
+    run = Run(name)
+    speedup = args.speedup
+    tick_sim = args.interval * speedup
+    delay = args.send_delay * speedup  # wall seconds from a free slot to the engine, in sim s
+    policy = (
+        GovernorPolicy(
+            PolicyConfig(
+                ceiling=ceiling,
+                window=args.window,
+                idle_after=args.idle_after,
+                **{k: float(v) for k, v in (kv.split("=") for kv in args.policy)},  # type: ignore[arg-type]
+            )
+        )
+        if governor
+        else None
+    )
+    admission = Admission(ceiling if policy is None else policy.limit)
+    clock = lambda: engine.now / speedup  # noqa: E731 (the dispatcher's wall clock)
+    pending: list[BatchItem] = []  # waiting on the dispatcher, in the worker's order
+    feed = iter(enumerate(batch or []))
+    in_flight: dict[SimRequest, BatchItem] = {}  # insertion order = send order
+    arriving: list[tuple[float, int, SimRequest, BatchItem | None]] = []  # (at, seq, request)
+    seq = 0
+    rt_live: set[SimRequest] = set()
+    rt_arrivals = 0
+    next_rt = 0
+    next_tick = 0.0
+    tpot_sum = tpot_count = 0.0
+    end = args.duration
+
+    def refill() -> None:
+        while len(pending) + len(in_flight) < ceiling:
+            got = next(feed, None)
+            if got is None:
+                return
+            i, (p, o) = got
+            prompt = Prompt.synthetic(p, ("batch", i))
+            pending.append(BatchItem(i, prompt, o, p))
+
+    def send_batch(now: float) -> None:
+        nonlocal seq
+        refill()
+        while pending:
+            choice = admission.pick([it.tokens for it in pending], len(in_flight), clock())
+            if choice is None:
+                return
+            item = pending.pop(choice)
+            admission.sent(item.tokens)
+            item.sends += 1
+            item.sent_at = clock()
+            request = SimRequest(
+                f"b{item.index}.{item.sends}", item.prompt, item.max_tokens, priority=10
+            )
+            in_flight[request] = item
+            seq += 1
+            heapq.heappush(arriving, (now + delay, seq, request, item))
+            refill()
+
+    while True:
+        now = engine.now
+        if now >= end:
+            break
+        # real-time arrivals up to now
+        while next_rt < len(items) and items[next_rt][0] <= now:
+            t, p, o = items[next_rt]
+            r = SimRequest(
+                f"rt{next_rt}", Prompt.synthetic(p, ("rt", next_rt)), o, priority=0, arrival=t
+            )
+            engine.add(r)
+            rt_live.add(r)
+            run.rt.append(r)
+            rt_arrivals += 1
+            next_rt += 1
+        # governor ticks
+        while policy is not None and next_tick <= now:
+            m = engine.metrics
+            tpot = None
+            if m.tpot.count > tpot_count:
+                tpot = (m.tpot.sum - tpot_sum) / (m.tpot.count - tpot_count)
+            tpot_sum, tpot_count = m.tpot.sum, m.tpot.count
+            signals = Signals(
+                now=next_tick / speedup,
+                rt_in_flight=len(rt_live),
+                rt_arrivals=rt_arrivals,
+                batch_in_flight=len(in_flight),
+                engine=EngineLoad(
+                    running=float(engine.num_running),
+                    waiting=float(engine.num_waiting),
+                    kv_usage=engine.kv.usage,
+                    tpot=tpot,
+                ),
+            )
+            rt_arrivals = 0
+            decision = policy.decide(signals)
+            admission.configure(decision.limit, decision.pace, decision.burst)
+            run.limits.append((next_tick, decision.limit))
+            if decision.shed > 0:
+                for r in list(in_flight)[-decision.shed :]:  # the newest, as `Dispatcher.shed`
+                    item = in_flight.pop(r)
+                    engine.abort(r)
+                    run.shed += 1
+                    pending.append(item)
+            next_tick += tick_sim
+        send_batch(now)
+        while arriving and arriving[0][0] <= now:
+            _, _, r, _ = heapq.heappop(arriving)
+            if r in in_flight:
+                r.arrival = now
+                engine.add(r)
+        result = engine.step()
+        if result is None:  # nothing to run: jump to the next event
+            upcoming = [end]
+            if next_rt < len(items):
+                upcoming.append(items[next_rt][0])
+            if arriving:
+                upcoming.append(arriving[0][0])
+            if policy is not None:
+                upcoming.append(next_tick)
+            engine.now = max(engine.now, min(upcoming))
+            continue
+        for r in result.finished:
+            if r in rt_live:
+                rt_live.discard(r)
+            elif r in in_flight:
+                item = in_flight.pop(r)
+                admission.answered(item.tokens, clock() - item.sent_at)
+                run.batch_done.append(r)
+    return run
+
+
+def summarize(run: Run, lo: float, hi: float) -> dict[str, float]:
+    inside = [r for r in run.rt if lo <= r.arrival <= hi and r.status == FINISHED]
+    timings = [r.timings() for r in inside]
+    ttft = Distribution.of([t["ttft_s"] for t in timings])
+    tpot = Distribution.of([t["tpot_s"] for t in timings if t["tpot_s"] > 0])
+    seconds = hi - lo
+    rt_tokens = sum(
+        r.prompt_len + r.num_output for r in run.rt if r.finished and lo <= r.finish_time <= hi
+    )
+    batch_tokens = sum(
+        r.prompt_len + r.num_output
+        for r in run.batch_done
+        if r.status == FINISHED and lo <= r.finish_time <= hi
+    )
+    return {
+        "n": len(inside),
+        "ttft50": ttft.p50 * 1e3,
+        "ttft99": ttft.p99 * 1e3,
+        "tpot50": tpot.p50 * 1e3,
+        "tpot99": tpot.p99 * 1e3,
+        "rt_tps": rt_tokens / seconds,
+        "batch_tps": batch_tokens / seconds,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--speedup", type=float, default=4.0, help="of the HTTP run modelled")
+    parser.add_argument("--duration", type=float, default=240.0, help="trace, simulated seconds")
+    parser.add_argument("--warmup", type=float, default=30.0, help="simulated seconds")
+    parser.add_argument("--batch", type=int, default=10_000)
+    parser.add_argument("--window", type=float, default=60.0, help="governor window, wall s")
+    parser.add_argument("--idle-after", type=float, default=5.0, help="wall s")
+    parser.add_argument("--interval", type=float, default=0.1, help="governor tick, wall s")
+    parser.add_argument("--send-delay", type=float, default=0.002, help="wall s per send")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--only", default="abc")
+    parser.add_argument("--verbose", action="store_true", help="print the limit over time")
+    parser.add_argument("--policy", nargs="*", default=[], help="PolicyConfig overrides k=v")
+    args = parser.parse_args()
+
+    wall0 = time.monotonic()
+    mix = sharegpt_like(args.batch, seed=args.seed + 1)
+    batch = [(length(r.prompt), r.max_tokens) for r in mix]
+    capacity = saturated_capacity(batch)
+    items, rate = trace(capacity, args.duration, args.seed)
+    print(
+        f"GPU: {PROFILE} (simulated, sim time only); saturated capacity on the batch mix: "
+        f"{capacity:,.0f} tokens/s; real-time trace: {len(items)} requests over "
+        f"{args.duration:g} s, mean {rate:.1f} req/s (~{LOAD:.0%} of capacity)"
+    )
+    plan: dict[str, tuple[list[tuple[int, int]] | None, bool, int]] = {
+        "a": (None, False, 256),
+        "b": (batch, False, 256),
+        "c": (batch, True, 1024),
+    }
+    labels = {"a": "(a) real-time alone", "b": "(b) + batch, fixed 256", "c": "(c) + governor"}
+    rows: dict[str, dict[str, Any]] = {}
+    for name in args.only:
+        work, governor, ceiling = plan[name]
+        run = simulate(name, items, work, args, governor=governor, ceiling=ceiling)
+        rows[name] = summarize(run, args.warmup, args.duration)
+        rows[name]["shed"] = run.shed
+        if args.verbose and run.limits:
+            for t0 in range(60, int(args.duration), 60):
+                seg = [lim for t, lim in run.limits if t0 <= t < t0 + 60]
+                print(f"  limits {t0}-{t0 + 60}s every 3 s: " + " ".join(map(str, seg[::8])))
+        if args.verbose:
+            for part, (lo, hi) in {"valley": (0, 45), "burst": (45, 60)}.items():
+                inside = [
+                    r.timings()
+                    for r in run.rt
+                    if r.finished and r.arrival >= args.warmup and lo <= r.arrival % 60 < hi
+                ]
+                ttft = Distribution.of([t["ttft_s"] for t in inside])
+                tpot = Distribution.of([t["tpot_s"] for t in inside if t["tpot_s"] > 0])
+                print(
+                    f"  {part:>6} ({len(inside)} rt): TTFT p50 {ttft.p50 * 1e3:.1f} p99 "
+                    f"{ttft.p99 * 1e3:.1f}, TPOT p50 {tpot.p50 * 1e3:.1f} p99 {tpot.p99 * 1e3:.1f}"
+                )
+    idle = capacity - rows["a"]["rt_tps"] if "a" in rows else float("nan")
+    print(
+        f"{'policy':<26}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}"
+        f"{'rt tok/s':>10}{'batch tok/s':>12}{'idle used':>10}{'shed':>7}"
+    )
+    for name, s in rows.items():
+        print(
+            f"{labels[name]:<26}{s['ttft50']:>8.1f}ms{s['ttft99']:>8.1f}ms{s['tpot50']:>8.1f}ms"
+            f"{s['tpot99']:>8.1f}ms{s['rt_tps']:>10,.0f}{s['batch_tps']:>12,.0f}"
+            f"{s['batch_tps'] / idle:>10.0%}{s['shed']:>7}"
+        )
+    if "a" in rows:
+        a = rows["a"]
+        for name in ("b", "c"):
+            if name in rows:
+                s = rows[name]
+                ttft_r, tpot_r = s["ttft99"] / a["ttft99"], s["tpot99"] / a["tpot99"]
+                share = s["batch_tps"] / idle
+                met = ttft_r <= 1.10 and tpot_r <= 1.20 and share >= 0.75
+                print(
+                    f"{labels[name]}: p99 TTFT {ttft_r:.2f}x, p99 TPOT {tpot_r:.2f}x, idle used "
+                    f"{share:.0%}: " + ("TARGET MET" if met else "TARGET MISSED")
+                )
+    print(f"wall {time.monotonic() - wall0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
