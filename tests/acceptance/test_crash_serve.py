@@ -81,5 +81,4 @@ def test_kill_9_serve_three_times_exactly_once(
         f"re-sent after each kill (until the next) {reruns} "
         f"(total {total}, bound {3 * PER_KILL_BOUND})"
     )
-    assert total == sum(reruns)
-    assert total <= 3 * PER_KILL_BOUND
+    assert sum(reruns) <= total <= 3 * PER_KILL_BOUND, (reruns, total)

@@ -26,7 +26,7 @@ from durability import (
     wait_progress,
     write_config,
 )
-from sdk_helpers import submit, wait_batch
+from sdk_helpers import poll, submit, wait_batch
 
 from backfill.store.sql import SqlStore
 from backfill.testing import UpstreamProcess
@@ -115,8 +115,7 @@ def test_kill_9_worker_three_times_exactly_once(
         f"re-sent after each kill (until the next) {reruns} "
         f"(total {total}, bound {3 * PER_KILL_BOUND})"
     )
-    assert total == sum(reruns)
-    assert total <= 3 * PER_KILL_BOUND
+    assert sum(reruns) <= total <= 3 * PER_KILL_BOUND, (reruns, total)
     assert len(cluster.owners(batch.id)) == 4  # four worker processes recorded results
 
 
@@ -133,6 +132,8 @@ def test_two_workers_one_killed_the_other_finishes_alone(
         cluster.client, batch.id, int(fraction * work.n), lambda: alive(doomed) and alive(survivor)
     )
     assert now.status == "in_progress" and alive(doomed), (now, doomed.logs())
+    # both have recorded results, so the kill surely takes work away from the doomed one
+    poll(lambda: cluster.owners(batch.id), lambda o: len(o) == 2, what="both workers to record")
     doomed.kill()
     before = work.seen(upstream)
 
@@ -147,5 +148,7 @@ def test_two_workers_one_killed_the_other_finishes_alone(
         f"\ntwo workers: one killed at recorded progress {progress(now)} of {work.n}; "
         f"re-sent {reruns} (bound {3 * PER_KILL_BOUND}); results per worker {owners}"
     )
-    assert total == reruns <= 3 * PER_KILL_BOUND
-    assert len(owners) == 2 and sum(owners.values()) == work.n
+    # re-sends are of requests in flight or unflushed at the kill (a heartbeat stalled past
+    # the lease on an overloaded machine could add a few more: those count in `total`)
+    assert reruns <= total <= 3 * PER_KILL_BOUND, (reruns, total)
+    assert len(owners) == 2 and sum(owners.values()) == work.n, owners
