@@ -97,9 +97,12 @@ def test_grows_gradually() -> None:
     world = World(policy())
     list(world.run(50, rt=100))
     low = world.tick(rt=100).limit
-    nxt = world.tick(rt=20).limit
-    assert nxt > low
-    assert nxt <= low + max(1, 0.1 * low) + 1
+    # the arrival rate of the last `onset` seconds still says "burst" for a few ticks
+    limits = [d.limit for d in world.run(30, rt=20)]
+    assert limits[-1] > low
+    growth = world.policy.config.growth
+    for before, after in zip([low, *limits], limits, strict=False):
+        assert after <= before + max(1, growth * before) + 1
 
 
 def test_throttling_halves_the_limit() -> None:
@@ -160,3 +163,31 @@ def test_realtime_stats_counts_and_drains() -> None:
     assert stats.in_flight == 0
     assert stats.drain_latencies() == ([0.1], [0.01])
     assert stats.drain_latencies() == ([], [])
+
+
+def test_a_jump_in_arrivals_drops_the_batch_before_the_load_in_flight_rises() -> None:
+    world = World(policy())
+    list(world.run(50, rt=100, arrivals=10))
+    valley = list(world.run(200, rt=30, arrivals=3))[-1]
+    burst = list(world.run(3, rt=30, arrivals=10))[-1]  # arrivals x3, load not yet
+    assert burst.limit < valley.limit / 2
+    assert burst.pace is not None  # prefill pacing while real time is active
+
+
+def test_admission_paces_prompt_tokens_and_lets_short_prompts_pass() -> None:
+    from backfill.dispatch.dispatcher import Admission, estimate_prompt_tokens
+
+    adm = Admission(100)
+    adm.answered(200, 2.0)  # 100 prompt tokens/s per slot at the limit: 10,000 tokens/s
+    assert adm.pick([5000, 100], 0, 0.0) == 0  # no pacing: oldest first
+    adm.configure(100, 1.0, 1000.0)
+    assert adm.pick([3000, 100, 50], 0, 0.0) == 1  # the long prompt waits, a short one goes
+    adm.sent(100)
+    adm.sent(850)
+    assert adm.pick([3000, 100], 0, 0.0) is None  # the bucket is empty: no lump
+    assert adm.pick([3000, 100], 0, 0.05) == 1  # refilled at 10,000 tokens/s
+    adm.sent(100)
+    assert adm.pick([3000], 0, 1.0) == 0  # a prompt above the burst goes once it is full
+    assert adm.pick([1], 100, 1.0) is None  # and never above the limit
+    assert estimate_prompt_tokens({"messages": [{"role": "user", "content": "a b c d"}]}) == 4
+    assert estimate_prompt_tokens({"prompt": "x" * 400}) == 100

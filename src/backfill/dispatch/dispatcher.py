@@ -22,12 +22,19 @@ with retries.
   never preempts running requests for waiting ones and every step is shared, so only fewer
   batch sequences at the engine lower real-time per-token latency at once. Re-sending is cheap
   with a prefix cache (the prompt's blocks usually still are cached).
+- Prefill pacing (`set_pacing`, driven by the governor while real-time traffic is active): a
+  request holding a window slot waits at a small gate until `Admission`'s token bucket over
+  estimated prompt tokens (`estimate_prompt_tokens`: characters/4 or words) lets it go; among
+  those waiting, the oldest that fits goes first, so short prompts slip past a long one. The
+  gate sits after the window on purpose: requests never pile up between the two and then go
+  in one lump when the limit rises.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +95,116 @@ class DispatchStats:
     shed: int = 0  # attempts aborted by `shed()` and sent again later
 
 
+class Admission:
+    """Which waiting batch request goes next, and whether one may go now. Pure (no I/O; the
+    clock is passed in), shared by the dispatcher and `bench/harvest_sim.py`.
+
+    - `limit`: requests at the engine at once (the governor's concurrency limit).
+    - Prefill pacing (`pace`, None = off): a token bucket over the *estimated prompt tokens*
+      of the requests sent, refilled at `pace` times the rate that keeps `limit` requests in
+      flight in steady state (Little's law over recent answers: limit x mean prompt tokens /
+      mean latency), holding at most `burst` tokens. The governor turns it on while
+      real-time traffic is active, so batch prefills never land in lumps (after a shed, or
+      when the limit rises): a step carrying thousands of prompt tokens is compute-bound and
+      long, and every real-time first token and next token in it waits for it.
+    - Order: the oldest waiter that fits the bucket goes first, looking at most `lookahead`
+      waiters deep; a prompt larger than the whole burst goes only when the bucket is full
+      (never starved; the bucket then runs into debt and refills).
+    """
+
+    def __init__(self, limit: int, *, lookahead: int = 64, memory: float = 0.02) -> None:
+        self.limit = limit
+        self.lookahead = lookahead
+        self.memory = memory  # weight of each answer in the running means
+        self.pace: float | None = None
+        self.burst = 0.0
+        self.mean_tokens = 0.0
+        self.mean_latency = 0.0
+        self._bucket = 0.0
+        self._at: float | None = None
+
+    @property
+    def rate(self) -> float | None:
+        """Prompt tokens per second the bucket lets through (None: unlimited)."""
+        if self.pace is None or self.mean_latency <= 0:
+            return None
+        return self.pace * max(1, self.limit) * self.mean_tokens / self.mean_latency
+
+    def configure(self, limit: int, pace: float | None, burst: float) -> None:
+        if pace is not None and self.pace is None:
+            self._bucket = burst  # from unlimited: start full
+        self.limit = limit
+        self.pace = pace
+        self.burst = burst
+        self._bucket = min(self._bucket, burst)
+
+    def answered(self, tokens: int, latency: float) -> None:
+        """A request sent with these estimated prompt tokens was answered after `latency` s."""
+        if self.mean_latency <= 0:
+            self.mean_tokens, self.mean_latency = float(tokens), latency
+            return
+        w = self.memory
+        self.mean_tokens += w * (tokens - self.mean_tokens)
+        self.mean_latency += w * (latency - self.mean_latency)
+
+    def _refill(self, now: float) -> None:
+        rate = self.rate
+        if self._at is not None and rate is not None:
+            self._bucket = min(self.burst, self._bucket + (now - self._at) * rate)
+        self._at = now
+
+    def pick(self, tokens: list[int], in_flight: int, now: float) -> int | None:
+        """Index (into `tokens`, the waiters' estimated prompt tokens, oldest first) of the
+        request to send now, or None to wait."""
+        if not tokens or in_flight >= self.limit:
+            return None
+        self._refill(now)
+        if self.rate is None:
+            return 0
+        bucket = self._bucket
+        for index, need in enumerate(tokens[: self.lookahead]):
+            if need <= bucket:
+                return index
+        if bucket >= self.burst and tokens[0] > self.burst:
+            return 0
+        return None
+
+    def sent(self, tokens: int) -> None:
+        if self.rate is not None:
+            self._bucket -= tokens
+
+    def wait_time(self, tokens: list[int]) -> float | None:
+        """Seconds until the bucket may let one of these through (None: no pacing)."""
+        rate = self.rate
+        if rate is None or not tokens:
+            return None
+        need = min(min(tokens[: self.lookahead]), self.burst)
+        return max(0.0, (need - self._bucket) / rate)
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A cheap estimate of a request's prompt tokens from its body: the larger of characters/4
+    and words over its text (messages' content, prompt or input), at least 1."""
+    parts: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            walk(value.get("content") if "content" in value else value.get("text"))
+
+    if "messages" in body:
+        walk(body["messages"])
+    else:
+        walk(body.get("prompt", body.get("input")))
+    chars = sum(len(p) for p in parts)
+    words = sum(p.count(" ") + 1 for p in parts if p)
+    return max(1, chars // 4, words)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -113,6 +230,10 @@ class Dispatcher:
         #: tasks whose request is at the engine right now, oldest first (dicts keep order)
         self._active: dict[asyncio.Task[Any], None] = {}
         self._shed: set[asyncio.Task[Any]] = set()
+        self.admission = Admission(max_concurrency)
+        self._gate: list[tuple[int, asyncio.Future[None]]] = []  # holding a slot, paced
+        self._pump_handle: asyncio.TimerHandle | None = None
+        self._clock = time.monotonic
 
     @classmethod
     def from_config(
@@ -147,6 +268,51 @@ class Dispatcher:
         """Move the concurrency limit (>= 1). Running requests are never interrupted."""
         self._window.set_limit(n)
 
+    def set_pacing(self, pace: float | None, burst: float = 1024.0) -> None:
+        """Pace batch prefills (see `Admission`; None turns pacing off and lets everyone
+        waiting at the gate go)."""
+        self.admission.configure(self._window.limit, pace, burst)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Let requests holding a slot through the prefill gate while the bucket allows."""
+        gate = self._gate
+        admission = self.admission
+        admission.limit = self._window.limit
+        while gate:
+            gate[:] = [(t, f) for t, f in gate if not f.done()]
+            if not gate:
+                break
+            tokens = [t for t, _ in gate]
+            index = admission.pick(tokens, 0, self._clock())
+            if index is None:
+                wait = admission.wait_time(tokens)
+                if self._pump_handle is None and wait is not None:
+                    loop = asyncio.get_running_loop()
+                    self._pump_handle = loop.call_later(max(wait, 0.002), self._pumped)
+                break
+            need, future = gate.pop(index)
+            admission.sent(need)
+            future.set_result(None)
+
+    def _pumped(self) -> None:
+        self._pump_handle = None
+        self._pump()
+
+    async def _paced(self, tokens: int) -> None:
+        """Wait (holding a window slot) until the prefill pacing lets this request go."""
+        admission = self.admission
+        if admission.rate is None and not self._gate:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._gate.append((tokens, future))
+        self._pump()
+        try:
+            await future
+        finally:
+            if not future.done():
+                future.cancel()
+
     def shed(self, n: int) -> int:
         """Abort up to `n` of the most recently started sends; they are sent again once a slot
         is free (not failures, no attempt used). Returns how many were aborted."""
@@ -178,6 +344,7 @@ class Dispatcher:
         active = self._active
         shed = self._shed
         current = asyncio.current_task()
+        tokens = estimate_prompt_tokens(body)
         attempt = 0
         while True:
             attempt += 1
@@ -190,7 +357,10 @@ class Dispatcher:
                 active[current] = None
             try:
                 try:
+                    await self._paced(tokens)
+                    sent_at = self._clock()
                     reply = await self.engine.send(endpoint, body, timeout=per_call)
+                    self.admission.answered(tokens, self._clock() - sent_at)
                 finally:
                     if current is not None:
                         del active[current]

@@ -116,6 +116,7 @@ class Governor:
         decision = self.policy.decide(signals)
         if decision.limit != self.dispatcher.limit:
             self.dispatcher.set_limit(decision.limit)
+        self.dispatcher.set_pacing(decision.pace, decision.burst)
         if decision.shed > 0:
             self.dispatcher.shed(decision.shed)
         self.history.append((signals.now, decision))

@@ -14,17 +14,29 @@ and TTFT (about one step plus a prefill chunk) moves with it.
 
 The operator's budget is relative to what real-time traffic would see alone: p99 TTFT and TPOT
 may grow by `ttft_inflation` / `tpot_inflation` (1.10 / 1.20 by default). Real-time p99 latency
-alone is set by its peaks, when its own concurrency `r` is highest. So the policy fills the
-valleys up to the step time of the peaks, inflated by the budget:
+alone is set by its peaks, when its own concurrency `r` is highest, so the policy fills the
+valleys up to the load of the peaks and keeps (almost) out of the peaks themselves:
 
-    total target   N* = f * r_ref + (f - 1) * K        for f = 1 + margin * (inflation - 1),
-                                                        the smaller over TTFT and TPOT
-    batch target   N* - r_now
+    expected    e = max(r_now, arrival rate over the last `onset` s x mean time in flight)
+    headroom    h = peak_share * (f - 1) * (r_ref + K)  for f = 1 + margin * (inflation - 1),
+                                                         the smaller over TTFT and TPOT
+    batch       fill * (r_ref - e) + h    while e < surge * r_ref   (a valley)
+                h                         otherwise                 (a burst)
 
 where `r_ref` is a high quantile of the real-time concurrency over the last `window` seconds
 and `r_now` the current one (from the gateway, or the engine's running + waiting minus our
-batch requests when more real-time traffic reaches the engine than passes the gateway). At
-r_now = r_ref the batch keeps `(f - 1) * (r_ref + K)` sequences: exactly the budget.
+batch requests when more real-time traffic reaches the engine than passes the gateway).
+`e` sees a burst within a few ticks (the arrival rate jumps at once; the load in flight only
+grows over a request's lifetime), and a burst drops the batch to the headroom at once (the
+excess is shed): measured on `bench/harvest_sim.py`, letting the batch fill up to the peak
+*during* a burst put every burst request at peak step time for the whole burst (p99 TPOT
++25%), and bursts are where p99 is set.
+
+While real time is active the decision also turns on the dispatcher's prefill pacing
+(`pace`, `burst`, see `dispatcher.Admission`): batch prompt tokens are let through at about
+the rate that sustains the limit, never in a lump (a shed, a rising limit), because one engine
+step carrying thousands of batch prompt tokens is compute-bound and long, and every real-time
+first token in it waits for it. That is what lets the limit grow fast after a burst.
 
 - K is learned online by least squares with forgetting over (sequences, mean inter-token
   latency) pairs: from the engine's metrics when it has them (the TPOT histogram's deltas and
@@ -38,8 +50,8 @@ r_now = r_ref the batch keeps `(f - 1) * (r_ref + K)` sequences: exactly the bud
   the limit (plus a little hysteresis) are shed (aborted and re-sent later; the prefix cache
   makes the re-prefill cheap), because waiting for running batch requests to finish takes as
   long as their whole decode.
-- Grow slowly: at most `growth` of the limit per tick (at least one), so a wave of batch
-  prefills never lands in one step.
+- Grow: at most `growth` of the limit per tick (at least one); the pacing, not the growth,
+  keeps batch prefills from landing in one step.
 - 429/503 answers halve the limit and pause growth; a nearly full KV cache (>= 95%) stops
   growth and trims the limit toward what is in flight (more would only cause preemptions).
 """
@@ -64,10 +76,16 @@ class PolicyConfig:
     abort: bool = True
     knee_prior: float = 128.0
     margin: float = 0.8  # share of the allowed inflation the target plans to use
-    growth: float = 0.1  # per tick, as a share of the current limit
+    growth: float = 0.5  # per tick, as a share of the current limit
     reference_quantile: float = 0.98
     forget: float = 0.995  # weight kept per sample by the knee fit
     throttle_pause: float = 2.0  # seconds without growth after a 429/503
+    fill: float = 1.2  # share of the valley below the reference peak the batch may fill
+    peak_share: float = 0.3  # share of the inflation budget the batch uses at the peak
+    onset: float = 0.5  # seconds of arrivals behind the early estimate of real-time load
+    surge: float = 0.6  # expected load above this share of the peak: a burst, keep headroom only
+    pace: float | None = 1.2  # prefill pacing while real time is active (None: off)
+    burst: float = 1024.0  # prompt tokens the pacing lets through at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +98,9 @@ class Decision:
     knee: float = 0.0
     trim: float = 1.0
     idle: bool = False
+    #: prefill pacing for the dispatcher's `Admission` (None: off) and its burst in tokens
+    pace: float | None = None
+    burst: float = 0.0
 
 
 class KneeFit:
@@ -125,6 +146,9 @@ class GovernorPolicy:
         self._history: deque[tuple[float, int]] = deque()
         self._last_activity: float | None = None
         self._pause_until = -math.inf
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self._little_load = 0.0  # running sums for Little's law: load = rate x duration
+        self._little_arrivals = 0.0
 
     # -- pieces ---------------------------------------------------------------------------------
     def realtime_load(self, s: Signals) -> int:
@@ -136,6 +160,28 @@ class GovernorPolicy:
             slack = 2 + 0.1 * s.batch_in_flight  # scrape and counters are not simultaneous
             load = max(load, math.floor(other - slack))
         return max(0, load)
+
+    def early_load(self, s: Signals, load: int) -> float:
+        """Real-time load to expect soon: the arrival rate of the last `onset` seconds times
+        the mean time a request stays (Little's law over the long run). A burst raises the
+        arrival rate at once but the load in flight only over a request's duration: this
+        sees it within a few ticks."""
+        arrivals = self._arrivals
+        arrivals.append((s.now, s.rt_arrivals))
+        while arrivals and arrivals[0][0] < s.now - self.config.onset:
+            arrivals.popleft()
+        keep = 0.999
+        self._little_load = self._little_load * keep + load
+        self._little_arrivals = self._little_arrivals * keep + s.rt_arrivals
+        if self._little_arrivals <= 0 or len(arrivals) < 2:
+            return float(load)
+        span = arrivals[-1][0] - arrivals[0][0]
+        if span <= 0:
+            return float(load)
+        rate = sum(n for _, n in list(arrivals)[1:]) / span  # per second
+        per_tick = self._little_load / self._little_arrivals  # ticks a request stays
+        tick = span / (len(arrivals) - 1)
+        return max(float(load), rate * per_tick * tick)
 
     def reference(self, now: float, load: int) -> float:
         """A high quantile of the real-time load over the window."""
@@ -185,14 +231,17 @@ class GovernorPolicy:
                 self.trim = max(0.25, self.trim * 0.97)
             elif measured < budget:
                 self.trim = min(1.0, self.trim * 1.005)
-        target_total = f * r_ref + (f - 1) * knee * self.trim
+        headroom = (f - 1) * (r_ref + knee * self.trim) * c.peak_share
+        expected = self.early_load(s, load)
+        valley = 0.0 if expected >= c.surge * r_ref else c.fill * max(0.0, r_ref - expected)
+        target_total = expected + valley + headroom
         idle = (
             load == 0
             and s.rt_arrivals == 0
             and self._last_activity is not None
             and s.now - self._last_activity >= c.idle_after
         )
-        target = float(c.ceiling) if idle else target_total - load
+        target = float(c.ceiling) if idle else target_total - expected
 
         if s.engine is not None and s.engine.kv_usage >= 0.95:
             target = min(target, max(c.floor, s.batch_in_flight * 0.9))
@@ -216,6 +265,8 @@ class GovernorPolicy:
         return Decision(
             self.limit,
             shed,
+            pace=None if idle else c.pace,
+            burst=c.burst,
             target_total=target_total,
             reference=r_ref,
             knee=knee,
