@@ -34,14 +34,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harvest import LOAD, PROFILE, length, saturated_capacity, trace  # noqa: E402
-
-from backfill.dispatch.dispatcher import Admission  # noqa: E402
-from backfill.dispatch.policy import GovernorPolicy, PolicyConfig  # noqa: E402
-from backfill.dispatch.signals import EngineLoad, Signals  # noqa: E402
-from backfill.sim import Distribution, SimRequest, get_profile, sharegpt_like  # noqa: E402
-from backfill.sim.engine import FINISHED, Engine  # noqa: E402
-from backfill.sim.tokens import Prompt  # noqa: E402
+from backfill.dispatch.dispatcher import Admission
+from backfill.dispatch.policy import GovernorPolicy, PolicyConfig
+from backfill.dispatch.signals import EngineLoad, Signals
+from backfill.sim import Distribution, SimRequest, get_profile, sharegpt_like
+from backfill.sim.engine import FINISHED, Engine
+from backfill.sim.tokens import Prompt
+from harvest import LOAD, PROFILE, length, saturated_capacity, trace
 
 
 @dataclass
