@@ -12,9 +12,10 @@ Design decisions:
   engine view with the `READ_ONLY` execution option (plain `BEGIN`); see `engine.py`.
 - Leases, fenced checkpoints and duty claims live in `sql_work.py` (a mixin). PostgreSQL:
   leasing is `SELECT ... FOR UPDATE SKIP LOCKED` on the shards table alone, so concurrent
-  workers never wait on each other and never get the same shard. Migrations take a transaction-scoped advisory lock so many processes can start at
-  once (on SQLite, `BEGIN IMMEDIATE` does the same); within one process a thread lock guards
-  Alembic's global state.
+  workers never wait on each other and never get the same shard. Migrations take a
+  transaction-scoped advisory lock so many processes can start at once (on SQLite,
+  `BEGIN IMMEDIATE` does the same); within one process a thread lock guards Alembic's global
+  state.
 - Queries use nothing dialect-specific beyond `with_for_update` (ignored by SQLite).
 - Idempotent inserts select first, then insert inside a SAVEPOINT; losing a race on the unique
   constraint rolls back only the savepoint and re-reads the winner's row.
