@@ -159,8 +159,6 @@ def test_full_flow_in_input_order(tmp_path: Path) -> None:
         worker = Worker(h.settings, h.store, h.blobs, h.dispatchers(), clock=h.clock)
         tasks = [asyncio.create_task(sched.run(stop)), asyncio.create_task(worker.run(stop))]
         await h.until(lambda: h.status() is BatchStatus.COMPLETED)
-        stop.set()
-        await asyncio.gather(*tasks)
         batch = h.store.get_batch("batch_1")
         assert batch is not None
         assert (batch.total, batch.completed, batch.failed) == (7, 6, 1)
@@ -171,8 +169,15 @@ def test_full_flow_in_input_order(tmp_path: Path) -> None:
         errors = await h.lines(batch.error_file_id)
         assert [(x["custom_id"], x["response"]["status_code"]) for x in errors] == [("c2", 400)]
         assert len(h.store.shards("batch_1")) == 3
-        # segments were cleaned up after finalization
-        assert not await h.blobs.exists(h.store.segments("batch_1")[0].blob_path)
+        # segments are cleaned up right after finalization (after the status change)
+        path = h.store.segments("batch_1")[0].blob_path
+
+        async def gone() -> bool:
+            return not await h.blobs.exists(path)
+
+        await h.until(gone)
+        stop.set()
+        await asyncio.gather(*tasks)
 
     run(main)
 
