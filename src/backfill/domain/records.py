@@ -6,7 +6,7 @@ batch is cut into shards; a worker leases a shard and writes its results as segm
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from backfill.domain.statuses import BatchStatus
@@ -103,9 +103,6 @@ class BatchRecord:
     stop_reason: str | None = None
     #: set after validation when the batch looks unable to finish inside its window
     warning: str | None = None
-
-    def with_(self, **changes: Any) -> BatchRecord:
-        return replace(self, **changes)
 
 
 class ShardStatus:

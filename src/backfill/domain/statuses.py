@@ -42,17 +42,6 @@ TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
 TERMINAL: frozenset[BatchStatus] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 CANCELLABLE: frozenset[BatchStatus] = frozenset({S.VALIDATING, S.IN_PROGRESS, S.FINALIZING})
 
-# The timestamp field that entering each status sets.
-TIMESTAMP_FIELD: dict[BatchStatus, str] = {
-    S.IN_PROGRESS: "in_progress_at",
-    S.FINALIZING: "finalizing_at",
-    S.COMPLETED: "completed_at",
-    S.FAILED: "failed_at",
-    S.EXPIRED: "expired_at",
-    S.CANCELLING: "cancelling_at",
-    S.CANCELLED: "cancelled_at",
-}
-
 
 def can_transition(src: BatchStatus, dst: BatchStatus) -> bool:
     return dst in TRANSITIONS[src]
