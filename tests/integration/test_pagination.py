@@ -88,10 +88,15 @@ def test_files_order_and_purpose(pager: OpenAI, made: tuple[list[FileObject], li
     assert len(by_output.data) == 7
     assert all(f.purpose == "batch_output" for f in by_output)
 
-    everything = [f.id for f in pager.files.list(order="asc", limit=3)]
+    listed = list(pager.files.list(order="asc", limit=3))
+    everything = [f.id for f in listed]
     assert len(everything) == len(set(everything)) == 16
     assert [i for i in everything if i in inputs] == inputs
-    assert everything[:7] == inputs
+    # output files interleave with the inputs (a batch may finish before the next upload),
+    # but the list is in creation order: times never go back, fine-tune files come last
+    assert [f.created_at for f in listed] == sorted(f.created_at for f in listed)
+    assert everything.index(fine_tune[0]) > everything.index(inputs[-1])
+    assert everything.index(fine_tune[1]) > everything.index(fine_tune[0])
     newest_first = [f.id for f in pager.files.list(order="desc", limit=5)]
     assert newest_first == everything[::-1]
 

@@ -59,6 +59,28 @@ def test_chunked_prefill_splits_a_long_prompt() -> None:
     assert request.num_output == 3
 
 
+def test_long_prefill_threshold_caps_each_request_per_step() -> None:
+    # vLLM's --long-prefill-token-threshold: no request prefills more than it in one step,
+    # so two long prompts share the budget instead of the first taking all of it
+    engine = Engine(_profile(max_num_batched_tokens=512, long_prefill_token_threshold=200))
+    first, second = _request("first", 450, 2), _request("second", 300, 2)
+    engine.add(first)
+    engine.add(second)
+    results = _run(engine)
+    # 200 + 200; 200 + the last 100 of `second` (its first token); the last 50 of `first`
+    # (its first token) + a decode; a decode
+    assert [r.num_tokens for r in results] == [400, 300, 51, 1]
+    assert [len(r.emitted) for r in results] == [0, 1, 2, 1]
+    assert first.num_output == second.num_output == 2
+
+
+def test_long_prefill_threshold_zero_leaves_chunks_to_the_budget() -> None:
+    engine = Engine(_profile(max_num_batched_tokens=512, long_prefill_token_threshold=0))
+    request = _request("long", 700, 1)
+    engine.add(request)
+    assert [r.num_tokens for r in _run(engine)] == [512, 188]
+
+
 def test_decodes_run_before_a_new_prefill_chunk() -> None:
     engine = Engine(_profile(max_num_batched_tokens=64))
     first = _request("first", 32, 10)

@@ -12,6 +12,8 @@ Scheduling, one step (vLLM v1 `Scheduler.schedule`, priority policy):
    tokens they still need (1 for a decoding request; the rest of the prompt, up to the remaining
    budget, for one still prefilling: chunked prefill). Admission order puts decodes first: a
    partially prefilled request is always the last one admitted.
+   With `long_prefill_token_threshold` > 0 (vLLM's `--long-prefill-token-threshold`), no
+   request gets more than that many prefill tokens in one step, running or newly admitted.
 2. If a running request needs a KV block and none is free, the engine preempts (recompute
    mode) the running request with the largest `(priority, arrival)` - lowest priority, latest
    arrival - possibly the request itself: it releases its blocks, its computed tokens reset to
@@ -214,12 +216,15 @@ class Engine:
         kv = self.kv
         running = self.running
         budget = profile.max_num_batched_tokens
+        threshold = profile.long_prefill_token_threshold
         scheduled: list[SimRequest] = []
         preempted = False
         index = 0
         while index < len(running) and budget > 0:
             request = running[index]
             new = request.prompt_len + request.num_output - request.num_computed
+            if 0 < threshold < new:
+                new = threshold
             if new > budget:
                 new = budget
             need = -(-(request.num_computed + new) // block_size) - request.num_blocks
@@ -255,6 +260,8 @@ class Engine:
             hits, idle = kv.match(request.block_hashes, total)
             hit_tokens = hits * block_size
             new = total - hit_tokens
+            if 0 < threshold < new:
+                new = threshold
             if new > budget:
                 new = budget
             need = -(-(hit_tokens + new) // block_size) - hits

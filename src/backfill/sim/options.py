@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None, help="served model name")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        default=None,
+        help="prefill tokens per request per step (vLLM's option; 0: no cap)",
+    )
     parser.add_argument("--num-gpu-blocks", type=int, default=None, help="override KV blocks")
     parser.add_argument(
         "--stream-interval-ms", type=float, default=20.0, help="flush streams this often"

@@ -59,6 +59,7 @@ def start_sim(
     model_name: str | None = None,
     max_num_seqs: int | None = None,
     max_num_batched_tokens: int | None = None,
+    long_prefill_token_threshold: int | None = None,
     num_gpu_blocks: int | None = None,
     stream_interval_ms: float | None = None,
     uvloop: bool = True,
@@ -71,6 +72,7 @@ def start_sim(
         "--model-name": model_name,
         "--max-num-seqs": max_num_seqs,
         "--max-num-batched-tokens": max_num_batched_tokens,
+        "--long-prefill-token-threshold": long_prefill_token_threshold,
         "--num-gpu-blocks": num_gpu_blocks,
         "--stream-interval-ms": stream_interval_ms,
     }

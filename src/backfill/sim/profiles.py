@@ -73,6 +73,7 @@ class Profile:
     # vLLM engine configuration
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    long_prefill_token_threshold: int = 0  # prefill tokens per request per step (0: no cap)
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     activation_reserve_bytes: float = 2 * GIB  # per GPU

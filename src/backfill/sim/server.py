@@ -710,6 +710,8 @@ async def _main(args: argparse.Namespace) -> None:
         overrides["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
         overrides["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.long_prefill_token_threshold is not None:
+        overrides["long_prefill_token_threshold"] = args.long_prefill_token_threshold
     if args.num_gpu_blocks is not None:
         overrides["num_gpu_blocks_override"] = args.num_gpu_blocks
     server = await serve(
