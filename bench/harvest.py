@@ -82,12 +82,12 @@ def trace(
         out.append((t, length(r.prompt), r.max_tokens))
 
 
-def saturated_capacity(batch: list[tuple[int, int]]) -> float:
+def saturated_capacity(batch: list[tuple[int, int]], **engine: Any) -> float:
     """Total tokens/s of the batch's mix on the simulated GPU, over the steady part of an
     offline run (finishes between 10% and 70% of it: no ramp-up, no draining tail)."""
     from backfill.sim.offline import OfflineRequest
 
-    stats = Simulator(PROFILE).run_offline(
+    stats = Simulator(PROFILE, **engine).run_offline(
         OfflineRequest(prompt=p, max_tokens=o, key=("cap", i)) for i, (p, o) in enumerate(batch)
     )
     lo, hi = 0.1 * stats.duration_s, 0.7 * stats.duration_s

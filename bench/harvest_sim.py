@@ -1,6 +1,7 @@
 """`bench/harvest.py` in simulated time, without HTTP: fast, deterministic policy tuning.
 
     python bench/harvest_sim.py [--only abc] [--duration 240] [--speedup 4]
+                                [--oracle 100 130 160] [--engine k=v ...] [--policy k=v ...]
 
 The same real-time trace and the same 10,000-request batch as `bench/harvest.py` are replayed
 straight into `backfill.sim.engine.Engine` (no server, no sockets), with a faithful in-process
@@ -16,6 +17,14 @@ model of what backfill does around it:
 - the governor: the real `dispatch.policy.GovernorPolicy` every `--interval` wall seconds
   (`interval * speedup` simulated seconds, as in the HTTP bench), fed what it would read from
   vLLM's /metrics (running, waiting, KV usage, the TPOT histogram's deltas) and the gateway.
+
+`--oracle V ...` adds, per valley limit V, a policy that knows the trace's burst schedule:
+limit V in the valleys, `--oracle-burst` (5) during bursts, with the governor's pacing and
+shedding. Sweeping V draws the frontier that any concurrency limit with this pacing can reach
+(latency inflation against idle capacity used), and shows how far the governor, which has to
+detect bursts, is from it. `--engine k=v` overrides simulator profile fields (for example
+`long_prefill_token_threshold=128` or `max_num_batched_tokens=512`) for every policy and for
+the capacity measurement alike.
 
 Wall-clock effects of the real run are not modelled: HTTP and scrape delays, the simulator's
 lag on a busy host, the gateway's streaming chunking. Use it to compare policies, then confirm
@@ -40,7 +49,7 @@ from backfill.dispatch.signals import EngineLoad, Signals
 from backfill.sim import Distribution, SimRequest, get_profile, sharegpt_like
 from backfill.sim.engine import FINISHED, Engine
 from backfill.sim.tokens import Prompt
-from harvest import LOAD, PROFILE, length, saturated_capacity, trace
+from harvest import BURST, CYCLE, LOAD, PROFILE, length, saturated_capacity, trace
 
 
 @dataclass
@@ -70,8 +79,9 @@ def simulate(
     *,
     governor: bool,
     ceiling: int,
+    oracle: int | None = None,
 ) -> Run:
-    engine = Engine(get_profile(PROFILE))
+    engine = Engine(get_profile(PROFILE, **args.engine_overrides))
     run = Run(name)
     speedup = args.speedup
     tick_sim = args.interval * speedup
@@ -145,8 +155,21 @@ def simulate(
             run.rt.append(r)
             rt_arrivals += 1
             next_rt += 1
+        # the oracle: the burst schedule is known, the limit is set by phase (same tick, same
+        # pacing and shedding as the governor, so only the knowledge differs)
+        while oracle is not None and policy is not None and next_tick <= now:
+            limit = args.oracle_burst if now % CYCLE >= CYCLE - BURST else oracle
+            admission.configure(limit, policy.config.pace, policy.config.burst)
+            run.limits.append((next_tick, limit))
+            excess = len(in_flight) - limit
+            if excess > max(4.0, 0.1 * limit):
+                for r in list(in_flight)[-excess:]:
+                    pending.append(in_flight.pop(r))
+                    engine.abort(r)
+                    run.shed += 1
+            next_tick += tick_sim
         # governor ticks
-        while policy is not None and next_tick <= now:
+        while oracle is None and policy is not None and next_tick <= now:
             m = engine.metrics
             tpot = None
             if m.tpot.count > tpot_count:
@@ -227,6 +250,38 @@ def summarize(run: Run, lo: float, hi: float) -> dict[str, float]:
     }
 
 
+def describe(run: Run, args: argparse.Namespace) -> None:
+    """The limit over time, batch and real-time throughput and latencies by phase."""
+    if run.limits:
+        for t0 in range(60, int(args.duration), 60):
+            seg = [lim for t, lim in run.limits if t0 <= t < t0 + 60]
+            print(f"  limits {t0}-{t0 + 60}s every 3 s: " + " ".join(map(str, seg[::8])))
+    for part, (lo, hi) in {"valley": (0.0, CYCLE - BURST), "burst": (CYCLE - BURST, CYCLE)}.items():
+        span = (args.duration - args.warmup) * (hi - lo) / CYCLE
+        btok = sum(
+            r.prompt_len + r.num_output
+            for r in run.batch_done
+            if r.finish_time >= args.warmup and lo <= r.finish_time % CYCLE < hi
+        )
+        rtok = sum(
+            r.prompt_len + r.num_output
+            for r in run.rt
+            if r.finished and r.finish_time >= args.warmup and lo <= r.finish_time % CYCLE < hi
+        )
+        print(f"  {part:>6}: batch {btok / span:,.0f} tok/s, real time {rtok / span:,.0f}")
+        inside = [
+            r.timings()
+            for r in run.rt
+            if r.finished and r.arrival >= args.warmup and lo <= r.arrival % CYCLE < hi
+        ]
+        ttft = Distribution.of([t["ttft_s"] for t in inside])
+        tpot = Distribution.of([t["tpot_s"] for t in inside if t["tpot_s"] > 0])
+        print(
+            f"  {part:>6} ({len(inside)} rt): TTFT p50 {ttft.p50 * 1e3:.1f} p99 "
+            f"{ttft.p99 * 1e3:.1f}, TPOT p50 {tpot.p50 * 1e3:.1f} p99 {tpot.p99 * 1e3:.1f}"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--speedup", type=float, default=4.0, help="of the HTTP run modelled")
@@ -241,12 +296,22 @@ def main() -> int:
     parser.add_argument("--only", default="abc")
     parser.add_argument("--verbose", action="store_true", help="print the limit over time")
     parser.add_argument("--policy", nargs="*", default=[], help="PolicyConfig overrides k=v")
+    parser.add_argument("--engine", nargs="*", default=[], help="sim profile overrides k=v")
+    parser.add_argument(
+        "--oracle",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run an oracle that knows the burst schedule, one per valley limit given",
+    )
+    parser.add_argument("--oracle-burst", type=int, default=5, help="the oracle's burst limit")
     args = parser.parse_args()
+    args.engine_overrides = {k: int(v) for k, v in (kv.split("=") for kv in args.engine)}
 
     wall0 = time.monotonic()
     mix = sharegpt_like(args.batch, seed=args.seed + 1)
     batch = [(length(r.prompt), r.max_tokens) for r in mix]
-    capacity = saturated_capacity(batch)
+    capacity = saturated_capacity(batch, **args.engine_overrides)
     items, rate = trace(capacity, args.duration, args.seed)
     print(
         f"GPU: {PROFILE} (simulated, sim time only); saturated capacity on the batch mix: "
@@ -259,50 +324,38 @@ def main() -> int:
         "c": (batch, True, 1024),
     }
     labels = {"a": "(a) real-time alone", "b": "(b) + batch, fixed 256", "c": "(c) + governor"}
+    runs: list[tuple[str, list[tuple[int, int]] | None, bool, int, int | None]] = [
+        (labels[name], *plan[name], None) for name in args.only
+    ]
+    runs += [(f"(o) oracle, valley {v}", batch, True, 1024, v) for v in args.oracle]
     rows: dict[str, dict[str, Any]] = {}
-    for name in args.only:
-        work, governor, ceiling = plan[name]
-        run = simulate(name, items, work, args, governor=governor, ceiling=ceiling)
-        rows[name] = summarize(run, args.warmup, args.duration)
-        rows[name]["shed"] = run.shed
-        if args.verbose and run.limits:
-            for t0 in range(60, int(args.duration), 60):
-                seg = [lim for t, lim in run.limits if t0 <= t < t0 + 60]
-                print(f"  limits {t0}-{t0 + 60}s every 3 s: " + " ".join(map(str, seg[::8])))
+    for label, work, governor, ceiling, oracle in runs:
+        run = simulate(label, items, work, args, governor=governor, ceiling=ceiling, oracle=oracle)
+        rows[label] = summarize(run, args.warmup, args.duration)
+        rows[label]["shed"] = run.shed
         if args.verbose:
-            for part, (lo, hi) in {"valley": (0, 45), "burst": (45, 60)}.items():
-                inside = [
-                    r.timings()
-                    for r in run.rt
-                    if r.finished and r.arrival >= args.warmup and lo <= r.arrival % 60 < hi
-                ]
-                ttft = Distribution.of([t["ttft_s"] for t in inside])
-                tpot = Distribution.of([t["tpot_s"] for t in inside if t["tpot_s"] > 0])
-                print(
-                    f"  {part:>6} ({len(inside)} rt): TTFT p50 {ttft.p50 * 1e3:.1f} p99 "
-                    f"{ttft.p99 * 1e3:.1f}, TPOT p50 {tpot.p50 * 1e3:.1f} p99 {tpot.p99 * 1e3:.1f}"
-                )
-    idle = capacity - rows["a"]["rt_tps"] if "a" in rows else float("nan")
+            print(label)
+            describe(run, args)
+    idle = capacity - rows[labels["a"]]["rt_tps"] if labels["a"] in rows else float("nan")
     print(
         f"{'policy':<26}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}"
         f"{'rt tok/s':>10}{'batch tok/s':>12}{'idle used':>10}{'shed':>7}"
     )
-    for name, s in rows.items():
+    for label, s in rows.items():
         print(
-            f"{labels[name]:<26}{s['ttft50']:>8.1f}ms{s['ttft99']:>8.1f}ms{s['tpot50']:>8.1f}ms"
+            f"{label:<26}{s['ttft50']:>8.1f}ms{s['ttft99']:>8.1f}ms{s['tpot50']:>8.1f}ms"
             f"{s['tpot99']:>8.1f}ms{s['rt_tps']:>10,.0f}{s['batch_tps']:>12,.0f}"
             f"{s['batch_tps'] / idle:>10.0%}{s['shed']:>7}"
         )
-    if "a" in rows:
-        a = rows["a"]
-        for name in ("b", "c"):
-            if name in rows:
-                s = rows[name]
+    if labels["a"] in rows:
+        a = rows[labels["a"]]
+        for label, s in rows.items():
+            if label != labels["a"]:
                 ttft_r, tpot_r = s["ttft99"] / a["ttft99"], s["tpot99"] / a["tpot99"]
                 share = s["batch_tps"] / idle
                 met = ttft_r <= 1.10 and tpot_r <= 1.20 and share >= 0.75
                 print(
-                    f"{labels[name]}: p99 TTFT {ttft_r:.2f}x, p99 TPOT {tpot_r:.2f}x, idle used "
+                    f"{label}: p99 TTFT {ttft_r:.2f}x, p99 TPOT {tpot_r:.2f}x, idle used "
                     f"{share:.0%}: " + ("TARGET MET" if met else "TARGET MISSED")
                 )
     print(f"wall {time.monotonic() - wall0:.0f} s")
