@@ -26,7 +26,7 @@ from backfill.testing.server import BackfillProcess
 
 CLI = [sys.executable, "-m", "backfill.cli.main"]
 RPM = 20
-PROJECTS = ("stream", "plain", "limit", "prio", "errors")
+PROJECTS = ("stream", "plain", "limit", "prio", "errors", "narrow")
 
 
 def create_key(data_dir: Path, project: str) -> str:
@@ -72,6 +72,10 @@ url = "{upstream.url}"
 [models.echo-prio]
 url = "{upstream.url}"
 priority = true
+
+[models.echo-narrow]
+url = "{upstream.url}"
+max_concurrency = 2
 
 [models.llama]
 url = "{sim.url}"
@@ -244,3 +248,40 @@ def test_priority_is_sent_only_to_priority_capable_models(server, keys, upstream
         assert time.monotonic() < deadline, "batch did not complete"
         time.sleep(0.1)
     assert last_priority(upstream) == 10
+
+
+def test_real_time_does_not_wait_behind_a_full_batch_window(server, keys, upstream) -> None:  # type: ignore[no-untyped-def]
+    # the batch holds every slot of the model's window (2) at the upstream for a minute; a
+    # real-time request to the same model still goes straight through (it shares the engine's
+    # HTTP session, which must not queue it behind the batch's connections)
+    sdk = client(server, keys, "narrow")
+    texts = [f"#sleep:60000 held {i}" for i in range(2)]
+    lines = [
+        {
+            "custom_id": f"held-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "echo-narrow", "messages": [{"role": "user", "content": text}]},
+        }
+        for i, text in enumerate(texts)
+    ]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    f = sdk.files.create(file=("held.jsonl", data), purpose="batch")
+    batch = sdk.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(upstream.base + "/stats", timeout=5) as resp:
+            seen = json.loads(resp.read())["by_text"]
+        if all(text in seen for text in texts):
+            break
+        assert time.monotonic() < deadline, "the batch requests never reached the upstream"
+        time.sleep(0.05)
+    quick = client(server, keys, "narrow").with_options(timeout=20)
+    answer = quick.chat.completions.create(
+        model="echo-narrow", messages=[{"role": "user", "content": "real time"}]
+    )
+    assert answer.choices[0].message.content == "echo: real time"
+    assert sdk.batches.retrieve(batch.id).request_counts.completed == 0  # still held  # type: ignore[union-attr]
+    sdk.batches.cancel(batch.id)

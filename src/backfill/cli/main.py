@@ -121,6 +121,10 @@ def _serve(args: argparse.Namespace) -> int:
         http="auto",
         lifespan="on",
         timeout_graceful_shutdown=5,
+        # keep idle client connections longer than clients' own pools do (httpx 5 s, aiohttp
+        # 15 s): with uvicorn's 5 s, a client reusing a connection just as the server closes it
+        # gets a reset, which real-time streams under load showed (bench/harvest.py)
+        timeout_keep_alive=75,
     )
     uvicorn.Server(config).run()
     return 0

@@ -3,8 +3,10 @@
 This is the hot path of a batch: every request of every shard goes through `send`, so it does
 as little as possible per call:
 - one `aiohttp.ClientSession` per engine, opened in `start()` on the worker's loop, with a
-  keep-alive connector sized to the model's `max_concurrency` (the dispatcher's window is the
-  real limit; the connector just never opens more sockets than that);
+  keep-alive connector that sets no limit of its own: the dispatcher's window bounds batch
+  requests, and real-time requests share this session, so a connector sized to the batch
+  (`max_concurrency`) would make them queue for a socket behind the batch requests in flight
+  (batch starving real time where the engine's latency figures cannot see it);
 - fixed headers (content type, bearer token) live on the session; URLs are parsed once per
   endpoint and cached; the default timeout object is built once;
 - bodies are serialized with orjson and the answer is returned as raw bytes (`resp.read()`),
@@ -103,7 +105,7 @@ class OpenAIEngine:
         if self._session is not None:
             return
         connector = aiohttp.TCPConnector(
-            limit=self.config.max_concurrency,
+            limit=0,  # see the module docstring: the dispatcher and the gateway limit
             limit_per_host=0,
             keepalive_timeout=KEEPALIVE_SECONDS,
             ttl_dns_cache=DNS_CACHE_SECONDS,
