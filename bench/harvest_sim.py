@@ -1,6 +1,6 @@
 """`bench/harvest.py` in simulated time, without HTTP: fast, deterministic policy tuning.
 
-    python bench/harvest_sim.py [--only abc] [--duration 240] [--speedup 4]
+    python bench/harvest_sim.py [--only abc] [--duration 240] [--speedup 2]
                                 [--oracle 100 130 160] [--engine k=v ...] [--policy k=v ...]
 
 The same real-time trace and the same 10,000-request batch as `bench/harvest.py` are replayed
@@ -284,7 +284,7 @@ def describe(run: Run, args: argparse.Namespace) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--speedup", type=float, default=4.0, help="of the HTTP run modelled")
+    parser.add_argument("--speedup", type=float, default=2.0, help="of the HTTP run modelled")
     parser.add_argument("--duration", type=float, default=240.0, help="trace, simulated seconds")
     parser.add_argument("--warmup", type=float, default=30.0, help="simulated seconds")
     parser.add_argument("--batch", type=int, default=10_000)
