@@ -167,11 +167,12 @@ class GovernorPolicy:
             load = max(load, math.floor(other - slack))
         return max(0, load)
 
-    def early_load(self, s: Signals, load: int) -> float:
+    def early_load(self, s: Signals, load: int) -> tuple[float, float]:
         """Real-time load to expect soon: the arrival rate of the last `onset` seconds times
         the mean time a request stays (Little's law over the long run). A burst raises the
         arrival rate at once but the load in flight only over a request's duration: this
-        sees it within a few ticks."""
+        sees it within a few ticks. Returns (from the count's lower bound, from the count):
+        the first decides, the second only warns (see `decide`)."""
         arrivals = self._arrivals
         arrivals.append((s.now, s.rt_arrivals))
         while arrivals and arrivals[0][0] < s.now - self.config.onset:
@@ -180,17 +181,18 @@ class GovernorPolicy:
         self._little_load = self._little_load * keep + load
         self._little_arrivals = self._little_arrivals * keep + s.rt_arrivals
         if self._little_arrivals <= 0 or len(arrivals) < 2:
-            return float(load)
+            return float(load), float(load)
         span = arrivals[-1][0] - arrivals[0][0]
         if span <= 0:
-            return float(load)
+            return float(load), float(load)
         count = sum(n for _, n in list(arrivals)[1:])
-        # a Poisson count of n has a spread of sqrt(n): half a second holds only a few arrivals
-        # at a moderate rate, and its plain rate would see bursts that are not there
-        rate = max(0.0, count - self.config.onset_z * math.sqrt(count)) / span  # per second
         per_tick = self._little_load / self._little_arrivals  # ticks a request stays
         tick = span / (len(arrivals) - 1)
-        return max(float(load), rate * per_tick * tick)
+        # a Poisson count of n has a spread of sqrt(n): half a second holds only a few arrivals
+        # at a moderate rate, and its plain rate would see bursts that are not there
+        bound = max(0.0, count - self.config.onset_z * math.sqrt(count))
+        scale = per_tick * tick / span  # load per arrival counted
+        return max(float(load), bound * scale), max(float(load), count * scale)
 
     def reference(self, now: float, load: int) -> float:
         """A high quantile of the real-time load over the window."""
@@ -241,7 +243,7 @@ class GovernorPolicy:
             elif measured < budget:
                 self.trim = min(1.0, self.trim * 1.005)
         headroom = (f - 1) * (r_ref + knee * self.trim) * c.peak_share
-        expected = self.early_load(s, load)
+        expected, suspected = self.early_load(s, load)
         valley = 0.0 if expected >= c.surge * r_ref else c.fill * max(0.0, r_ref - expected)
         target_total = expected + valley + headroom
         idle = (
@@ -251,6 +253,11 @@ class GovernorPolicy:
             and s.now - self._last_activity >= c.idle_after
         )
         target = float(c.ceiling) if idle else target_total - expected
+        if valley > 0 and suspected >= c.surge * r_ref:
+            # the plain count says burst, its lower bound not yet: send nothing new until it
+            # is clear (no new batch prefill lands at a burst's onset; a false alarm only
+            # pauses sending for a tick or two), shed nothing
+            target = min(target, float(s.batch_in_flight))
 
         if s.engine is not None and s.engine.kv_usage >= 0.95:
             target = min(target, max(c.floor, s.batch_in_flight * 0.9))
