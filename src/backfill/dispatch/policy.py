@@ -32,10 +32,12 @@ last `onset` seconds, `(n - onset_z * sqrt(n)) / span`: half a second at a moder
 only a dozen arrivals, and their plain rate took Poisson noise for bursts often enough in real
 time (every 100 ms tick) to shed the batch for nothing (`bench/harvest_sim.py --speedup 1`:
 1,370 requests shed and 48% of the idle capacity used on seed 7; with the bound 451 and 58%,
-latencies alike). A burst drops the batch to the headroom at once (the excess is shed):
-measured on `bench/harvest_sim.py`, letting the batch fill up to the peak *during* a burst put
-every burst request at peak step time for the whole burst (p99 TPOT +25%), and bursts are
-where p99 is set.
+latencies alike). While only the plain count shows a burst, no new batch request is sent (the
+limit holds at what is in flight, nothing is shed): the bound costs a tick or two at a real
+burst's onset, and that is when batch prefills would hurt most. A burst drops the batch to
+the headroom at once (the excess is shed): measured on `bench/harvest_sim.py`, letting the
+batch fill up to the peak *during* a burst put every burst request at peak step time for the
+whole burst (p99 TPOT +25%), and bursts are where p99 is set.
 
 While real time is active the decision also turns on the dispatcher's prefill pacing
 (`pace`, `burst`, see `dispatcher.Admission`): batch prompt tokens are let through at about
