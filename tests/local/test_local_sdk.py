@@ -255,3 +255,29 @@ def test_minilm_embeddings(local_server: BackfillProcess, minilm_dir: Path) -> N
     many = out["many"]["response"]["body"]
     assert [d["index"] for d in many["data"]] == [0, 1, 2]
     assert many["usage"]["prompt_tokens"] == sum(counts)
+
+
+def test_real_time_gateway_on_in_process_engines(local_server: BackfillProcess) -> None:
+    # the same engines answer real-time requests; they do not stream, and say so
+    from openai import BadRequestError
+
+    client = client_for(local_server)
+    messages = [{"role": "user", "content": "hello there"}]
+    answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5)  # type: ignore[arg-type]
+    assert answer.usage is not None and answer.usage.completion_tokens <= 5
+    assert answer.choices[0].finish_reason in ("length", "stop")
+    emb = client.embeddings.create(model="minilm", input=["one", "two"])
+    assert [len(d.embedding) for d in emb.data] == [384, 384]
+    with pytest.raises(BadRequestError) as info:
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=5,
+            stream=True,
+        )
+    error = info.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == "stream" and error["code"] == "unsupported_parameter"
+    # the refusal left the engine serving
+    again = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3)  # type: ignore[arg-type]
+    assert again.usage is not None and again.usage.completion_tokens <= 3
