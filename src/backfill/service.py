@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from backfill.blobs import open_blobs
@@ -121,6 +121,28 @@ class Service:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.close_engines()
 
+    def metric_families(self) -> list[tuple[str, str, str, dict[str, float]]]:
+        """Per-model figures for `GET /metrics` (`api/metrics.py` renders them)."""
+        d, r = self.dispatchers, self.realtime_stats
+        g = {name: gov.history[-1][1] for name, gov in self.governors.items() if gov.history}
+        rows: list[tuple[str, str, str, Callable[[Any], float], dict[str, Any]]] = [
+            ("batch_limit", "gauge", "batch requests allowed at once", lambda x: x.limit, d),
+            ("batch_in_flight", "gauge", "batch at the engine", lambda x: x.stats.in_flight, d),
+            ("batch_sent_total", "counter", "batch attempts sent", lambda x: x.stats.sent, d),
+            ("batch_shed_total", "counter", "batch attempts shed", lambda x: x.stats.shed, d),
+            ("batch_throttled_total", "counter", "batch 429/503", lambda x: x.stats.throttled, d),
+            ("realtime_in_flight", "gauge", "real time at the engine", lambda x: x.in_flight, r),
+            ("realtime_requests_total", "counter", "real-time requests", lambda x: x.arrivals, r),
+            ("governor_reference", "gauge", "real-time peak planned for", lambda x: x.reference, g),
+            ("governor_knee", "gauge", "sequences doubling the step time", lambda x: x.knee, g),
+            ("governor_trim", "gauge", "model correction (0.25..1)", lambda x: x.trim, g),
+            ("governor_idle", "gauge", "1: no real time, at the ceiling", lambda x: x.idle, g),
+        ]  # fmt: skip
+        return [
+            (f"backfill_{name}", kind, text, {m: float(get(x)) for m, x in source.items()})
+            for name, kind, text, get, source in rows
+        ]
+
     def api_app(self) -> Any:
         from backfill.api.app import create_app
         from backfill.api.context import ApiContext, RealtimeModel
@@ -137,6 +159,7 @@ class Service:
             blobs=self.blobs,
             models=self.served,
             realtime=realtime,
+            metrics=self.metric_families,
         )
 
         @contextlib.asynccontextmanager

@@ -285,3 +285,32 @@ def test_real_time_does_not_wait_behind_a_full_batch_window(server, keys, upstre
     assert answer.choices[0].message.content == "echo: real time"
     assert sdk.batches.retrieve(batch.id).request_counts.completed == 0  # still held  # type: ignore[union-attr]
     sdk.batches.cancel(batch.id)
+
+
+def scrape(server: BackfillProcess) -> dict[str, float]:
+    """`GET /metrics` (no key) as {'name{labels}': value}."""
+    with urllib.request.urlopen(server.base_url.removesuffix("/v1") + "/metrics", timeout=10) as r:
+        assert r.headers["content-type"].startswith("text/plain")
+        text = r.read().decode()
+    samples: dict[str, float] = {}
+    for row in text.splitlines():
+        if row and not row.startswith("#"):
+            key, value = row.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def test_metrics_show_batch_and_real_time_per_model(server, keys) -> None:  # type: ignore[no-untyped-def]
+    before = scrape(server)
+    # every model has its batch window; the governed one (priority = true) its decision too
+    assert before['backfill_batch_limit{model="echo-narrow"}'] == 2  # max_concurrency, ungoverned
+    assert 'backfill_governor_knee{model="echo-narrow"}' not in before
+    assert before['backfill_governor_knee{model="llama"}'] > 0
+    assert before['backfill_batch_limit{model="llama"}'] >= 1
+    sdk = client(server, keys, "plain")
+    for _ in range(3):
+        sdk.chat.completions.create(model="echo", messages=[{"role": "user", "content": "m"}])
+    after = scrape(server)
+    key = 'backfill_realtime_requests_total{model="echo"}'
+    assert after[key] == before[key] + 3
+    assert after['backfill_realtime_in_flight{model="echo"}'] == 0

@@ -8,9 +8,9 @@ duties (scheduler, in-process worker) alongside the server.
 Routes are plain FastAPI routes grouped by resource (`files`, `batches`, `models`, and the
 real-time gateway `realtime`); each module
 exposes `router(ctx, auth)` so handlers close over their dependencies instead of reaching into
-`app.state`. Every `/v1` route requires a Bearer key; `/health` does not. OpenAPI docs are off:
-the API is OpenAI's and documented there, and an unauthenticated schema page is one more thing
-to expose.
+`app.state`. Every `/v1` route requires a Bearer key; `/health` and `/metrics` do not. OpenAPI
+docs are off: the API is OpenAI's and documented there, and an unauthenticated schema page is
+one more thing to expose.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from contextlib import AbstractAsyncContextManager
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from backfill.api import batches, files, models, partial, realtime
+from backfill.api import batches, files, metrics, models, partial, realtime
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext
 from backfill.api.errors import install_error_handlers
@@ -48,6 +48,8 @@ def create_app(ctx: ApiContext, lifespan: Lifespan | None = None) -> FastAPI:
     app.state.auth = auth
     for module in (files, batches, partial, models, realtime):
         app.include_router(module.router(ctx, auth), prefix="/v1")
+
+    app.include_router(metrics.router(ctx.metrics))
 
     @app.get("/health")
     async def health() -> Response:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from backfill.api.metrics import MetricFamily
 from backfill.blobs.base import Blobs
 from backfill.dispatch.signals import RealtimeStats
 from backfill.engines.base import Engine
@@ -41,6 +42,8 @@ class ApiContext:
     #: public model name -> engine for the real-time gateway (empty: it answers 404)
     realtime: dict[str, RealtimeModel] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
+    #: the figures `GET /metrics` shows (see `api/metrics.py`)
+    metrics: Callable[[], list[MetricFamily]] = list
 
     def now(self) -> int:
         return int(self.clock())

@@ -1,0 +1,58 @@
+"""`GET /metrics`: the operator's view of batch vs real time per model, in Prometheus text.
+
+Per model: the batch limit the governor set (or the fixed `max_concurrency`), batch requests
+in flight, sent, shed and throttled; real-time requests in flight and received; and, for
+governed models, what the last decision was based on (the reference real-time peak, the knee
+of the step-time model, the trim factor, idle). These are the figures to watch next to vLLM's
+own `/metrics` when tuning the latency budget.
+
+Like vLLM's `/metrics` it needs no key: it carries model names and load figures, nothing of
+any project's files or batches. The composition root supplies the numbers through
+`ApiContext.metrics` (the API never imports the dispatcher or the governor).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+from fastapi import APIRouter
+from starlette.responses import Response
+
+#: (name, kind "gauge" | "counter", help, value per model)
+MetricFamily = tuple[str, str, str, dict[str, float]]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def render(families: Iterable[MetricFamily]) -> str:
+    """The Prometheus text exposition of these families (one `model` label each)."""
+    lines: list[str] = []
+    for name, kind, help_text, values in families:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for model, value in sorted(values.items()):
+            lines.append(f'{name}{{model="{_label(model)}"}} {_number(value)}')
+    return "\n".join(lines) + "\n"
+
+
+def router(collect: Callable[[], list[MetricFamily]]) -> APIRouter:
+    api = APIRouter()
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render(collect()), media_type=CONTENT_TYPE)
+
+    return api
