@@ -112,6 +112,14 @@ def simulate(
     tpot_sum = tpot_count = 0.0
     end = args.duration
 
+    def shed(n: int) -> None:
+        """Abort the `n` newest batch requests at the engine (as `Dispatcher.shed`); they go
+        back to the end of the queue."""
+        for r in list(in_flight)[-n:]:
+            pending.append(in_flight.pop(r))
+            engine.abort(r)
+            run.shed += 1
+
     def refill() -> None:
         while len(pending) + len(in_flight) < ceiling:
             got = next(feed, None)
@@ -162,11 +170,8 @@ def simulate(
             admission.configure(limit, policy.config.pace, policy.config.burst)
             run.limits.append((next_tick, limit))
             excess = len(in_flight) - limit
-            if excess > max(4.0, 0.1 * limit):
-                for r in list(in_flight)[-excess:]:
-                    pending.append(in_flight.pop(r))
-                    engine.abort(r)
-                    run.shed += 1
+            if excess > max(4.0, 0.1 * limit):  # the policy's hysteresis
+                shed(excess)
             next_tick += tick_sim
         # governor ticks
         while oracle is None and policy is not None and next_tick <= now:
@@ -192,11 +197,7 @@ def simulate(
             admission.configure(decision.limit, decision.pace, decision.burst)
             run.limits.append((next_tick, decision.limit))
             if decision.shed > 0:
-                for r in list(in_flight)[-decision.shed :]:  # the newest, as `Dispatcher.shed`
-                    item = in_flight.pop(r)
-                    engine.abort(r)
-                    run.shed += 1
-                    pending.append(item)
+                shed(decision.shed)
             next_tick += tick_sim
         send_batch(now)
         while arriving and arriving[0][0] <= now:

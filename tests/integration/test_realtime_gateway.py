@@ -21,6 +21,7 @@ import pytest
 from openai import OpenAI
 
 from backfill.sim import SimProcess, start_sim
+from backfill.sim.metrics import parse as parse_metrics
 from backfill.testing import UpstreamProcess, start_upstream
 from backfill.testing.server import BackfillProcess
 
@@ -291,13 +292,7 @@ def scrape(server: BackfillProcess) -> dict[str, float]:
     """`GET /metrics` (no key) as {'name{labels}': value}."""
     with urllib.request.urlopen(server.base_url.removesuffix("/v1") + "/metrics", timeout=10) as r:
         assert r.headers["content-type"].startswith("text/plain")
-        text = r.read().decode()
-    samples: dict[str, float] = {}
-    for row in text.splitlines():
-        if row and not row.startswith("#"):
-            key, value = row.rsplit(" ", 1)
-            samples[key] = float(value)
-    return samples
+        return parse_metrics(r.read().decode(), drop_labels=())
 
 
 def test_metrics_show_batch_and_real_time_per_model(server, keys) -> None:  # type: ignore[no-untyped-def]

@@ -13,7 +13,6 @@ any project's files or batches. The composition root supplies the numbers throug
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 from fastapi import APIRouter
@@ -29,14 +28,6 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(int(value)) if float(value).is_integer() else repr(float(value))
-
-
 def render(families: Iterable[MetricFamily]) -> str:
     """The Prometheus text exposition of these families (one `model` label each)."""
     lines: list[str] = []
@@ -44,7 +35,7 @@ def render(families: Iterable[MetricFamily]) -> str:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
         for model, value in sorted(values.items()):
-            lines.append(f'{name}{{model="{_label(model)}"}} {_number(value)}')
+            lines.append(f'{name}{{model="{_label(model)}"}} {float(value)!r}')
     return "\n".join(lines) + "\n"
 
 

@@ -31,8 +31,8 @@ grows over a request's lifetime). The rate is the lower bound of the arrival cou
 last `onset` seconds, `(n - onset_z * sqrt(n)) / span`: half a second at a moderate rate holds
 only a dozen arrivals, and their plain rate took Poisson noise for bursts often enough in real
 time (every 100 ms tick) to shed the batch for nothing (`bench/harvest_sim.py --speedup 1`:
-1,370 requests shed and 48% of the idle capacity used on seed 7; with the bound 451 and 58%,
-latencies alike). While only the plain count shows a burst, no new batch request is sent (the
+1,370 requests shed and 48% of the idle capacity used on seed 7; now 350 and 58%, latencies
+alike). While only the plain count shows a burst, no new batch request is sent (the
 limit holds at what is in flight, nothing is shed): the bound costs a tick or two at a real
 burst's onset, and that is when batch prefills would hurt most. A burst drops the batch to
 the headroom at once (the excess is shed): measured on `bench/harvest_sim.py`, letting the
