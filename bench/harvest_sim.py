@@ -46,10 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backfill.dispatch.dispatcher import Admission
 from backfill.dispatch.policy import GovernorPolicy, PolicyConfig
 from backfill.dispatch.signals import EngineLoad, Signals
+from backfill.settings import Settings
 from backfill.sim import Distribution, SimRequest, get_profile, sharegpt_like
 from backfill.sim.engine import FINISHED, Engine
 from backfill.sim.tokens import Prompt
 from harvest import BURST, CYCLE, LOAD, PROFILE, length, saturated_capacity, trace
+
+#: the product's default: batch prompts over this many tokens wait while real time is active
+DEFER_OVER = Settings.model_fields["governor_defer_prompt_tokens"].default or None
 
 
 @dataclass
@@ -92,6 +96,7 @@ def simulate(
                 ceiling=ceiling,
                 window=args.window,
                 idle_after=args.idle_after,
+                defer_over=DEFER_OVER,
                 **{k: float(v) for k, v in (kv.split("=") for kv in args.policy)},  # type: ignore[arg-type]
             )
         )
@@ -105,6 +110,7 @@ def simulate(
     in_flight: dict[SimRequest, BatchItem] = {}  # insertion order = send order
     arriving: list[tuple[float, int, SimRequest, BatchItem | None]] = []  # (at, seq, request)
     seq = 0
+    defer: float | None = None  # prompt tokens above which batch requests wait (policy)
     rt_live: set[SimRequest] = set()
     rt_arrivals = 0
     next_rt = 0
@@ -120,8 +126,10 @@ def simulate(
             engine.abort(r)
             run.shed += 1
 
+    lookahead = ceiling * (2 if policy is not None and policy.config.defer_over else 1)
+
     def refill() -> None:
-        while len(pending) + len(in_flight) < ceiling:
+        while len(pending) + len(in_flight) < lookahead:
             got = next(feed, None)
             if got is None:
                 return
@@ -133,10 +141,13 @@ def simulate(
         nonlocal seq
         refill()
         while pending:
-            choice = admission.pick([it.tokens for it in pending], len(in_flight), clock())
+            eligible = list(range(len(pending)))
+            if defer is not None:  # long prompts wait, unless nothing else is waiting
+                eligible = [i for i in eligible if pending[i].tokens <= defer] or eligible
+            choice = admission.pick([pending[i].tokens for i in eligible], len(in_flight), clock())
             if choice is None:
                 return
-            item = pending.pop(choice)
+            item = pending.pop(eligible[choice])
             admission.sent(item.tokens)
             item.sends += 1
             item.sent_at = clock()
@@ -168,6 +179,7 @@ def simulate(
         while oracle is not None and policy is not None and next_tick <= now:
             limit = args.oracle_burst if now % CYCLE >= CYCLE - BURST else oracle
             admission.configure(limit, policy.config.pace, policy.config.burst)
+            defer = policy.config.defer_over
             run.limits.append((next_tick, limit))
             excess = len(in_flight) - limit
             if excess > max(4.0, 0.1 * limit):  # the policy's hysteresis
@@ -195,6 +207,7 @@ def simulate(
             rt_arrivals = 0
             decision = policy.decide(signals)
             admission.configure(decision.limit, decision.pace, decision.burst)
+            defer = decision.defer_over
             run.limits.append((next_tick, decision.limit))
             if decision.shed > 0:
                 shed(decision.shed)

@@ -131,6 +131,7 @@ class Service:
             ("batch_sent_total", "counter", "batch attempts sent", lambda x: x.stats.sent, d),
             ("batch_shed_total", "counter", "batch attempts shed", lambda x: x.stats.shed, d),
             ("batch_throttled_total", "counter", "batch 429/503", lambda x: x.stats.throttled, d),
+            ("batch_deferred", "gauge", "long prompts waiting", lambda x: x.stats.deferred, d),
             ("realtime_in_flight", "gauge", "real time at the engine", lambda x: x.in_flight, r),
             ("realtime_requests_total", "counter", "real-time requests", lambda x: x.arrivals, r),
             ("governor_reference", "gauge", "real-time peak planned for", lambda x: x.reference, g),

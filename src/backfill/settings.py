@@ -134,6 +134,9 @@ class Settings(BaseSettings):
     governor_window_seconds: float = 60.0  # memory of real-time load (the reference peak)
     governor_idle_seconds: float = 5.0  # no real-time traffic this long: grow to the ceiling
     governor_abort: bool = True  # abort batch requests over the limit when real-time load jumps
+    #: while real time is active, batch prompts over this many (estimated) tokens go only when
+    #: no shorter batch request is waiting (`Dispatcher.set_defer`); 0: never defer
+    governor_defer_prompt_tokens: int = 512
 
     @property
     def database_url(self) -> str:

@@ -299,3 +299,96 @@ def test_window_cancelled_after_handoff_passes_slot_on() -> None:
         assert window.in_flight == 1
 
     run(scenario())
+
+
+def long_prompt(key: str, words: int) -> dict[str, Any]:
+    return {"id": key, "prompt": " ".join(["w"] * words)}
+
+
+def test_long_prompts_wait_while_short_ones_do_and_never_starve() -> None:
+    engine = FakeEngine(gated=True)
+    dispatcher, _ = make(engine, limit=2)
+    dispatcher.set_defer(50)
+
+    async def scenario() -> None:
+        bodies = [long_prompt("short1", 10), long_prompt("short2", 10)]  # fill the window
+        bodies += [long_prompt("long1", 200), long_prompt("short3", 10)]
+        bodies += [long_prompt("long2", 200), long_prompt("short4", 10)]
+        tasks = [asyncio.create_task(dispatcher.run(CHAT, body)) for body in bodies]
+        await eventually(lambda: engine.active == 2)
+        assert engine.calls == ["short1", "short2"]  # the long ones hold no slot
+        assert dispatcher.stats.deferred == 2
+        engine.release(2)
+        await eventually(lambda: len(engine.calls) == 4)
+        assert engine.calls[2:] == ["short3", "short4"]
+        engine.release(1)  # room and nobody else waiting: the oldest long one goes
+        await eventually(lambda: len(engine.calls) == 5)
+        assert engine.calls[4] == "long1"
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert engine.active == 2 and dispatcher.stats.deferred == 1  # not above the limit
+        engine.release(2)
+        await eventually(lambda: len(engine.calls) == 6)
+        engine.release(1)
+        outcomes = await asyncio.gather(*tasks)
+        assert [o.status for o in outcomes] == [200] * 6
+        assert dispatcher.stats.deferred == 0
+
+    run(scenario())
+
+
+def test_turning_deferral_off_lets_every_long_prompt_go() -> None:
+    engine = FakeEngine(gated=True)
+    dispatcher, _ = make(engine, limit=4)
+    dispatcher.set_defer(50)
+
+    async def scenario() -> None:
+        shorts = [
+            asyncio.create_task(dispatcher.run(CHAT, long_prompt(f"s{i}", 5))) for i in range(6)
+        ]
+        longs = [
+            asyncio.create_task(dispatcher.run(CHAT, long_prompt(f"l{i}", 99))) for i in range(3)
+        ]
+        # one request of a batch near its deadline does not wait
+        urgent = asyncio.create_task(dispatcher.run(CHAT, long_prompt("u", 99), defer=False))
+        await eventually(lambda: engine.active == 4)
+        assert dispatcher.stats.deferred == 3
+        engine.release(3)
+        await eventually(lambda: len(engine.calls) == 7)
+        assert set(engine.calls[4:7]) == {"s4", "s5", "u"}
+        assert dispatcher.stats.deferred == 3
+        dispatcher.set_defer(None)  # real time went quiet
+        assert dispatcher.stats.deferred == 0
+        while not all(t.done() for t in shorts + longs + [urgent]):
+            waiting = sum(1 for g in engine.gates if not g.done())
+            if waiting:
+                engine.release(waiting)
+            await asyncio.sleep(0)
+        assert sorted(engine.calls[7:]) == ["l0", "l1", "l2"]
+        assert engine.max_active == 4
+
+    run(scenario())
+
+
+def test_a_cancelled_long_prompt_leaves_the_queue() -> None:
+    engine = FakeEngine(gated=True)
+    dispatcher, _ = make(engine, limit=1)
+    dispatcher.set_defer(50)
+
+    async def scenario() -> None:
+        short = asyncio.create_task(dispatcher.run(CHAT, long_prompt("s", 5)))
+        parked = asyncio.create_task(dispatcher.run(CHAT, long_prompt("l", 99)))
+        await eventually(lambda: engine.active == 1 and dispatcher.stats.deferred == 1)
+        parked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await parked
+        assert dispatcher.stats.deferred == 0
+        engine.release(1)
+        assert (await short).status == 200
+        later = asyncio.create_task(dispatcher.run(CHAT, long_prompt("l2", 99)))
+        await eventually(lambda: engine.active == 1)  # room, nobody waiting: it goes
+        engine.release(1)
+        assert (await later).status == 200
+        assert engine.calls == ["s", "l2"]
+
+    run(scenario())

@@ -94,6 +94,15 @@ def test_idle_grows_to_the_ceiling_and_real_time_brings_it_down() -> None:
     assert back.shed > 0
 
 
+def test_long_prompts_are_deferred_only_while_real_time_is_active() -> None:
+    world = World(policy(defer_over=512))
+    assert world.tick(rt=5).defer_over == 512
+    decisions = list(world.run(400, rt=0, arrivals=0))
+    assert decisions[-1].idle and decisions[-1].defer_over is None
+    assert world.tick(rt=5).defer_over == 512
+    assert World(policy()).tick(rt=5).defer_over is None  # off unless configured
+
+
 def test_grows_gradually() -> None:
     world = World(policy())
     list(world.run(50, rt=100))

@@ -1,10 +1,10 @@
 """`GET /metrics`: the operator's view of batch vs real time per model, in Prometheus text.
 
-Per model: the batch limit the governor set (or the fixed `max_concurrency`), batch requests
-in flight, sent, shed and throttled; real-time requests in flight and received; and, for
-governed models, what the last decision was based on (the reference real-time peak, the knee
-of the step-time model, the trim factor, idle). These are the figures to watch next to vLLM's
-own `/metrics` when tuning the latency budget.
+Per model: the batch limit the governor set (or the fixed `max_concurrency`), batch requests in
+flight, sent, shed, throttled and deferred (long prompts waiting); real-time requests in flight
+and received; and, for governed models, what the last decision was based on (the reference real-
+time peak, the knee of the step-time model, the trim factor, idle). These are the figures to
+watch next to vLLM's own `/metrics` when tuning the latency budget.
 
 Like vLLM's `/metrics` it needs no key: it carries model names and load figures, nothing of
 any project's files or batches. The composition root supplies the numbers through

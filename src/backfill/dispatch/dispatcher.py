@@ -28,6 +28,14 @@ with retries.
   those waiting, the oldest that fits goes first, so short prompts slip past a long one. The
   gate sits after the window on purpose: requests never pile up between the two and then go
   in one lump when the limit rises.
+- Long prompts last (`set_defer(n)`, driven by the governor while real-time traffic is
+  active): a request whose estimated prompt exceeds `n` tokens waits *before* the window (it
+  holds no slot) until deferral is turned off, or until the window has room and no other
+  request is waiting for it, so it never starves: it only lets the short ones go first. One
+  long prompt is a compute-bound prefill of its own (a 2,000-token prompt adds ~50 ms to the
+  step on an 8B model on an H100), and every real-time token in that step waits for it; short
+  ones fill the steps' spare compute instead. The caller can opt a request out
+  (`run(..., defer=False)`, a batch near its deadline). `stats.deferred` is how many wait now.
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ class DispatchStats:
     transport_errors: int = 0  # attempts that raised EngineUnavailable
     throttled: int = 0  # answers 429/503 (the upstream says: slow down)
     shed: int = 0  # attempts aborted by `shed()` and sent again later
+    deferred: int = 0  # requests waiting now because their prompt is long (`set_defer`)
 
 
 class Admission:
@@ -234,6 +243,11 @@ class Dispatcher:
         self._gate: list[tuple[int, asyncio.Future[None]]] = []  # holding a slot, paced
         self._pump_handle: asyncio.TimerHandle | None = None
         self._clock = time.monotonic
+        self.defer_over: float | None = None
+        #: deferred requests, oldest first; a future's result is True when it was let go for
+        #: the window's room, which it then holds until it reaches the window (`_leaving`)
+        self._parked: list[tuple[int, asyncio.Future[bool]]] = []
+        self._leaving = 0
 
     @classmethod
     def from_config(
@@ -267,12 +281,57 @@ class Dispatcher:
     def set_limit(self, n: int) -> None:
         """Move the concurrency limit (>= 1). Running requests are never interrupted."""
         self._window.set_limit(n)
+        self._unpark()
 
     def set_pacing(self, pace: float | None, burst: float = 1024.0) -> None:
         """Pace batch prefills (see `Admission`; None turns pacing off and lets everyone
         waiting at the gate go)."""
         self.admission.configure(self._window.limit, pace, burst)
         self._pump()
+
+    def set_defer(self, over: float | None) -> None:
+        """Requests with more estimated prompt tokens than `over` go only when nothing else
+        waits for the window (None: no deferral; everyone parked goes)."""
+        self.defer_over = over
+        self._unpark()
+
+    def _unpark(self) -> None:
+        """Let parked requests go: all that are no longer long (or all, deferral off), then
+        the oldest one whenever the window has room that nobody else is waiting for."""
+        parked = self._parked
+        if not parked:
+            return
+        over = self.defer_over
+        keep: list[tuple[int, asyncio.Future[bool]]] = []
+        for tokens, future in parked:
+            if future.done():
+                continue
+            if over is None or tokens <= over:
+                future.set_result(False)
+            else:
+                keep.append((tokens, future))
+        window = self._window
+        while keep and window.in_flight + self._leaving < window.limit and not window.waiting:
+            keep.pop(0)[1].set_result(True)
+            self._leaving += 1
+        parked[:] = keep
+        self.stats.deferred = len(keep)
+
+    async def _deferred(self, tokens: int) -> None:
+        """Wait, outside the window, while this request's prompt counts as long."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._parked.append((tokens, future))
+        self._unpark()
+        try:
+            await future
+        finally:
+            if not future.done():
+                future.cancel()
+            if future.cancelled():
+                self._parked = [(t, f) for t, f in self._parked if f is not future]
+                self.stats.deferred = len(self._parked)
+            elif future.result():
+                self._leaving -= 1  # at the window now (or cancelled on the way)
 
     def _pump(self) -> None:
         """Let requests holding a slot through the prefill gate while the bucket allows."""
@@ -333,8 +392,10 @@ class Dispatcher:
         body: dict[str, Any],
         *,
         timeout: float | None = None,  # noqa: ASYNC109 (a per-request budget, passed to the engine)
+        defer: bool = True,
     ) -> Outcome:
-        """Send one request, retrying per the policy; always returns an `Outcome`."""
+        """Send one request, retrying per the policy; always returns an `Outcome`.
+        `defer=False`: never wait behind shorter prompts (see `set_defer`)."""
         policy = self.policy
         stats = self.stats
         window = self._window
@@ -348,6 +409,8 @@ class Dispatcher:
         attempt = 0
         while True:
             attempt += 1
+            if defer and self.defer_over is not None and tokens > self.defer_over:
+                await self._deferred(tokens)
             await window.acquire()
             stats.in_flight += 1
             stats.sent += 1
@@ -399,5 +462,7 @@ class Dispatcher:
             finally:
                 stats.in_flight -= 1
                 window.release()
+                if self._parked:
+                    self._unpark()
             if wait > 0:
                 await self._sleep(wait)

@@ -4,9 +4,10 @@ Every `interval` (100 ms by default) it gathers the signals - the upstream's vLL
 (`engine.load_metrics()`: running, waiting, KV usage, and the TPOT histogram's sum and count,
 whose deltas give the mean inter-token latency since the last scrape), the gateway's
 `RealtimeStats` (real-time requests in flight, arrivals, streamed TTFT/TPOT) and the
-dispatcher's counters (batch requests in flight, 429/503 answers) - asks the policy, and
-applies the decision: `dispatcher.set_limit(limit)` and, when real-time load jumped,
-`dispatcher.shed(n)`. All the thinking is in `policy.py`; this module only measures and acts.
+dispatcher's counters (batch requests in flight, 429/503 answers) - asks the policy, and applies
+the decision: `dispatcher.set_limit(limit)`, the prefill pacing and the long-prompt deferral
+while real time is active, and, when real-time load jumped, `dispatcher.shed(n)`. All the
+thinking is in `policy.py`; this module only measures and acts.
 
 An upstream without metrics still works: the policy then learns from the gateway's latencies
 and the dispatcher's errors alone. A scrape that fails counts as "no metrics" for that tick.
@@ -44,6 +45,7 @@ def policy_config(settings: Settings, config: ModelConfig) -> PolicyConfig:
         window=settings.governor_window_seconds,
         idle_after=settings.governor_idle_seconds,
         abort=settings.governor_abort,
+        defer_over=settings.governor_defer_prompt_tokens or None,
     )
 
 
@@ -117,6 +119,8 @@ class Governor:
         if decision.limit != self.dispatcher.limit:
             self.dispatcher.set_limit(decision.limit)
         self.dispatcher.set_pacing(decision.pace, decision.burst)
+        if decision.defer_over != self.dispatcher.defer_over:
+            self.dispatcher.set_defer(decision.defer_over)
         if decision.shed > 0:
             self.dispatcher.shed(decision.shed)
         self.history.append((signals.now, decision))

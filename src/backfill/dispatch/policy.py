@@ -94,6 +94,7 @@ class PolicyConfig:
     surge: float = 0.6  # expected load above this share of the peak: a burst, keep headroom only
     pace: float | None = 1.2  # prefill pacing while real time is active (None: off)
     burst: float = 1024.0  # prompt tokens the pacing lets through at once
+    defer_over: float | None = None  # while real time is active, longer prompts go last
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,8 @@ class Decision:
     #: prefill pacing for the dispatcher's `Admission` (None: off) and its burst in tokens
     pace: float | None = None
     burst: float = 0.0
+    #: batch requests with more estimated prompt tokens wait while others do (None: no limit)
+    defer_over: float | None = None
 
 
 class KneeFit:
@@ -285,6 +288,7 @@ class GovernorPolicy:
             shed,
             pace=None if idle else c.pace,
             burst=c.burst,
+            defer_over=None if idle else c.defer_over,
             target_total=target_total,
             reference=r_ref,
             knee=knee,

@@ -109,8 +109,13 @@ class ShardRun:
         """Start requests lazily, at most `cap` at a time, so memory stays bounded by the
         window, not the shard; on stop, abort whatever is in flight."""
         dispatcher = self._dispatchers.get(batch.model or "")
-        # the configured ceiling, not the current limit: the governor may raise it later
+        # the configured ceiling, not the current limit: the governor may raise it later;
+        # twice that when long prompts may be deferred, so the short ones keep a full window
         cap = max(16, dispatcher.max_concurrency if dispatcher is not None else 16)
+        if self._settings.governor_defer_prompt_tokens > 0:
+            cap *= 2
+        # long prompts may wait behind short ones only in the first half of the window
+        defer_until = batch.created_at + (batch.expires_at - batch.created_at) / 2
         slots = asyncio.Semaphore(cap)
         running: set[asyncio.Task[None]] = set()
 
@@ -138,7 +143,14 @@ class ShardRun:
                     slots.release()
                     break
                 task = asyncio.create_task(
-                    self._one(dispatcher, batch.endpoint, line_no, cid, body)
+                    self._one(
+                        dispatcher,
+                        batch.endpoint,
+                        line_no,
+                        cid,
+                        body,
+                        defer=self._clock() < defer_until,
+                    )
                 )
                 running.add(task)
                 task.add_done_callback(finished)
@@ -169,12 +181,14 @@ class ShardRun:
         line_no: int,
         custom_id: str,
         body: dict[str, Any],
+        *,
+        defer: bool = True,
     ) -> None:
         if dispatcher is None:
             line = error_line(custom_id, "model_not_found", "The model is no longer served.")
             self._add(line_no, ERROR, line, Usage(), ok=False)
             return
-        outcome = await dispatcher.run(endpoint, body)
+        outcome = await dispatcher.run(endpoint, body, defer=defer)
         if outcome.status is None:
             line = error_line(
                 custom_id, outcome.error_code or "upstream_unavailable", outcome.message or ""
