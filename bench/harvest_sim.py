@@ -44,7 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from backfill.dispatch.dispatcher import Admission
-from backfill.dispatch.policy import GovernorPolicy, PolicyConfig
+from backfill.dispatch.policy import Decision, GovernorPolicy, PolicyConfig
 from backfill.dispatch.signals import EngineLoad, Signals
 from backfill.settings import Settings
 from backfill.sim import Distribution, SimRequest, get_profile, sharegpt_like
@@ -62,6 +62,7 @@ class Run:
     rt: list[SimRequest] = field(default_factory=list)
     batch_done: list[SimRequest] = field(default_factory=list)
     limits: list[tuple[float, int]] = field(default_factory=list)
+    decisions: list[tuple[float, Decision]] = field(default_factory=list)
     shed: int = 0
 
 
@@ -209,6 +210,7 @@ def simulate(
             admission.configure(decision.limit, decision.pace, decision.burst)
             defer = decision.defer_over
             run.limits.append((next_tick, decision.limit))
+            run.decisions.append((next_tick, decision))
             if decision.shed > 0:
                 shed(decision.shed)
             next_tick += tick_sim
@@ -270,6 +272,12 @@ def describe(run: Run, args: argparse.Namespace) -> None:
         for t0 in range(60, int(args.duration), 60):
             seg = [lim for t, lim in run.limits if t0 <= t < t0 + 60]
             print(f"  limits {t0}-{t0 + 60}s every 3 s: " + " ".join(map(str, seg[::8])))
+            ds = [d for t, d in run.decisions if t0 <= t < t0 + 60][::40]
+            if ds:
+                print(
+                    "    every 12 s: reference/knee/trim "
+                    + ", ".join(f"{d.reference:.0f}/{d.knee:.0f}/{d.trim:.2f}" for d in ds)
+                )
     for part, (lo, hi) in {"valley": (0.0, CYCLE - BURST), "burst": (CYCLE - BURST, CYCLE)}.items():
         span = (args.duration - args.warmup) * (hi - lo) / CYCLE
         btok = sum(
