@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.governor import Governor
 from backfill.dispatch.policy import GovernorPolicy, PolicyConfig
 from backfill.dispatch.signals import RealtimeStats
+from backfill.engines.base import EngineReply
 from backfill.engines.openai import OpenAIEngine
 from backfill.settings import ModelConfig
 from backfill.sim import SimProcess, start_sim
@@ -39,23 +41,49 @@ async def until(check: Callable[[], bool], timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def governed(sim: SimProcess, **policy: object) -> tuple[OpenAIEngine, Dispatcher, Governor]:
+    config = ModelConfig(
+        name="llama",
+        url=sim.url,
+        upstream_name=sim.model_name,
+        priority=True,
+        max_concurrency=CEILING,
+    )
+    engine = OpenAIEngine(config)
+    await engine.start()
+    dispatcher = Dispatcher.from_config(engine, config, priority=10)
+    settings = PolicyConfig(ceiling=CEILING, window=30.0, idle_after=1.0, growth=0.3, **policy)  # type: ignore[arg-type]
+    governor = Governor(dispatcher, RealtimeStats(), GovernorPolicy(settings), interval=0.1)
+    return engine, dispatcher, governor
+
+
+async def realtime_user(
+    engine: OpenAIEngine, stats: RealtimeStats, on: asyncio.Event, i: int
+) -> None:
+    """Streams short real-time requests at priority 0 while `on` is set."""
+    n = 0
+    while on.is_set():
+        n += 1
+        body = {
+            "model": "llama",
+            "messages": [{"role": "user", "content": f"rt {i} {n}"}],
+            "max_tokens": 100,
+            "stream": True,
+            "priority": 0,
+        }
+        stats.started()
+        try:
+            async with engine.stream(CHAT, body) as reply:
+                async for _ in reply.chunks:
+                    pass
+        finally:
+            stats.ended()
+
+
 def test_governor_yields_to_a_real_time_burst_and_grows_back(sim: SimProcess) -> None:
     async def scenario() -> None:
-        config = ModelConfig(
-            name="llama",
-            url=sim.url,
-            upstream_name=sim.model_name,
-            priority=True,
-            max_concurrency=CEILING,
-        )
-        engine = OpenAIEngine(config)
-        await engine.start()
-        dispatcher = Dispatcher.from_config(engine, config, priority=10)
-        stats = RealtimeStats()
-        policy = GovernorPolicy(
-            PolicyConfig(ceiling=CEILING, window=30.0, idle_after=1.0, growth=0.3)
-        )
-        governor = Governor(dispatcher, stats, policy, interval=0.1)
+        engine, dispatcher, governor = await governed(sim)
+        stats = governor.stats
         stop = asyncio.Event()
         loop_task = asyncio.create_task(governor.run(stop))
         burst_on = asyncio.Event()
@@ -72,25 +100,6 @@ def test_governor_yields_to_a_real_time_burst_and_grows_back(sim: SimProcess) ->
                 }
                 outcomes.append((await dispatcher.run(CHAT, body)).status)
 
-        async def realtime_user(i: int) -> None:
-            n = 0
-            while burst_on.is_set():
-                n += 1
-                body = {
-                    "model": "llama",
-                    "messages": [{"role": "user", "content": f"rt {i} {n}"}],
-                    "max_tokens": 100,
-                    "stream": True,
-                    "priority": 0,
-                }
-                stats.started()
-                try:
-                    async with engine.stream(CHAT, body) as reply:
-                        async for _ in reply.chunks:
-                            pass
-                finally:
-                    stats.ended()
-
         def limit() -> int:
             return dispatcher.limit
 
@@ -101,7 +110,9 @@ def test_governor_yields_to_a_real_time_burst_and_grows_back(sim: SimProcess) ->
             before = limit()
 
             burst_on.set()
-            users = [asyncio.create_task(realtime_user(i)) for i in range(60)]
+            users = [
+                asyncio.create_task(realtime_user(engine, stats, burst_on, i)) for i in range(60)
+            ]
             await until(lambda: limit() < before / 2)
             await until(lambda: dispatcher.stats.shed > 0)
             await until(lambda: stats.in_flight >= 30)
@@ -120,6 +131,72 @@ def test_governor_yields_to_a_real_time_burst_and_grows_back(sim: SimProcess) ->
             await asyncio.gather(*workers, return_exceptions=True)
             await engine.close()
         assert outcomes and all(status == 200 for status in outcomes)
+        assert dispatcher.stats.failed == 0
+
+    asyncio.run(scenario())
+
+
+def test_long_prompts_wait_while_real_time_is_active_then_run(sim: SimProcess) -> None:
+    """Every tenth batch request has a long prompt. While real-time traffic streams, none of
+    them is sent (short ones are always waiting) and they show as deferred; once real time
+    is idle they all go, and every request succeeds."""
+
+    async def scenario() -> None:
+        engine, dispatcher, governor = await governed(sim, defer_over=128)
+        stats = governor.stats
+        sends: list[bool] = []  # per send to the engine: was the prompt long
+        send = engine.send
+
+        async def recording(endpoint: str, body: dict[str, Any], **kw: Any) -> EngineReply:
+            sends.append("long" in body["messages"][0]["content"])
+            return await send(endpoint, body, **kw)
+
+        engine.send = recording  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        loop_task = asyncio.create_task(governor.run(stop))
+        realtime_on = asyncio.Event()
+        realtime_on.set()
+        outcomes: list[tuple[bool, int | None]] = []
+
+        async def batch_worker(i: int) -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                long = i % 10 == 0
+                words = "w " * (400 if long else 20)
+                text = f"{'long' if long else 'short'} {i} {n} {words}"
+                body = {
+                    "model": "llama",
+                    "messages": [{"role": "user", "content": text}],
+                    "max_tokens": 50,
+                }
+                outcomes.append((long, (await dispatcher.run(CHAT, body)).status))
+
+        users = [
+            asyncio.create_task(realtime_user(engine, stats, realtime_on, i)) for i in range(20)
+        ]
+        await until(lambda: stats.in_flight >= 10)
+        workers = [asyncio.create_task(batch_worker(i)) for i in range(CEILING)]
+        try:
+            await until(lambda: dispatcher.stats.deferred >= 30)
+            long_sends = sum(sends)
+            short_done = sum(1 for long, _ in outcomes if not long)
+            await until(lambda: sum(1 for long, _ in outcomes if not long) >= short_done + 200)
+            assert sum(sends) == long_sends  # no long prompt went while short ones waited
+
+            realtime_on.clear()
+            await asyncio.gather(*users)
+            await until(lambda: bool(governor.history) and governor.history[-1][1].idle)
+            await until(lambda: sum(1 for long, _ in outcomes if long) >= 40)
+            assert sum(sends) > long_sends
+        finally:
+            stop.set()
+            await loop_task
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            await engine.close()
+        assert all(status == 200 for _, status in outcomes)
         assert dispatcher.stats.failed == 0
 
     asyncio.run(scenario())
