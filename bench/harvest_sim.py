@@ -91,14 +91,16 @@ def simulate(
     speedup = args.speedup
     tick_sim = args.interval * speedup
     delay = args.send_delay * speedup  # wall seconds from a free slot to the engine, in sim s
+    overrides = {k: float(v) for k, v in (kv.split("=") for kv in args.policy)}
+    defer_over = overrides.pop("defer_over", DEFER_OVER) or None  # defer_over=0: off
     policy = (
         GovernorPolicy(
             PolicyConfig(
                 ceiling=ceiling,
                 window=args.window,
                 idle_after=args.idle_after,
-                defer_over=DEFER_OVER,
-                **{k: float(v) for k, v in (kv.split("=") for kv in args.policy)},  # type: ignore[arg-type]
+                defer_over=defer_over,
+                **overrides,  # type: ignore[arg-type]
             )
         )
         if governor

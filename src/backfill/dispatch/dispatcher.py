@@ -32,7 +32,7 @@ with retries.
   active): a request whose estimated prompt exceeds `n` tokens waits *before* the window (it
   holds no slot) until deferral is turned off, or until the window has room and no other
   request is waiting for it, so it never starves: it only lets the short ones go first. One
-  long prompt is a compute-bound prefill of its own (a 2,000-token prompt adds ~50 ms to the
+  long prompt is a compute-bound prefill of its own (a 2,000-token prompt adds ~70 ms to the
   step on an 8B model on an H100), and every real-time token in that step waits for it; short
   ones fill the steps' spare compute instead. The caller can opt a request out
   (`run(..., defer=False)`, a batch near its deadline). `stats.deferred` is how many wait now.
