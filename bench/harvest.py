@@ -12,7 +12,8 @@ One `backfill sim` (llama-3.1-8b on one H100, vLLM v1 scheduler) serves, one aft
   (c) the same trace + the same batch with backfill's governor.
 
 Every latency is the simulator's exact simulated figure (the `sim` field of each answer), not
-wall time. The measured window is the trace after a warm-up (`--warmup` simulated seconds);
+wall time. The measured window is the trace after a warm-up (`--warmup` simulated seconds)
+up to its end (not the drain after its last arrival);
 batch tokens count the requests that finished inside it (the batch is cancelled at the trace's
 end). Idle capacity = the GPU's saturated throughput on the batch's mix (measured offline with
 `Simulator.run_offline` in this run, over the steady part of the run) minus the real-time
@@ -247,7 +248,9 @@ def run_phase(
         lag0 = stats0["lag_s"]
         asyncio.run(replay(bf.base_url, "llama", items, args.speedup, phase))
         stats1 = sim.stats()
-        phase.window = (t0, stats1["sim_time_s"])
+        # the window ends with the trace: after its last arrival the real-time load drains
+        # and the governor would give the batch the idle GPU, which is not what is measured
+        phase.window = (t0, min(t0 + args.duration, stats1["sim_time_s"]))
         phase.lag_s = stats1["lag_s"] - lag0
         root = bf.base_url.removesuffix("/v1")
         with urllib.request.urlopen(root + "/metrics", timeout=10) as resp:
