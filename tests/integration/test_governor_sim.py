@@ -80,6 +80,20 @@ async def realtime_user(
             stats.ended()
 
 
+async def shut_down(
+    stop: asyncio.Event,
+    governor_task: asyncio.Task[None],
+    workers: list[asyncio.Task[None]],
+    engine: OpenAIEngine,
+) -> None:
+    stop.set()
+    await governor_task
+    for w in workers:
+        w.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    await engine.close()
+
+
 def test_governor_yields_to_a_real_time_burst_and_grows_back(sim: SimProcess) -> None:
     async def scenario() -> None:
         engine, dispatcher, governor = await governed(sim)
@@ -124,12 +138,7 @@ def test_governor_yields_to_a_real_time_burst_and_grows_back(sim: SimProcess) ->
             await until(lambda: limit() > during)
             await until(lambda: limit() >= 200)
         finally:
-            stop.set()
-            await loop_task
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            await engine.close()
+            await shut_down(stop, loop_task, workers, engine)
         assert outcomes and all(status == 200 for status in outcomes)
         assert dispatcher.stats.failed == 0
 
@@ -190,12 +199,7 @@ def test_long_prompts_wait_while_real_time_is_active_then_run(sim: SimProcess) -
             await until(lambda: sum(1 for long, _ in outcomes if long) >= 40)
             assert sum(sends) > long_sends
         finally:
-            stop.set()
-            await loop_task
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            await engine.close()
+            await shut_down(stop, loop_task, workers, engine)
         assert all(status == 200 for _, status in outcomes)
         assert dispatcher.stats.failed == 0
 
