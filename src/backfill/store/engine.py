@@ -8,7 +8,8 @@
   execution options carry `READ_ONLY` get a plain deferred `BEGIN`, which under WAL never
   blocks or is blocked by writers. `synchronous=NORMAL` is durable against process crashes
   (all WAL needs); a power cut may lose the last commits, which the lease protocol tolerates
-  (the work is redone). Transactional DDL works too, which migrations rely on.
+  (the work is redone). Transactional DDL works too, which migrations rely on. Switching a
+  fresh file to WAL is retried while it is locked (SQLite does not wait on that one).
 - `sqlite://` (in memory) uses one shared connection (StaticPool): otherwise every pooled
   connection would see its own empty database.
 - PostgreSQL pools ping connections before use so a restarted server costs one retry, not an
@@ -17,6 +18,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,22 @@ def normalize_url(url: str) -> URL:
         if url.startswith(prefix):
             url = "postgresql+psycopg://" + url[len(prefix) :]
     return make_url(url)
+
+
+def _switch_to_wal(cursor: Any, *, within: float = 30.0) -> None:
+    """`PRAGMA journal_mode = WAL`, retried while the database is locked: SQLite answers
+    SQLITE_BUSY at once to a journal-mode change that needs a lock another process holds (it
+    does not wait out the busy timeout), which happens when several processes open a fresh
+    database at once (a server and its workers, or the migration test: once in ~100 openings)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def create_store_engine(url: URL, *, pool_size: int, max_overflow: int) -> Engine:
@@ -60,7 +79,7 @@ def create_store_engine(url: URL, *, pool_size: int, max_overflow: int) -> Engin
         try:
             cursor.execute("PRAGMA busy_timeout = 30000")
             if not in_memory:
-                cursor.execute("PRAGMA journal_mode = WAL")
+                _switch_to_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
             cursor.close()
