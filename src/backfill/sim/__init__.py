@@ -11,8 +11,10 @@ Modules, from the inside out:
   preemption by recompute) on a simulated clock. Pure: no I/O, no sleeping.
 - `metrics`: vLLM-named counters/histograms, Prometheus `render` and `parse`.
 - `offline`: `Simulator(profile).run_offline(requests) -> OfflineStats`, `sharegpt_like`.
-- `server`: the OpenAI-compatible HTTP server (raw asyncio + httptools) pacing the engine
-  against wall time at `speedup` x.
+- `http`: HTTP/1.1 plumbing (raw asyncio + httptools): parsing, framing, SSE events.
+- `exchange`: `Exchange`, one request's answer (JSON or SSE chunks, with the `sim` latencies).
+- `server`: the OpenAI-compatible API (`SimServer`) pacing the engine against wall time at
+  `speedup` x.
 - `process`: `start_sim(...) -> SimProcess`, the server as a subprocess for benches and tests.
 
 `python -m backfill.sim --profile llama-3.1-8b-h100 --port 8001 --speedup 10` (or

@@ -3,9 +3,10 @@
     python -m backfill.sim --profile llama-3.1-8b-h100 --port 8001 --speedup 10
 
 prints `READY <port>` once it listens. Like `backfill.testing.upstream` it speaks HTTP/1.1 on
-raw asyncio (an `asyncio.Protocol` fed by `httptools`, uvloop when installed) so that the
-server is never what limits a benchmark; unlike it, answers come from the engine's step loop and
-may stream.
+raw asyncio (an `asyncio.Protocol` fed by `httptools`, uvloop when installed; the plumbing is in
+`backfill.sim.http`) so that the server is never what limits a benchmark; unlike it, answers
+come from the engine's step loop and may stream (each request's answer is written by
+`backfill.sim.exchange.Exchange`).
 
 Pacing. One task runs the engine: it computes a step (`Engine.step`, which advances the
 simulated clock by the step's roofline duration), sleeps until the wall-clock instant that
@@ -44,350 +45,19 @@ import asyncio
 import contextlib
 import signal
 import sys
-import time
-from collections import deque
-from typing import Any, cast
+from typing import Any
 
-import httptools
 import orjson
 
 from backfill.sim.engine import FINISHED, Engine, SimRequest
+from backfill.sim.exchange import Exchange
+from backfill.sim.http import Connection, RequestError, response
 from backfill.sim.metrics import render
 from backfill.sim.options import add_arguments
 from backfill.sim.profiles import Profile, get_profile
-from backfill.sim.tokens import Prompt, chat_prompt, completion_prompt, output_text
+from backfill.sim.tokens import Prompt, chat_prompt, completion_prompt
 
 __all__ = ["SimServer", "add_arguments", "main", "run", "serve"]
-
-_REASONS = {
-    200: b"OK",
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    413: b"Payload Too Large",
-}
-_HEAD = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n"
-_STREAM_HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
-    b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n%s\r\n"
-)
-_CLOSE = b"Connection: close\r\n"
-_JSON = b"application/json"
-_DONE = b"data: [DONE]\n\n"
-_MAX_BODY = 64 * 1024 * 1024
-
-
-def _frame(events: bytes) -> bytes:
-    """One HTTP/1.1 chunk."""
-    return b"%x\r\n%s\r\n" % (len(events), events)
-
-
-def _event(payload: bytes) -> bytes:
-    return b"data: " + payload + b"\n\n"
-
-
-def _response(status: int, body: bytes, keep_alive: bool, content_type: bytes = _JSON) -> bytes:
-    return (
-        _HEAD
-        % (
-            status,
-            _REASONS.get(status, b"Unknown"),
-            content_type,
-            len(body),
-            b"" if keep_alive else _CLOSE,
-        )
-        + body
-    )
-
-
-class RequestError(Exception):
-    """An OpenAI-shaped error answer."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type_: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-class Exchange:
-    """One completion request in flight on a connection, from parse to its last byte."""
-
-    __slots__ = (
-        "chat",
-        "connection",
-        "created",
-        "dirty",
-        "done",
-        "head",
-        "include_usage",
-        "keep_alive",
-        "request",
-        "response_id",
-        "sent",
-        "started",
-        "stream",
-    )
-
-    def __init__(
-        self,
-        connection: Connection,
-        *,
-        chat: bool,
-        stream: bool,
-        include_usage: bool,
-        keep_alive: bool,
-        response_id: str,
-        model: str,
-    ) -> None:
-        self.connection = connection
-        self.chat = chat
-        self.stream = stream
-        self.include_usage = include_usage
-        self.keep_alive = keep_alive
-        self.response_id = response_id
-        self.created = int(time.time())
-        self.sent = 0  # output tokens written
-        self.started = False  # stream headers written
-        self.dirty = False  # in the server's list of streams to flush
-        self.done = False
-        self.request: SimRequest | None = None
-        kind = b"chat.completion.chunk" if chat else b"text_completion"
-        self.head = b'{"id":"%s","object":"%s","created":%d,"model":%s,' % (
-            response_id.encode(),
-            kind,
-            self.created,
-            orjson.dumps(model),
-        )
-
-    # ---- streaming -----------------------------------------------------------------------
-    def _content(self, text: str, finish: bytes) -> bytes:
-        if self.chat:
-            return _event(
-                self.head
-                + b'"choices":[{"index":0,"delta":{"content":'
-                + orjson.dumps(text)
-                + b'},"logprobs":null,"finish_reason":'
-                + finish
-                + b"}]"
-                + (self._sim_field() if finish != b"null" else b"")
-                + b"}"
-            )
-        return _event(
-            self.head
-            + b'"choices":[{"index":0,"text":'
-            + orjson.dumps(text)
-            + b',"logprobs":null,"finish_reason":'
-            + finish
-            + b"}]"
-            + (self._sim_field() if finish != b"null" else b"")
-            + b"}"
-        )
-
-    def _start(self) -> bytes:
-        self.started = True
-        head = _STREAM_HEAD % (b"" if self.keep_alive else _CLOSE)
-        if not self.chat:
-            return head
-        role = _event(
-            self.head + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
-            b'"logprobs":null,"finish_reason":null}]}'
-        )
-        return head + _frame(role)
-
-    def flush(self) -> None:
-        """Write the tokens generated since the last write as one SSE event."""
-        self.dirty = False
-        request = self.request
-        if self.done or request is None or self.connection.closed:
-            return
-        produced = request.num_output
-        if produced <= self.sent:
-            return
-        data = self._start() if not self.started else b""
-        data += _frame(self._content(output_text(self.sent, produced), b"null"))
-        self.sent = produced
-        self.connection.write(data)
-
-    def finish(self) -> None:
-        """The request finished: write the rest (stream) or the whole answer, then release."""
-        if self.done:
-            return
-        self.done = True
-        self.dirty = False
-        request = self.request
-        assert request is not None
-        connection = self.connection
-        if connection.closed:
-            return
-        if not self.stream:
-            connection.write(_response(200, self._body(request), self.keep_alive))
-        else:
-            data = self._start() if not self.started else b""
-            events = self._content(output_text(self.sent, request.num_output), b'"length"')
-            self.sent = request.num_output
-            if self.include_usage:
-                events += _event(
-                    self.head
-                    + b'"choices":[],"usage":'
-                    + orjson.dumps(_usage(request))
-                    + self._sim_field()
-                    + b"}"
-                )
-            events += _DONE
-            connection.write(data + _frame(events) + b"0\r\n\r\n")
-        connection.exchange_done(self)
-
-    def _sim_field(self) -> bytes:
-        assert self.request is not None
-        return b',"sim":' + orjson.dumps(_sim(self.request))
-
-    def _body(self, request: SimRequest) -> bytes:
-        text = output_text(0, request.num_output)
-        if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": "length",
-            }
-            kind = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
-            kind = "text_completion"
-        return orjson.dumps(
-            {
-                "id": self.response_id,
-                "object": kind,
-                "created": self.created,
-                "model": self.connection.server.model_name,
-                "choices": [choice],
-                "usage": _usage(request),
-                "sim": _sim(request),
-            }
-        )
-
-
-def _usage(request: SimRequest) -> dict[str, Any]:
-    return {
-        "prompt_tokens": request.prompt_len,
-        "completion_tokens": request.num_output,
-        "total_tokens": request.prompt_len + request.num_output,
-        "prompt_tokens_details": {"cached_tokens": max(request.cached_tokens, 0)},
-    }
-
-
-def _sim(request: SimRequest) -> dict[str, Any]:
-    out: dict[str, Any] = request.timings()
-    out["arrival_s"] = request.arrival
-    out["finish_s"] = request.finish_time
-    out["preemptions"] = request.preemptions
-    out["cached_tokens"] = max(request.cached_tokens, 0)
-    return out
-
-
-class Connection(asyncio.Protocol):
-    """One client connection: parse with httptools, answer requests one after the other."""
-
-    def __init__(self, server: SimServer) -> None:
-        self.server = server
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.queue: deque[tuple[bytes, bytes, bytes, bool]] = deque()
-        self.current: Exchange | None = None
-        self.url = b""
-        self.body: list[bytes] = []
-        self.body_size = 0
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.queue.clear()
-        current = self.current
-        if current is not None and not current.done:
-            current.done = True
-            if current.request is not None:
-                self.server.engine.abort(current.request)
-        self.current = None
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._close(abort=True)
-        except httptools.HttpParserError:
-            if not self.closed:
-                error = RequestError(400, "Invalid HTTP request")
-                self.write(_response(400, orjson.dumps(error.payload), False))
-                self._close()
-
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.body = []
-        self.body_size = 0
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_body(self, body: bytes) -> None:
-        self.body_size += len(body)
-        if self.body_size <= _MAX_BODY:
-            self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        body = b"".join(self.body) if self.body_size <= _MAX_BODY else b""
-        if self.body_size > _MAX_BODY:
-            self.url = b"/__too_large__"
-        self.queue.append(
-            (self.parser.get_method(), self.url, body, self.parser.should_keep_alive())
-        )
-        if self.current is None:
-            self._next()
-
-    # answering
-    def _next(self) -> None:
-        server = self.server
-        while self.queue and self.current is None and not self.closed:
-            method, url, body, keep_alive = self.queue.popleft()
-            answer = server.handle(self, method, url, body, keep_alive)
-            if isinstance(answer, Exchange):
-                self.current = answer
-            else:
-                self.write(answer)
-                if not keep_alive:
-                    self._close()
-
-    def exchange_done(self, exchange: Exchange) -> None:
-        if self.current is exchange:
-            self.current = None
-        if not exchange.keep_alive:
-            self._close()
-        elif self.queue:
-            self._next()
-
-    def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
-
-    def _close(self, abort: bool = False) -> None:
-        self.closed = True
-        self.queue.clear()
-        if self.transport is not None:
-            if abort:
-                self.transport.abort()
-            else:
-                self.transport.close()
 
 
 class SimServer:
@@ -518,11 +188,11 @@ class SimServer:
                 return self._completion(connection, body, keep_alive, chat=False)
             raise RequestError(404, f"Unknown path {path.decode(errors='replace')}")
         except RequestError as exc:
-            return _response(exc.status, orjson.dumps(exc.payload), keep_alive)
+            return response(exc.status, orjson.dumps(exc.payload), keep_alive)
 
     def _get(self, path: bytes, keep_alive: bool) -> bytes:
         if path == b"/health":
-            return _response(200, b"", keep_alive)
+            return response(200, b"", keep_alive)
         if path in (b"/v1/models", b"/models"):
             model = {
                 "id": self.model_name,
@@ -532,12 +202,12 @@ class SimServer:
                 "root": self.profile.model,
                 "max_model_len": self.engine.max_len,
             }
-            return _response(200, orjson.dumps({"object": "list", "data": [model]}), keep_alive)
+            return response(200, orjson.dumps({"object": "list", "data": [model]}), keep_alive)
         if path == b"/metrics":
             text = self.metrics_text().encode()
-            return _response(200, text, keep_alive, b"text/plain; version=0.0.4; charset=utf-8")
+            return response(200, text, keep_alive, b"text/plain; version=0.0.4; charset=utf-8")
         if path == b"/sim/stats":
-            return _response(200, orjson.dumps(self.stats()), keep_alive)
+            return response(200, orjson.dumps(self.stats()), keep_alive)
         raise RequestError(404, f"Unknown path {path.decode(errors='replace')}")
 
     def metrics_text(self) -> str:
@@ -628,6 +298,7 @@ class SimServer:
         prefix = "chatcmpl-sim" if chat else "cmpl-sim"
         exchange = Exchange(
             connection,
+            self,
             chat=chat,
             stream=stream,
             include_usage=include_usage,
