@@ -100,13 +100,7 @@ def handle(
                 return _unauthorized()
             model = {"id": "echo", "object": "model", "created": 0, "owned_by": "backfill"}
             return Answer(200, orjson.dumps({"object": "list", "data": [model]}))
-        return error(
-            404,
-            f"Unknown path {path.decode(errors='replace')}",
-            "invalid_request_error",
-            None,
-            "not_found",
-        )
+        return _not_found(path)
     if method != b"POST":
         return error(405, "Method not allowed", "invalid_request_error", None, None)
     if path == b"/reset":
@@ -115,13 +109,7 @@ def handle(
     if path.startswith(b"/v1/"):
         path = path[3:]
     if path not in (b"/chat/completions", b"/completions", b"/embeddings"):
-        return error(
-            404,
-            f"Unknown path {path.decode(errors='replace')}",
-            "invalid_request_error",
-            None,
-            "not_found",
-        )
+        return _not_found(path)
     state.requests += 1
     if state._auth is not None and auth != state._auth:
         return _unauthorized()
@@ -149,6 +137,11 @@ def handle(
         return _embeddings(state, request)
     except (KeyError, TypeError, AttributeError, IndexError) as exc:
         return error(400, f"Invalid request: {exc!r}", "invalid_request_error", None, None)
+
+
+def _not_found(path: bytes) -> Answer:
+    message = f"Unknown path {path.decode(errors='replace')}"
+    return error(404, message, "invalid_request_error", None, "not_found")
 
 
 def _unauthorized() -> Answer:
