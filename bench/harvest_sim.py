@@ -1,6 +1,6 @@
 """`bench/harvest.py` in simulated time, without HTTP: fast, deterministic policy tuning.
 
-    python bench/harvest_sim.py [--only abc] [--duration 240] [--speedup 2]
+    python bench/harvest_sim.py [--only abc] [--duration 240] [--speedup 2] [--quiet 60]
                                 [--oracle 100 130 160] [--engine k=v ...] [--policy k=v ...]
 
 The same real-time trace and the same 10,000-request batch as `bench/harvest.py` are replayed
@@ -24,7 +24,9 @@ shedding. Sweeping V draws the frontier that any concurrency limit with this pac
 (latency inflation against idle capacity used), and shows how far the governor, which has to
 detect bursts, is from it. `--engine k=v` overrides simulator profile fields (for example
 `long_prefill_token_threshold=128` or `max_num_batched_tokens=512`) for every policy and for
-the capacity measurement alike.
+the capacity measurement alike. `--quiet S` runs S more simulated seconds without real time
+after the trace (not measured) and says how many long-prompt batch requests (deferred while
+real time was active) finished during the trace and in that quiet period.
 
 Wall-clock effects of the real run are not modelled: HTTP and scrape delays, the simulator's
 lag on a busy host, the gateway's streaming chunking. Use it to compare policies, then confirm
@@ -64,6 +66,7 @@ class Run:
     limits: list[tuple[float, int]] = field(default_factory=list)
     decisions: list[tuple[float, Decision]] = field(default_factory=list)
     shed: int = 0
+    waiting_long: int = 0  # long-prompt batch requests not sent yet at the end
 
 
 @dataclass
@@ -119,7 +122,7 @@ def simulate(
     next_rt = 0
     next_tick = 0.0
     tpot_sum = tpot_count = 0.0
-    end = args.duration
+    end = args.duration + args.quiet  # no real-time arrival after the trace's duration
 
     def shed(n: int) -> None:
         """Abort the `n` newest batch requests at the engine (as `Dispatcher.shed`); they go
@@ -240,6 +243,7 @@ def simulate(
                 item = in_flight.pop(r)
                 admission.answered(item.tokens, clock() - item.sent_at)
                 run.batch_done.append(r)
+    run.waiting_long = sum(1 for it in pending if defer_over and it.tokens > defer_over)
     return run
 
 
@@ -319,6 +323,9 @@ def main() -> int:
     parser.add_argument("--send-delay", type=float, default=0.002, help="wall s per send")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--only", default="abc")
+    parser.add_argument(
+        "--quiet", type=float, default=0.0, help="simulated seconds without real time after it"
+    )
     parser.add_argument("--verbose", action="store_true", help="print the limit over time")
     parser.add_argument("--policy", nargs="*", default=[], help="PolicyConfig overrides k=v")
     parser.add_argument("--engine", nargs="*", default=[], help="sim profile overrides k=v")
@@ -360,6 +367,13 @@ def main() -> int:
         rows[label] = summarize(run, args.warmup, args.duration)
         rows[label]["shed"] = run.shed
         early[label] = summarize(run, args.early, args.duration)
+        if args.quiet and work is not None:
+            long = [r for r in run.batch_done if r.prompt_len > (DEFER_OVER or 0)]
+            after = sum(1 for r in long if r.finish_time > args.duration)
+            print(
+                f"{label}: long prompts finished {len(long) - after} during the trace, {after} in "
+                f"the {args.quiet:g} s quiet period after it; {run.waiting_long} still waiting"
+            )
         if args.verbose:
             print(label)
             describe(run, args)
