@@ -349,8 +349,8 @@ def test_turning_deferral_off_lets_every_long_prompt_go() -> None:
         longs = [
             asyncio.create_task(dispatcher.run(CHAT, long_prompt(f"l{i}", 99))) for i in range(3)
         ]
-        # one request of a batch near its deadline does not wait
-        urgent = asyncio.create_task(dispatcher.run(CHAT, long_prompt("u", 99), defer=False))
+        # one request of a batch past the middle of its window does not wait
+        urgent = asyncio.create_task(dispatcher.run(CHAT, long_prompt("u", 99), defer_until=0.0))
         await eventually(lambda: engine.active == 4)
         assert dispatcher.stats.deferred == 3
         engine.release(3)
@@ -390,5 +390,35 @@ def test_a_cancelled_long_prompt_leaves_the_queue() -> None:
         engine.release(1)
         assert (await later).status == 200
         assert engine.calls == ["s", "l2"]
+
+    run(scenario())
+
+
+def test_a_deferred_long_prompt_stops_waiting_at_its_deadline() -> None:
+    engine = FakeEngine(gated=True)
+    dispatcher, _ = make(engine, limit=1)
+    dispatcher.set_defer(50)
+    now = [1000.0]
+    dispatcher._wall = lambda: now[0]
+
+    async def scenario() -> None:
+        shorts = [
+            asyncio.create_task(dispatcher.run(CHAT, long_prompt(f"s{i}", 5))) for i in range(3)
+        ]
+        await eventually(lambda: engine.active == 1)
+        late = asyncio.create_task(dispatcher.run(CHAT, long_prompt("l", 99), defer_until=1010.0))
+        await eventually(lambda: dispatcher.stats.deferred == 1)
+        engine.release(1)
+        await eventually(lambda: engine.calls == ["s0", "s1"])
+        assert dispatcher.stats.deferred == 1  # short ones still wait: it waits too
+        now[0] = 1010.0  # its batch reached the middle of its window
+        engine.release(1)
+        await eventually(lambda: len(engine.calls) == 3)
+        assert dispatcher.stats.deferred == 0
+        assert engine.calls == ["s0", "s1", "s2"]  # in the window's queue now, first come first
+        engine.release(1)
+        await eventually(lambda: engine.calls[-1] == "l")
+        engine.release(1)
+        assert all(o.status == 200 for o in await asyncio.gather(*shorts, late))
 
     run(scenario())

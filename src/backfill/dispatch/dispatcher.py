@@ -34,13 +34,15 @@ with retries.
   request is waiting for it, so it never starves: it only lets the short ones go first. One
   long prompt is a compute-bound prefill of its own (a 2,000-token prompt adds ~70 ms to the
   step on an 8B model on an H100), and every real-time token in that step waits for it; short
-  ones fill the steps' spare compute instead. The caller can opt a request out
-  (`run(..., defer=False)`, a batch near its deadline). `stats.deferred` is how many wait now.
+  ones fill the steps' spare compute instead. The caller bounds the wait
+  (`run(..., defer_until=t)`: a batch's deadline; the worker passes the middle of its
+  completion window). `stats.deferred` is how many wait now.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -244,9 +246,11 @@ class Dispatcher:
         self._pump_handle: asyncio.TimerHandle | None = None
         self._clock = time.monotonic
         self.defer_over: float | None = None
-        #: deferred requests, oldest first; a future's result is True when it was let go for
-        #: the window's room, which it then holds until it reaches the window (`_leaving`)
-        self._parked: list[tuple[int, asyncio.Future[bool]]] = []
+        #: deferred requests, oldest first: (prompt tokens, until when at most (epoch s), future);
+        #: a future's result is True when it was let go for the window's room, which it then
+        #: holds until it reaches the window (`_leaving`)
+        self._parked: list[tuple[int, float, asyncio.Future[bool]]] = []
+        self._wall = time.time
         self._leaving = 0
 
     @classmethod
@@ -296,31 +300,34 @@ class Dispatcher:
         self._unpark()
 
     def _unpark(self) -> None:
-        """Let parked requests go: all that are no longer long (or all, deferral off), then
-        the oldest one whenever the window has room that nobody else is waiting for."""
+        """Let parked requests go: all that are no longer long (or all, deferral off) or whose
+        time is up, then the oldest one whenever the window has room nobody else waits for."""
         parked = self._parked
         if not parked:
             return
         over = self.defer_over
-        keep: list[tuple[int, asyncio.Future[bool]]] = []
-        for tokens, future in parked:
+        now = self._wall()
+        keep: list[tuple[int, float, asyncio.Future[bool]]] = []
+        for entry in parked:
+            tokens, until, future = entry
             if future.done():
                 continue
-            if over is None or tokens <= over:
+            if over is None or tokens <= over or now >= until:
                 future.set_result(False)
             else:
-                keep.append((tokens, future))
+                keep.append(entry)
         window = self._window
         while keep and window.in_flight + self._leaving < window.limit and not window.waiting:
-            keep.pop(0)[1].set_result(True)
+            keep.pop(0)[2].set_result(True)
             self._leaving += 1
         parked[:] = keep
         self.stats.deferred = len(keep)
 
-    async def _deferred(self, tokens: int) -> None:
-        """Wait, outside the window, while this request's prompt counts as long."""
+    async def _deferred(self, tokens: int, until: float) -> None:
+        """Wait, outside the window, while this request's prompt counts as long (at most until
+        `until`, epoch seconds)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._parked.append((tokens, future))
+        self._parked.append((tokens, until, future))
         self._unpark()
         try:
             await future
@@ -328,7 +335,7 @@ class Dispatcher:
             if not future.done():
                 future.cancel()
             if future.cancelled():
-                self._parked = [(t, f) for t, f in self._parked if f is not future]
+                self._parked = [e for e in self._parked if e[2] is not future]
                 self.stats.deferred = len(self._parked)
             elif future.result():
                 self._leaving -= 1  # at the window now (or cancelled on the way)
@@ -392,10 +399,11 @@ class Dispatcher:
         body: dict[str, Any],
         *,
         timeout: float | None = None,  # noqa: ASYNC109 (a per-request budget, passed to the engine)
-        defer: bool = True,
+        defer_until: float = math.inf,
     ) -> Outcome:
         """Send one request, retrying per the policy; always returns an `Outcome`.
-        `defer=False`: never wait behind shorter prompts (see `set_defer`)."""
+        `defer_until` (epoch seconds): wait behind shorter prompts at most until then (see
+        `set_defer`; a time past: never)."""
         policy = self.policy
         stats = self.stats
         window = self._window
@@ -409,8 +417,9 @@ class Dispatcher:
         attempt = 0
         while True:
             attempt += 1
-            if defer and self.defer_over is not None and tokens > self.defer_over:
-                await self._deferred(tokens)
+            over = self.defer_over
+            if over is not None and tokens > over and self._wall() < defer_until:
+                await self._deferred(tokens, defer_until)
             await window.acquire()
             stats.in_flight += 1
             stats.sent += 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -149,7 +150,7 @@ class ShardRun:
                         line_no,
                         cid,
                         body,
-                        defer=self._clock() < defer_until,
+                        defer_until=defer_until,
                     )
                 )
                 running.add(task)
@@ -182,13 +183,13 @@ class ShardRun:
         custom_id: str,
         body: dict[str, Any],
         *,
-        defer: bool = True,
+        defer_until: float = math.inf,
     ) -> None:
         if dispatcher is None:
             line = error_line(custom_id, "model_not_found", "The model is no longer served.")
             self._add(line_no, ERROR, line, Usage(), ok=False)
             return
-        outcome = await dispatcher.run(endpoint, body, defer=defer)
+        outcome = await dispatcher.run(endpoint, body, defer_until=defer_until)
         if outcome.status is None:
             line = error_line(
                 custom_id, outcome.error_code or "upstream_unavailable", outcome.message or ""
