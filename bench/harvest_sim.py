@@ -48,14 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backfill.dispatch.dispatcher import Admission
 from backfill.dispatch.policy import Decision, GovernorPolicy, PolicyConfig
 from backfill.dispatch.signals import EngineLoad, Signals
-from backfill.settings import Settings
 from backfill.sim import Distribution, SimRequest, get_profile, sharegpt_like
 from backfill.sim.engine import FINISHED, Engine
 from backfill.sim.tokens import Prompt
-from harvest import BURST, CYCLE, LOAD, PROFILE, length, saturated_capacity, trace, verdict
+from harvest import BURST, CYCLE, LOAD, LONG, PROFILE, length, saturated_capacity, trace, verdict
 
 #: the product's default: batch prompts over this many tokens wait while real time is active
-DEFER_OVER = Settings.model_fields["governor_defer_prompt_tokens"].default or None
+DEFER_OVER = LONG or None
 
 
 @dataclass
@@ -243,7 +242,7 @@ def simulate(
                 item = in_flight.pop(r)
                 admission.answered(item.tokens, clock() - item.sent_at)
                 run.batch_done.append(r)
-    run.waiting_long = sum(1 for it in pending if defer_over and it.tokens > defer_over)
+    run.waiting_long = sum(1 for it in pending if it.tokens > LONG)
     return run
 
 
@@ -368,7 +367,7 @@ def main() -> int:
         rows[label]["shed"] = run.shed
         early[label] = summarize(run, args.early, args.duration)
         if args.quiet and work is not None:
-            long = [r for r in run.batch_done if r.prompt_len > (DEFER_OVER or 0)]
+            long = [r for r in run.batch_done if r.prompt_len > LONG]
             after = sum(1 for r in long if r.finish_time > args.duration)
             print(
                 f"{label}: long prompts finished {len(long) - after} during the trace, {after} in "

@@ -96,6 +96,15 @@ class FakeEngine:
             self.active -= 1
 
 
+async def release_until_done(engine: FakeEngine, tasks: list[asyncio.Task[Outcome]]) -> None:
+    """Let every gated call through, as they come, until all `tasks` are done."""
+    while not all(t.done() for t in tasks):
+        waiting = sum(1 for g in engine.gates if not g.done())
+        if waiting:
+            engine.release(waiting)
+        await asyncio.sleep(0)
+
+
 class RecordingSleep:
     def __init__(self) -> None:
         self.delays: list[float] = []
@@ -106,12 +115,17 @@ class RecordingSleep:
 
 
 def make(
-    engine: FakeEngine, *, limit: int = 4, attempts: int = 3, sleep: Any = None
+    engine: FakeEngine, *, limit: int = 4, attempts: int = 3, sleep: Any = None, **kw: Any
 ) -> tuple[Dispatcher, RecordingSleep]:
     recorder = RecordingSleep()
     policy = RetryPolicy(attempts=attempts, base_delay=0.01, max_delay=0.05, jitter="none")
     dispatcher = Dispatcher(
-        engine, max_concurrency=limit, policy=policy, sleep=sleep or recorder, rand=lambda: 0.5
+        engine,
+        max_concurrency=limit,
+        policy=policy,
+        sleep=sleep or recorder,
+        rand=lambda: 0.5,
+        **kw,
     )
     return dispatcher, recorder
 
@@ -169,11 +183,7 @@ def test_set_limit_grows_and_shrinks() -> None:
         assert engine.active == 2
 
         dispatcher.set_limit(100)
-        while not all(t.done() for t in tasks):
-            waiting = sum(1 for g in engine.gates if not g.done())
-            if waiting:
-                engine.release(waiting)
-            await asyncio.sleep(0)
+        await release_until_done(engine, tasks)
         assert engine.max_active == 13  # 2 running + the 11 still waiting, all at once
         assert all(t.result().status == 200 for t in tasks)
 
@@ -359,11 +369,7 @@ def test_turning_deferral_off_lets_every_long_prompt_go() -> None:
         assert dispatcher.stats.deferred == 3
         dispatcher.set_defer(None)  # real time went quiet
         assert dispatcher.stats.deferred == 0
-        while not all(t.done() for t in shorts + longs + [urgent]):
-            waiting = sum(1 for g in engine.gates if not g.done())
-            if waiting:
-                engine.release(waiting)
-            await asyncio.sleep(0)
+        await release_until_done(engine, [*shorts, *longs, urgent])
         assert sorted(engine.calls[7:]) == ["l0", "l1", "l2"]
         assert engine.max_active == 4
 
@@ -396,10 +402,9 @@ def test_a_cancelled_long_prompt_leaves_the_queue() -> None:
 
 def test_a_deferred_long_prompt_stops_waiting_at_its_deadline() -> None:
     engine = FakeEngine(gated=True)
-    dispatcher, _ = make(engine, limit=1)
-    dispatcher.set_defer(50)
     now = [1000.0]
-    dispatcher._wall = lambda: now[0]
+    dispatcher, _ = make(engine, limit=1, wall=lambda: now[0])
+    dispatcher.set_defer(50)
 
     async def scenario() -> None:
         shorts = [

@@ -227,6 +227,7 @@ class Dispatcher:
         sleep: Sleep = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         priority: int | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -250,7 +251,7 @@ class Dispatcher:
         #: a future's result is True when it was let go for the window's room, which it then
         #: holds until it reaches the window (`_leaving`)
         self._parked: list[tuple[int, float, asyncio.Future[bool]]] = []
-        self._wall = time.time
+        self._wall = wall  # epoch seconds, for `defer_until`
         self._leaving = 0
 
     @classmethod
@@ -335,8 +336,7 @@ class Dispatcher:
             if not future.done():
                 future.cancel()
             if future.cancelled():
-                self._parked = [e for e in self._parked if e[2] is not future]
-                self.stats.deferred = len(self._parked)
+                self._unpark()  # drops it (and recounts)
             elif future.result():
                 self._leaving -= 1  # at the window now (or cancelled on the way)
 

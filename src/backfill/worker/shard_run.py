@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -183,7 +182,7 @@ class ShardRun:
         custom_id: str,
         body: dict[str, Any],
         *,
-        defer_until: float = math.inf,
+        defer_until: float,
     ) -> None:
         if dispatcher is None:
             line = error_line(custom_id, "model_not_found", "The model is no longer served.")
