@@ -25,9 +25,12 @@ class World:
         self.now = 0.0
         self.batch = 0
 
-    def tick(self, rt: int, arrivals: int | None = None, throttled: int = 0) -> Decision:
+    def tick(
+        self, rt: int, arrivals: int | None = None, throttled: int = 0, unseen: int = 0
+    ) -> Decision:
+        """`unseen`: real-time requests at the engine that did not pass the gateway."""
         self.now += 0.1
-        running = rt + self.batch
+        running = rt + unseen + self.batch
         engine = EngineLoad(running, 0, 0.3, step_time(running)) if self.metrics else None
         tpot = () if self.metrics or rt == 0 else (step_time(running),) * 3
         decision = self.policy.decide(
@@ -44,7 +47,7 @@ class World:
         self.batch = decision.limit  # the worker keeps the window full; shed takes the excess
         return decision
 
-    def run(self, ticks: int, rt: int, **kw: int) -> Iterator[Decision]:
+    def run(self, ticks: int, rt: int, **kw: int) -> Iterator[Decision]:  # kw: tick's
         for _ in range(ticks):
             yield self.tick(rt, **kw)
 
@@ -101,6 +104,26 @@ def test_long_prompts_are_deferred_only_while_real_time_is_active() -> None:
     assert decisions[-1].idle and decisions[-1].defer_over is None
     assert world.tick(rt=5).defer_over == 512
     assert World(policy()).tick(rt=5).defer_over is None  # off unless configured
+
+
+def test_fills_what_a_burst_leaves_while_its_requests_finish() -> None:
+    """After a burst, arrivals are back at the base rate while the burst's requests still
+    run: the batch grows into the load they leave instead of waiting until they are gone."""
+    world = World(policy())
+    list(world.run(100, rt=100, arrivals=10))  # the peak: 10 arrivals a tick, 10 ticks each
+    list(world.run(200, rt=20, arrivals=2))
+    burst = list(world.run(30, rt=100, arrivals=10))[-1]
+    draining = [world.tick(rt=n, arrivals=2).limit for n in range(90, 60, -1)]
+    assert draining[-1] > 2 * burst.limit  # (the old rule, by the load in flight: 11 vs 10)
+    assert draining[-1] > draining[0]
+
+
+def test_load_the_gateway_does_not_see_arriving_is_a_burst_by_its_size() -> None:
+    world = World(policy())
+    list(world.run(100, rt=0, arrivals=0, unseen=100))
+    valley = list(world.run(200, rt=0, arrivals=0, unseen=20))[-1]
+    burst = list(world.run(5, rt=0, arrivals=0, unseen=100))[-1]
+    assert burst.limit < valley.limit / 2
 
 
 def test_grows_gradually() -> None:
