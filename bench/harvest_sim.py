@@ -37,10 +37,14 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -321,6 +325,9 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.1, help="governor tick, wall s")
     parser.add_argument("--send-delay", type=float, default=0.002, help="wall s per send")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=[], help="several seeds: mean and worst"
+    )
     parser.add_argument("--only", default="abc")
     parser.add_argument(
         "--quiet", type=float, default=0.0, help="simulated seconds without real time after it"
@@ -340,11 +347,25 @@ def main() -> int:
     args.engine_overrides = {k: int(v) for k, v in (kv.split("=") for kv in args.engine)}
 
     wall0 = time.monotonic()
-    mix = sharegpt_like(args.batch, seed=args.seed + 1)
+    if args.seeds:
+        over_seeds(args)
+    else:
+        one_seed(args, args.seed, show=True)
+    print(f"wall {time.monotonic() - wall0:.0f} s")
+    return 0
+
+
+def one_seed(
+    args: argparse.Namespace, seed: int, show: bool
+) -> dict[str, tuple[float, float, float]]:
+    """Run the policies on one seed's trace and batch; print the table when `show`. Returns
+    per policy but (a): p99 TTFT and TPOT over (a)'s, and the share of the idle capacity."""
+    mix = sharegpt_like(args.batch, seed=seed + 1)
     batch = [(length(r.prompt), r.max_tokens) for r in mix]
     capacity = saturated_capacity(batch, **args.engine_overrides)
-    items, rate = trace(capacity, args.duration, args.seed)
-    print(
+    items, rate = trace(capacity, args.duration, seed)
+    say = print if show else lambda *_: None
+    say(
         f"GPU: {PROFILE} (simulated, sim time only); saturated capacity on the batch mix: "
         f"{capacity:,.0f} tokens/s; real-time trace: {len(items)} requests over "
         f"{args.duration:g} s, mean {rate:.1f} req/s (~{LOAD:.0%} of capacity)"
@@ -355,8 +376,9 @@ def main() -> int:
         "c": (batch, True, 1024),
     }
     labels = {"a": "(a) real-time alone", "b": "(b) + batch, fixed 256", "c": "(c) + governor"}
+    only = args.only if "a" in args.only or not args.seeds else "a" + args.only
     runs: list[tuple[str, list[tuple[int, int]] | None, bool, int, int | None]] = [
-        (labels[name], *plan[name], None) for name in args.only
+        (labels[name], *plan[name], None) for name in only
     ]
     runs += [(f"(o) oracle, valley {v}", batch, True, 1024, v) for v in args.oracle]
     rows: dict[str, dict[str, Any]] = {}
@@ -369,34 +391,65 @@ def main() -> int:
         if args.quiet and work is not None:
             long = [r for r in run.batch_done if r.prompt_len > LONG]
             after = sum(1 for r in long if r.finish_time > args.duration)
-            print(
+            say(
                 f"{label}: long prompts finished {len(long) - after} during the trace, {after} in "
                 f"the {args.quiet:g} s quiet period after it; {run.waiting_long} still waiting"
             )
-        if args.verbose:
+        if args.verbose and show:
             print(label)
             describe(run, args)
     idle = capacity - rows[labels["a"]]["rt_tps"] if labels["a"] in rows else float("nan")
-    print(
+    say(
         f"{'policy':<26}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}"
         f"{'rt tok/s':>10}{'batch tok/s':>12}{'idle used':>10}{'shed':>7}"
     )
     for label, s in rows.items():
-        print(
+        say(
             f"{label:<26}{s['ttft50']:>8.1f}ms{s['ttft99']:>8.1f}ms{s['tpot50']:>8.1f}ms"
             f"{s['tpot99']:>8.1f}ms{s['rt_tps']:>10,.0f}{s['batch_tps']:>12,.0f}"
             f"{s['batch_tps'] / idle:>10.0%}{s['shed']:>7}"
         )
-    if labels["a"] in rows:
-        for label, s in rows.items():
-            if label != labels["a"]:
-                print(verdict(label, s, rows[labels["a"]], idle))
-        a = early[labels["a"]]
-        for label, s in early.items():
-            if label != labels["a"]:
-                print(f"  from {args.early:g} s, " + verdict(label, s, a, capacity - a["rt_tps"]))
-    print(f"wall {time.monotonic() - wall0:.0f} s")
-    return 0
+    if labels["a"] not in rows:
+        return {}
+    a = rows[labels["a"]]
+    for label, s in rows.items():
+        if label != labels["a"]:
+            say(verdict(label, s, a, idle))
+    a_early = early[labels["a"]]
+    for label, s in early.items():
+        if label != labels["a"]:
+            say(
+                f"  from {args.early:g} s, "
+                + verdict(label, s, a_early, capacity - a_early["rt_tps"])
+            )
+    return {
+        label: (s["ttft99"] / a["ttft99"], s["tpot99"] / a["tpot99"], s["batch_tps"] / idle)
+        for label, s in rows.items()
+        if label != labels["a"]
+    }
+
+
+def over_seeds(args: argparse.Namespace) -> None:
+    """`--seeds`: one process per seed (as many at once as there are cores); per policy the
+    mean and the worst seed of each ratio, then each seed's."""
+    with ProcessPoolExecutor(max_workers=min(len(args.seeds), os.cpu_count() or 1)) as pool:
+        results = list(pool.map(one_seed, repeat(args), args.seeds, repeat(False)))
+    print(f"seeds {' '.join(map(str, args.seeds))}; window from {args.warmup:g} s")
+    print(
+        f"{'policy':<26}{'TTFT p99 x':>12}{'(worst)':>8}{'TPOT p99 x':>12}{'(worst)':>8}"
+        f"{'idle used':>10}{'(least)':>8}"
+    )
+    for label in results[0]:
+        ttft, tpot, share = zip(*(r[label] for r in results), strict=True)
+        print(
+            f"{label:<26}{mean(ttft):>11.3f}x{max(ttft):>7.2f}x{mean(tpot):>11.3f}x"
+            f"{max(tpot):>7.2f}x{mean(share):>10.1%}{min(share):>8.0%}"
+        )
+    for seed, r in zip(args.seeds, results, strict=True):
+        print(
+            f"  seed {seed}: "
+            + "; ".join(f"{k} {t:.2f}x / {p:.2f}x / {u:.0%}" for k, (t, p, u) in r.items())
+        )
 
 
 if __name__ == "__main__":
