@@ -395,6 +395,12 @@ def one_seed(
                 f"{label}: long prompts finished {len(long) - after} during the trace, {after} in "
                 f"the {args.quiet:g} s quiet period after it; {run.waiting_long} still waiting"
             )
+            done = {int(r.request_id[1:].split(".")[0]) for r in run.batch_done}
+            last = max((r.finish_time for r in run.batch_done), default=0.0)
+            say(
+                f"{label}: {len(done):,} of {len(work):,} batch requests done, "
+                f"the last at {last:.0f} s"
+            )
         if args.verbose and show:
             print(label)
             describe(run, args)
