@@ -280,11 +280,12 @@ def describe(run: Run, args: argparse.Namespace) -> None:
     if run.limits:
         for t0 in range(60, int(args.duration), 60):
             seg = [lim for t, lim in run.limits if t0 <= t < t0 + 60]
-            print(f"  limits {t0}-{t0 + 60}s every 3 s: " + " ".join(map(str, seg[::8])))
+            tick = args.interval * args.speedup  # simulated seconds between decisions
+            print(f"  limits {t0}-{t0 + 60}s every {8 * tick:g} s: " + " ".join(map(str, seg[::8])))
             ds = [d for t, d in run.decisions if t0 <= t < t0 + 60][::40]
             if ds:
                 print(
-                    "    every 12 s: reference/knee/trim "
+                    f"    every {40 * tick:g} s: reference/knee/trim "
                     + ", ".join(f"{d.reference:.0f}/{d.knee:.0f}/{d.trim:.2f}" for d in ds)
                 )
     for part, (lo, hi) in {"valley": (0.0, CYCLE - BURST), "burst": (CYCLE - BURST, CYCLE)}.items():

@@ -106,18 +106,6 @@ def test_long_prompts_are_deferred_only_while_real_time_is_active() -> None:
     assert World(policy()).tick(rt=5).defer_over is None  # off unless configured
 
 
-def test_fills_what_a_burst_leaves_while_its_requests_finish() -> None:
-    """After a burst, arrivals are back at the base rate while the burst's requests still
-    run: the batch grows into the load they leave instead of waiting until they are gone."""
-    world = World(policy())
-    list(world.run(100, rt=100, arrivals=10))  # the peak: 10 arrivals a tick, 10 ticks each
-    list(world.run(200, rt=20, arrivals=2))
-    burst = list(world.run(30, rt=100, arrivals=10))[-1]
-    draining = [world.tick(rt=n, arrivals=2).limit for n in range(90, 60, -1)]
-    assert draining[-1] > 2 * burst.limit  # (the old rule, by the load in flight: 11 vs 10)
-    assert draining[-1] > draining[0]
-
-
 def test_load_the_gateway_does_not_see_arriving_is_a_burst_by_its_size() -> None:
     world = World(policy())
     list(world.run(100, rt=0, arrivals=0, unseen=100))
