@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from backfill.blobs import open_blobs
 from backfill.blobs.base import Blobs
@@ -94,9 +95,9 @@ class Harness:
         self.engine = FakeEngine()
         self.project = self.store.ensure_project("p")
 
-    def dispatchers(self) -> dict[str, Dispatcher]:
+    def dispatchers(self, max_concurrency: int = 8) -> dict[str, Dispatcher]:
         policy = RetryPolicy(attempts=1)
-        return {"m": Dispatcher(self.engine, max_concurrency=8, policy=policy)}
+        return {"m": Dispatcher(self.engine, max_concurrency=max_concurrency, policy=policy)}
 
     async def submit(self, contents: list[str]) -> BatchRecord:
         data = b"\n".join(line(f"c{i}", c) for i, c in enumerate(contents)) + b"\n"
@@ -213,6 +214,34 @@ def test_cancel_keeps_finished_results(tmp_path: Path) -> None:
             ("c3", "batch_cancelled"),
         ]
         assert all(x["response"] is None for x in errors)
+
+    run(main)
+
+
+@pytest.mark.parametrize("may_defer", [False, True])
+def test_requests_in_hand_are_twice_the_window_only_when_long_prompts_may_wait(
+    tmp_path: Path, may_defer: bool
+) -> None:
+    """A shard's requests are started up to the model's `max_concurrency` (waiting on its
+    window beyond what is in flight), or twice that when a governor may defer long prompts."""
+
+    async def main() -> None:
+        h = Harness(tmp_path, shard_size=100)
+        await h.submit([f"hold{i}" for i in range(100)])
+        dispatchers = h.dispatchers(max_concurrency=20)
+        dispatchers["m"].may_defer = may_defer
+        stop = asyncio.Event()
+        sched = Scheduler(h.settings, h.store, h.blobs, SERVED, clock=h.clock)
+        worker = Worker(h.settings, h.store, h.blobs, dispatchers, clock=h.clock)
+        tasks = [asyncio.create_task(sched.run(stop)), asyncio.create_task(worker.run(stop))]
+        dispatcher = dispatchers["m"]
+        await h.until(lambda: dispatcher.in_flight == 20)
+        await asyncio.sleep(0.05)  # let the shard start all it may
+        assert dispatcher.waiting == (20 if may_defer else 0)
+        h.engine.release.set()
+        await h.until(lambda: h.status() is BatchStatus.COMPLETED)
+        stop.set()
+        await asyncio.gather(*tasks)
 
     run(main)
 

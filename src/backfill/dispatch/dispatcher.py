@@ -247,6 +247,10 @@ class Dispatcher:
         self._pump_handle: asyncio.TimerHandle | None = None
         self._clock = time.monotonic
         self.defer_over: float | None = None
+        #: set by a governor that may defer long prompts: the worker then keeps twice
+        #: `max_concurrency` requests in hand, so that deferred ones leave the short ones a
+        #: full window
+        self.may_defer = False
         #: deferred requests, oldest first: (prompt tokens, until when at most (epoch s), future);
         #: a future's result is True when it was let go for the window's room, which it then
         #: holds until it reaches the window (`_leaving`)
@@ -282,6 +286,11 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         return self._window.in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot in the window (not counting deferred ones)."""
+        return self._window.waiting
 
     def set_limit(self, n: int) -> None:
         """Move the concurrency limit (>= 1). Running requests are never interrupted."""

@@ -60,6 +60,7 @@ class Governor:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.dispatcher = dispatcher
+        dispatcher.may_defer = policy.config.defer_over is not None
         self.engine: Engine = dispatcher.engine
         self.stats = stats
         self.policy = policy

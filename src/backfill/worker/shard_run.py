@@ -110,9 +110,10 @@ class ShardRun:
         window, not the shard; on stop, abort whatever is in flight."""
         dispatcher = self._dispatchers.get(batch.model or "")
         # the configured ceiling, not the current limit: the governor may raise it later;
-        # twice that when long prompts may be deferred, so the short ones keep a full window
+        # twice that when its governor may defer long prompts, so the short ones keep a full
+        # window
         cap = max(16, dispatcher.max_concurrency if dispatcher is not None else 16)
-        if self._settings.governor_defer_prompt_tokens > 0:
+        if dispatcher is not None and dispatcher.may_defer:
             cap *= 2
         # long prompts may wait behind short ones only in the first half of the window
         defer_until = batch.created_at + (batch.expires_at - batch.created_at) / 2
