@@ -30,7 +30,9 @@ real time was active) finished during the trace and in that quiet period.
 
 Wall-clock effects of the real run are not modelled: HTTP and scrape delays, the simulator's
 lag on a busy host, the gateway's streaming chunking. Use it to compare policies, then confirm
-with the real run. Prints the same table as `bench/harvest.py`.
+with the real run. Prints the same table as `bench/harvest.py`; as there, the run goes on
+after the trace until its last real-time request has finished (the batch still running), and
+only batch requests that finished inside the window count.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def simulate(
 
     while True:
         now = engine.now
-        if now >= end:
+        if now >= end and not rt_live:  # (as the HTTP bench, the trace's last streams end)
             break
         # real-time arrivals up to now
         while next_rt < len(items) and items[next_rt][0] <= now:
