@@ -279,10 +279,10 @@ def summarize(run: Run, lo: float, hi: float) -> dict[str, float]:
 
 def describe(run: Run, args: argparse.Namespace) -> None:
     """The limit over time, batch and real-time throughput and latencies by phase."""
+    tick = args.interval * args.speedup  # simulated seconds between decisions
     if run.limits:
         for t0 in range(60, int(args.duration), 60):
             seg = [lim for t, lim in run.limits if t0 <= t < t0 + 60]
-            tick = args.interval * args.speedup  # simulated seconds between decisions
             print(f"  limits {t0}-{t0 + 60}s every {8 * tick:g} s: " + " ".join(map(str, seg[::8])))
             ds = [d for t, d in run.decisions if t0 <= t < t0 + 60][::40]
             if ds:
@@ -398,10 +398,9 @@ def one_seed(
                 f"{label}: long prompts finished {len(long) - after} during the trace, {after} in "
                 f"the {args.quiet:g} s quiet period after it; {run.waiting_long} still waiting"
             )
-            done = {int(r.request_id[1:].split(".")[0]) for r in run.batch_done}
             last = max((r.finish_time for r in run.batch_done), default=0.0)
-            say(
-                f"{label}: {len(done):,} of {len(work):,} batch requests done, "
+            say(  # (a shed request is aborted, so each request finishes once)
+                f"{label}: {len(run.batch_done):,} of {len(work):,} batch requests done, "
                 f"the last at {last:.0f} s"
             )
         if args.verbose and show:

@@ -47,7 +47,7 @@ class World:
         self.batch = decision.limit  # the worker keeps the window full; shed takes the excess
         return decision
 
-    def run(self, ticks: int, rt: int, **kw: int) -> Iterator[Decision]:  # kw: tick's
+    def run(self, ticks: int, rt: int, **kw: int) -> Iterator[Decision]:  # kw: as for tick
         for _ in range(ticks):
             yield self.tick(rt, **kw)
 

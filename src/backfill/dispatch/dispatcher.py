@@ -238,7 +238,6 @@ class Dispatcher:
         self._window = Window(max_concurrency)
         self._sleep = sleep
         self._rand = rand
-        #: sends at the engine, oldest first (dicts keep insertion order)
         #: tasks whose request is at the engine right now, oldest first (dicts keep order)
         self._active: dict[asyncio.Task[Any], None] = {}
         self._shed: set[asyncio.Task[Any]] = set()

@@ -31,22 +31,24 @@ grows over a request's lifetime). The rate is the lower bound of the arrival cou
 last `onset` seconds, `(n - onset_z * sqrt(n)) / span`: half a second at a moderate rate holds
 only a dozen arrivals, and their plain rate took Poisson noise for bursts often enough in real
 time (every 100 ms tick) to shed the batch for nothing (`bench/harvest_sim.py --speedup 1`:
-1,370 requests shed and 48% of the idle capacity used on seed 7; now 350 and 58%, latencies
-alike). While only the plain count shows a burst, no new batch request is sent (the
-limit holds at what is in flight, nothing is shed): the bound costs a tick or two at a real
-burst's onset, and that is when batch prefills would hurt most. A burst drops the batch to
-the headroom at once (the excess is shed): measured on `bench/harvest_sim.py`, letting the
-batch fill up to the peak *during* a burst put every burst request at peak step time for the
-whole burst (p99 TPOT +25%), and bursts are where p99 is set.
+1,370 requests shed and 48% of the idle capacity used on seed 7; with the bound 451 and 58%,
+latencies alike; with the current policy, 488 and 69%). While only the plain count shows a
+burst, no new batch request is sent (the limit holds at what is in flight, nothing is shed):
+the bound costs a tick or two at a real burst's onset, and that is when batch prefills would
+hurt most. A burst drops the batch to the headroom at once (the excess is shed): measured on
+`bench/harvest_sim.py`, letting the batch fill up to the peak *during* a burst put every burst
+request at peak step time for the whole burst (p99 TPOT +25%), and bursts are where p99 is set.
 
 Tried on `bench/harvest_sim.py` and not kept, because each moved along the same frontier
-(throughput for latency) rather than past it: telling a burst by its arrivals alone, so that
-after a burst the batch fills what the burst's requests leave as they finish (`r_now` holds it
-at the headroom for 3-6 simulated s of each valley): +1.5 points of the idle capacity over
-seeds 1-12, but p99 TTFT +0.02 (seed 7 at `--speedup 1`: 1.10x -> 1.13x) and 1.11x / 1.13x in
-two HTTP runs; a CUSUM test of the arrival rate (a burst seen 0.6-0.8 s after its onset
-instead of 1.2-2.2 s): no gain, as the p99 requests arrive well inside the bursts; scaling the
-valley fill to hold the valley's step time at a multiple of the bursts': as `fill`.
+(throughput for latency) rather than clearly past it: telling a burst by its arrivals alone, so
+that after a burst the batch fills what the burst's requests leave as they finish (`r_now`
+holds it at the headroom for 3-6 simulated s of each valley): over seeds 1-12, 69.8% of the
+idle capacity at mean p99 TTFT 1.074x / TPOT 1.132x (worst seed 1.14x / 1.21x) against 68.5% at
+1.068x / 1.126x (worst 1.11x / 1.22x), and p99 TTFT 1.11x and 1.13x in two HTTP runs against
+1.05-1.17x in four of this policy, so the budget came first; a CUSUM test of the arrival rate
+(a burst seen 0.6-0.8 s after its onset instead of 1.2-2.2 s): no gain, as the p99 requests
+arrive well inside the bursts; scaling the valley fill to hold the valley's step time at a
+multiple of the bursts': as `fill`.
 
 While real time is active the decision also turns on the dispatcher's prefill pacing
 (`pace`, `burst`, see `dispatcher.Admission`): batch prompt tokens are let through at about

@@ -211,8 +211,8 @@ def _chat(state: UpstreamState, request: dict[str, Any]) -> Answer:
         return failure
     reply = "echo: " + last
     state.next_id += 1
+    usage = _usage(sum(_words(t) for t in texts), _words(reply))
     if request.get("stream") is True:
-        usage = _usage(sum(_words(t) for t in texts), _words(reply))
         return _sse(f"chatcmpl-{state.next_id}", request, reply, usage, chat=True, delay=delay)
     payload = {
         "id": f"chatcmpl-{state.next_id}",
@@ -227,7 +227,7 @@ def _chat(state: UpstreamState, request: dict[str, Any]) -> Answer:
                 "finish_reason": "stop",
             }
         ],
-        "usage": _usage(sum(_words(t) for t in texts), _words(reply)),
+        "usage": usage,
     }
     return Answer(200, orjson.dumps(payload), delay=delay)
 
@@ -240,8 +240,8 @@ def _completion(state: UpstreamState, request: dict[str, Any]) -> Answer:
         return failure
     reply = "echo: " + text
     state.next_id += 1
+    usage = _usage(_words(text), _words(reply))
     if request.get("stream") is True:
-        usage = _usage(_words(text), _words(reply))
         return _sse(f"cmpl-{state.next_id}", request, reply, usage, chat=False, delay=delay)
     payload = {
         "id": f"cmpl-{state.next_id}",
@@ -249,7 +249,7 @@ def _completion(state: UpstreamState, request: dict[str, Any]) -> Answer:
         "created": int(time.time()),
         "model": request.get("model"),
         "choices": [{"index": 0, "text": reply, "logprobs": None, "finish_reason": "stop"}],
-        "usage": _usage(_words(text), _words(reply)),
+        "usage": usage,
     }
     return Answer(200, orjson.dumps(payload), delay=delay)
 
