@@ -13,44 +13,22 @@ it (its own engine and connection pool), which is what the concurrency tests nee
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from backfill.store import Store
 from backfill.store.memory import MemoryStore
 from backfill.store.sql import SqlStore
+from backfill.testing.postgres import libpq_url, scratch_postgres_database
 
-PG_ENV = "BACKFILL_TEST_POSTGRES_URL"
 TABLES = ("projects", "api_keys", "files", "batches", "shards", "segments", "claims")
 
 
-def _libpq(url: str) -> str:
-    """A URL psycopg understands (no SQLAlchemy driver suffix)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@contextmanager
-def scratch_postgres_database() -> Iterator[str]:
-    """Create an empty database on the test server; yield its URL; drop it afterwards."""
-    admin = os.environ.get(PG_ENV)
-    if not admin:
-        pytest.skip(f"{PG_ENV} is not set")
-    name = f"bf_test_{secrets.token_hex(6)}"
-    with psycopg.connect(_libpq(admin), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(_libpq(admin)).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(_libpq(admin), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+_libpq = libpq_url
 
 
 @dataclass

@@ -31,10 +31,10 @@ import orjson
 
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.domain.records import Usage
-from backfill.domain.results import error_line, parse_body, response_line, usage_from_body
 from backfill.domain.validation import BOM, InputValidator, ValidationLimits
 from backfill.engines.registry import build_engine
 from backfill.settings import Settings
+from backfill.worker.outcomes import run_request
 
 FLUSH_SECONDS = 0.5
 FLUSH_LINES = 256
@@ -235,19 +235,12 @@ async def _dispatch(
     running: set[asyncio.Task[None]] = set()
 
     async def one(custom_id: str, body: dict[str, Any]) -> None:
-        outcome = await dispatcher.run(endpoint, body)
-        if outcome.status is None:
-            line = error_line(
-                custom_id, outcome.error_code or "upstream_unavailable", outcome.message or ""
-            )
-            ok = False
-        else:
-            parsed = parse_body(outcome.body, outcome.status)
-            summary.usage = summary.usage + usage_from_body(parsed)
-            line = response_line(custom_id, outcome.status, parsed, outcome.request_id)
-            ok = outcome.ok
-        writer.add(line, ok)
-        if ok:
+        done = await run_request(dispatcher, endpoint, custom_id, body, stopped=stop.is_set)
+        if done is None:
+            return  # interrupted before it was sent: the next run does it
+        summary.usage = summary.usage + done.usage
+        writer.add(done.line, done.ok)
+        if done.ok:
             summary.completed += 1
         else:
             summary.failed += 1

@@ -12,6 +12,14 @@ with retries.
   ran out, whose body goes to the error file as it came) or a transport error with a code for
   the error file (`upstream_unavailable`, `request_timeout`) when no attempt produced an answer.
   Exceptions that are not engine failures (bugs, cancellation) propagate.
+- A 2xx answer must be a JSON object: an empty, truncated, HTML or array body is a failed
+  attempt, retried like a 5xx; when the attempts run out the outcome is an error with code
+  `invalid_upstream_response`, never a success. A good answer's parsed body travels in the
+  `Outcome` (`parsed`) so the worker does not parse it twice.
+- Stopping (`run(..., stopped=...)`): the caller's predicate is checked right before each
+  attempt goes to the engine; once it is true the request is not sent (again) and the outcome
+  says so (`Outcome.sent` is False). That is how a cancelled or expired batch stops sending at
+  once while the requests already at the engine may finish.
 - Counters are plain ints on `DispatchStats`; the metrics endpoint reads them as they are.
 - Priority: for upstreams that accept vLLM's `priority` field (`ModelConfig.priority`), every
   batch request is sent with `priority` (the `batch_priority` setting; lower runs first), so
@@ -46,8 +54,10 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from backfill.dispatch.window import Window
 from backfill.domain.retry import RetryPolicy
@@ -72,14 +82,23 @@ class Outcome:
     error_code: str | None = None
     message: str | None = None
     attempts: int = 1
+    #: a 2xx answer's body, parsed (a dict); None for other outcomes. Derived from `body`,
+    #: so not compared
+    parsed: Any = field(default=None, compare=False)
+    #: False when the caller's `stopped` predicate held the request back: no outcome at all
+    sent: bool = True
 
     @classmethod
-    def from_reply(cls, reply: EngineReply, attempts: int) -> Outcome:
-        return cls(reply.status, reply.body, reply.request_id, attempts=attempts)
+    def from_reply(cls, reply: EngineReply, attempts: int, parsed: Any = None) -> Outcome:
+        return cls(reply.status, reply.body, reply.request_id, attempts=attempts, parsed=parsed)
 
     @classmethod
     def failure(cls, error_code: str, message: str, attempts: int) -> Outcome:
         return cls(None, b"", None, error_code, message, attempts)
+
+    @classmethod
+    def not_sent(cls, attempts: int) -> Outcome:
+        return cls(None, attempts=attempts, sent=False)
 
     @property
     def ok(self) -> bool:
@@ -104,6 +123,7 @@ class DispatchStats:
     throttled: int = 0  # answers 429/503 (the upstream says: slow down)
     shed: int = 0  # attempts aborted by `shed()` and sent again later
     deferred: int = 0  # requests waiting now because their prompt is long (`set_defer`)
+    bad_bodies: int = 0  # 2xx answers whose body was not a JSON object (failed attempts)
 
 
 class Admission:
@@ -191,6 +211,28 @@ class Admission:
             return None
         need = min(min(tokens[: self.lookahead]), self.burst)
         return max(0.0, (need - self._bucket) / rate)
+
+
+INVALID_UPSTREAM_RESPONSE = "invalid_upstream_response"
+
+
+def parse_answer(status: int, raw: bytes) -> tuple[Any, str | None]:
+    """A 2xx answer's body parsed, or why it is not a usable answer (not a JSON object)."""
+    if not raw.strip():
+        return None, f"upstream answered {status} with an empty body"
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return None, (
+            f"upstream answered {status} with a body that is not valid JSON "
+            f"({len(raw)} bytes: {exc})"
+        )
+    if not isinstance(parsed, dict):
+        return None, (
+            f"upstream answered {status} with JSON that is not an object "
+            f"(a {type(parsed).__name__})"
+        )
+    return parsed, None
 
 
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
@@ -387,6 +429,11 @@ class Dispatcher:
             if not future.done():
                 future.cancel()
 
+    def is_sending(self, task: asyncio.Task[Any]) -> bool:
+        """Whether `task`'s request holds a window slot now (at the engine, or at the pacing
+        gate just before it). A cancel lets these finish and stops all others at once."""
+        return task in self._active
+
     def shed(self, n: int) -> int:
         """Abort up to `n` of the most recently started sends; they are sent again once a slot
         is free (not failures, no attempt used). Returns how many were aborted."""
@@ -408,10 +455,12 @@ class Dispatcher:
         *,
         timeout: float | None = None,  # noqa: ASYNC109 (a per-request budget, passed to the engine)
         defer_until: float = math.inf,
+        stopped: Callable[[], bool] | None = None,
     ) -> Outcome:
         """Send one request, retrying per the policy; always returns an `Outcome`.
         `defer_until` (epoch seconds): wait behind shorter prompts at most until then (see
-        `set_defer`; a time past: never)."""
+        `set_defer`; a time past: never). `stopped`: checked right before each attempt goes to
+        the engine; once true, nothing more is sent (`Outcome.sent` is False)."""
         policy = self.policy
         stats = self.stats
         window = self._window
@@ -438,6 +487,10 @@ class Dispatcher:
             try:
                 try:
                     await self._paced(tokens)
+                    if stopped is not None and stopped():
+                        stats.sent -= 1  # counted above, never went
+                        stats.retried -= attempt > 1
+                        return Outcome.not_sent(attempt - 1)
                     sent_at = self._clock()
                     reply = await self.engine.send(endpoint, body, timeout=per_call)
                     self.admission.answered(tokens, self._clock() - sent_at)
@@ -469,13 +522,21 @@ class Dispatcher:
                 status = reply.status
                 if status == 429 or status == 503:
                     stats.throttled += 1
-                if not policy.can_retry(attempt, status):
-                    if 200 <= status < 300:
+                if 200 <= status < 300:
+                    parsed, problem = parse_answer(status, reply.body)
+                    if problem is None:
                         stats.succeeded += 1
-                    else:
+                        return Outcome.from_reply(reply, attempt, parsed)
+                    stats.bad_bodies += 1
+                    if attempt >= policy.attempts:
                         stats.failed += 1
+                        return Outcome.failure(INVALID_UPSTREAM_RESPONSE, problem, attempt)
+                    wait = policy.delay(attempt, None, self._rand())
+                elif not policy.can_retry(attempt, status):
+                    stats.failed += 1
                     return Outcome.from_reply(reply, attempt)
-                wait = policy.delay(attempt, reply.retry_after, self._rand())
+                else:
+                    wait = policy.delay(attempt, reply.retry_after, self._rand())
             finally:
                 stats.in_flight -= 1
                 window.release()

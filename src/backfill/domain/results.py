@@ -39,20 +39,30 @@ def usage_from_body(body: Any) -> Usage:
         return Usage()
 
 
-def response_line(custom_id: str, status: int, body: Any, request_id: str | None) -> bytes:
-    """A line for a request that got an HTTP answer (output file if 2xx, else error file)."""
-    return orjson.dumps(
-        {
-            "id": new_request_id(),
-            "custom_id": custom_id,
-            "response": {
-                "status_code": status,
-                "request_id": request_id or new_request_id().replace("batch_req_", "req_"),
-                "body": body,
-            },
-            "error": None,
-        }
-    )
+def response_line(
+    custom_id: str, status: int, body: Any, request_id: str | None, raw: bytes = b""
+) -> bytes:
+    """A line for a request that got an HTTP answer (output file if 2xx, else error file).
+
+    An answer nested deeper than orjson writes (254 levels; it reads 1024) is spliced in as the
+    upstream wrote it (`raw`, valid JSON by then), its line breaks turned into spaces: outside
+    strings they are whitespace, and inside them JSON allows none."""
+    rid = request_id or new_request_id().replace("batch_req_", "req_")
+    line = {
+        "id": new_request_id(),
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": rid, "body": body},
+        "error": None,
+    }
+    try:
+        return orjson.dumps(line)
+    except orjson.JSONEncodeError:
+        if not raw:
+            raise
+    line["response"] = {"status_code": status, "request_id": rid, "body": None}
+    head, _, tail = orjson.dumps(line).rpartition(b'"body":null')
+    flat = raw.strip().replace(b"\r\n", b" ").replace(b"\n", b" ").replace(b"\r", b" ")
+    return head + b'"body":' + flat + tail
 
 
 def error_line(custom_id: str, code: str, message: str) -> bytes:

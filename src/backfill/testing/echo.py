@@ -18,7 +18,17 @@ import orjson
 
 __all__ = ["Answer", "UpstreamState", "error", "handle"]
 
-_DIRECTIVE = re.compile(r"#(fail400|fail500|fail429|sleep|close)(?::(\d+))?(?::(\d+(?:\.\d+)?))?")
+_DIRECTIVE = re.compile(
+    r"#(fail400|fail500|fail429|sleep|close|html|empty|truncated|array|deep)"
+    r"(?::(\d+))?(?::(\d+(?:\.\d+)?))?"
+)
+#: 200 answers whose body is not a usable JSON object (`#html:N` and friends)
+_BAD_BODIES = {
+    "html": (b"<html><body>502 Bad Gateway</body></html>", b"text/html"),
+    "empty": (b"", b"application/json"),
+    "truncated": (b'{"id": "chatcmpl-1", "choices": [{"message": {"con', b"application/json"),
+    "array": (b'[{"id": "chatcmpl-1"}]', b"application/json"),
+}
 _MODELS_PATH = b"/v1/models"
 
 
@@ -176,6 +186,9 @@ def _script(state: UpstreamState, text: str) -> tuple[Answer | None, float]:
             failure = error(
                 500, "The server had an error (scripted #fail500).", "server_error", None, None
             )
+        elif name in _BAD_BODIES and (times is None or seen <= times):
+            body, content_type = _BAD_BODIES[name]
+            failure = Answer(200, body, content_type=content_type)
         elif name == "fail429" and (times is None or seen <= times):
             failure = error(
                 429,
@@ -214,6 +227,7 @@ def _chat(state: UpstreamState, request: dict[str, Any]) -> Answer:
     usage = _usage(sum(_words(t) for t in texts), _words(reply))
     if request.get("stream") is True:
         return _sse(f"chatcmpl-{state.next_id}", request, reply, usage, chat=True, delay=delay)
+    deep = re.search(r"#deep:(\d+)", last)
     payload = {
         "id": f"chatcmpl-{state.next_id}",
         "object": "chat.completion",
@@ -229,6 +243,13 @@ def _chat(state: UpstreamState, request: dict[str, Any]) -> Answer:
         ],
         "usage": usage,
     }
+    if deep is not None:
+        # nested deeper than orjson writes (254): spliced in by hand, pretty-printed too
+        levels = int(deep.group(1))
+        nested = b'{\n "a":' * levels + b"{}" + b"}" * levels
+        return Answer(
+            200, orjson.dumps(payload)[:-1] + b',\n"nested": ' + nested + b"}", delay=delay
+        )
     return Answer(200, orjson.dumps(payload), delay=delay)
 
 

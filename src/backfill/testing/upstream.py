@@ -22,6 +22,9 @@ failures per request, so a test can mix good and bad lines in one batch:
 - `#fail429:N[:S]`  429 with `Retry-After: S` (default 0) the first N times (no N: always)
 - `#sleep:MS`       answer after MS milliseconds (a timer, so other requests are not delayed)
 - `#close`          drop the connection without answering
+- `#html:N`, `#empty:N`, `#truncated:N`, `#array:N`: 200 with an HTML, empty, truncated-JSON
+                    or JSON-array body the first N times (no N: always)
+- `#deep:N`         a chat answer carrying an object nested N levels deep (pretty-printed)
 
 Keep-alive and pipelining: answers on one connection always go out in request order even when
 a later request finishes first (each request takes a slot in a per-connection queue; the queue

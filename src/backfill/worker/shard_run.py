@@ -10,8 +10,20 @@ Segment paths carry the lease token, so a worker that lost its lease can never o
 segment that the new lease holder recorded.
 
 A heartbeat renews the lease and watches the batch: when it is being cancelled or has expired
-the run stops dispatching, aborts what is in flight, flushes what finished and gives the shard
-back.
+the run stops sending at once (requests waiting inside backfill are never sent; only those
+already at the engine may finish within the grace period), flushes what finished and gives the
+shard back.
+
+The invariant, kept here: every request the run starts ends with exactly one recorded outcome,
+or with none at all because the run stopped before it reached the engine (it is then re-run by
+the next owner, or given `batch_cancelled`/`batch_expired` by finalization). So:
+- each request's line comes from `outcomes.run_request` (an exception inside one request is
+  that line's `internal_error` and a logged traceback, never a silent hole);
+- a checkpoint that fails (store locked, blob write refused, disk full) keeps its results: the
+  same segment is written again with backoff until it is recorded or the lease is lost (then
+  the next owner re-runs those requests, as after a kill). While checkpoints fail, no new
+  request starts once `_max_buffered` results wait, so memory stays bounded;
+- the shard is finished only when every line is accounted for; otherwise it is given back.
 """
 
 from __future__ import annotations
@@ -21,28 +33,48 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.domain.inputs import iter_requests
 from backfill.domain.records import BatchRecord, Segment, Shard, Usage
-from backfill.domain.results import (
-    ERROR,
-    OUTPUT,
-    error_line,
-    iter_segment,
-    parse_body,
-    response_line,
-    segment_record,
-    usage_from_body,
-)
+from backfill.domain.results import iter_segment, segment_record
 from backfill.domain.statuses import BatchStatus
 from backfill.errors import LeaseLost
 from backfill.settings import Settings
 from backfill.store.base import Store
+from backfill.worker.outcomes import run_request
 
 log = logging.getLogger("backfill.worker")
+
+#: checkpoint as soon as this many bytes of results wait, whatever the request count
+FLUSH_BYTES = 32 * 1024 * 1024
+#: longest wait between two attempts at a failing checkpoint
+MAX_FLUSH_BACKOFF = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    line_no: int
+    record: bytes
+    ok: bool
+    usage: Usage
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A segment cut from the buffer and not yet recorded: retried as it is, never re-cut, so
+    a write that did land (or half-landed) is repeated with the same content."""
+
+    seq: int
+    path: str
+    data: bytes
+    completed: int
+    failed: int
+    usage: Usage
+    count: int
 
 
 class ShardRun:
@@ -66,15 +98,20 @@ class ShardRun:
         self.shard = shard
         self._token = token
         self._clock = clock
-        self._buffer: list[bytes] = []
-        self._completed = 0
-        self._failed = 0
-        self._usage = Usage()
+        self._buffer: list[_Result] = []
+        self._buffered_bytes = 0
+        self._pending: _Pending | None = None
         self._seq = 0
         self._flush_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._lost = False
         self._flush_wanted = asyncio.Event()
+        self._room = asyncio.Event()  # set while the buffer may take more results
+        self._room.set()
+        self._max_buffered = max(4 * settings.flush_every_requests, 64)
+        #: line numbers given an outcome by this run (each exactly once)
+        self._accounted: set[int] = set()
+        self._flush_failures = 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -88,16 +125,26 @@ class ShardRun:
         heartbeat = asyncio.create_task(self._heartbeat())
         flusher = asyncio.create_task(self._flusher())
         try:
-            await self._dispatch_all(batch, raw, done)
-            await self._flush()
-            if self._stop.is_set():
-                await asyncio.to_thread(
-                    self._store.release_shard, shard.batch_id, shard.index, self._token
+            started = await self._dispatch_all(batch, raw, done)
+            while self._pending is not None or self._buffer:
+                await self._flush_until_recorded()
+            missing = len(started - self._accounted)
+            if missing and not self._stop.is_set():
+                log.error(
+                    "shard %s/%d: %d requests ended without an outcome; giving the shard back "
+                    "so they run again",
+                    shard.batch_id,
+                    shard.index,
+                    missing,
                 )
-            else:
-                await asyncio.to_thread(
-                    self._store.finish_shard, shard.batch_id, shard.index, self._token
-                )
+            end = (
+                self._store.release_shard
+                if self._stop.is_set() or missing
+                else self._store.finish_shard
+            )
+            await self._retrying(
+                "end the lease", lambda: end(shard.batch_id, shard.index, self._token)
+            )
         except LeaseLost:
             log.warning("lost the lease on %s/%d; stopping", shard.batch_id, shard.index)
         finally:
@@ -105,9 +152,10 @@ class ShardRun:
             flusher.cancel()
             await asyncio.gather(heartbeat, flusher, return_exceptions=True)
 
-    async def _dispatch_all(self, batch: BatchRecord, raw: bytes, done: set[int]) -> None:
+    async def _dispatch_all(self, batch: BatchRecord, raw: bytes, done: set[int]) -> set[int]:
         """Start requests lazily, at most `cap` at a time, so memory stays bounded by the
-        window, not the shard; on stop, abort whatever is in flight."""
+        window, not the shard; on stop, send nothing more and abort what is in flight after the
+        grace period. Returns the line numbers started."""
         dispatcher = self._dispatchers.get(batch.model or "")
         # the configured ceiling, not the current limit: the governor may raise it later;
         # twice that when its governor may defer long prompts, so the short ones keep a full
@@ -126,23 +174,32 @@ class ShardRun:
 
         async def abort_on_stop() -> None:
             await self._stop.wait()
-            # Cancel/expiry/shutdown: let what is in flight finish within the grace period
-            # (its results are kept); a lost lease aborts at once (nothing can be recorded).
+            # Cancel/expiry/shutdown: requests not at the engine yet (waiting for a slot, a
+            # long prompt deferred, a retry's backoff) never go; those at the engine may finish
+            # within the grace period (their results are kept); a lost lease aborts everything
+            # at once (nothing can be recorded).
+            for task in list(running):
+                if self._lost or dispatcher is None or not dispatcher.is_sending(task):
+                    task.cancel()
             grace = self._settings.cancel_grace_seconds
             if running and not self._lost and grace > 0:
                 await asyncio.wait(list(running), timeout=grace)
             for task in list(running):
                 task.cancel()
 
+        started: set[int] = set()
         watcher = asyncio.create_task(abort_on_stop())
         try:
             for line_no, cid, body in iter_requests(raw, self.shard.first_line):
                 if line_no in done:
                     continue
                 await slots.acquire()
+                while not self._room.is_set() and not self._stop.is_set():
+                    await _first(self._room.wait(), self._stop.wait())
                 if self._stop.is_set():
                     slots.release()
                     break
+                started.add(line_no)
                 task = asyncio.create_task(
                     self._one(
                         dispatcher,
@@ -159,6 +216,7 @@ class ShardRun:
                 await asyncio.gather(*list(running), return_exceptions=True)
         finally:
             watcher.cancel()
+        return started
 
     async def _load(self, batch: BatchRecord) -> tuple[bytes, set[int]]:
         """The shard's input bytes and the line numbers already recorded as done."""
@@ -185,32 +243,33 @@ class ShardRun:
         *,
         defer_until: float,
     ) -> None:
-        if dispatcher is None:
-            line = error_line(custom_id, "model_not_found", "The model is no longer served.")
-            self._add(line_no, ERROR, line, Usage(), ok=False)
-            return
-        outcome = await dispatcher.run(endpoint, body, defer_until=defer_until)
-        if outcome.status is None:
-            line = error_line(
-                custom_id, outcome.error_code or "upstream_unavailable", outcome.message or ""
-            )
-            self._add(line_no, ERROR, line, Usage(), ok=False)
-            return
-        parsed = parse_body(outcome.body, outcome.status)
-        usage = usage_from_body(parsed)
-        line = response_line(custom_id, outcome.status, parsed, outcome.request_id)
-        self._add(line_no, OUTPUT if outcome.ok else ERROR, line, usage, ok=outcome.ok)
+        done = await run_request(
+            dispatcher,
+            endpoint,
+            custom_id,
+            body,
+            where=f"(line {line_no} of batch {self.shard.batch_id})",
+            defer_until=defer_until,
+            stopped=self._stop.is_set,
+        )
+        if done is not None:  # None: stopped before it reached the engine
+            self._add(line_no, done.kind, done.line, done.usage, ok=done.ok)
 
     def _add(self, line_no: int, kind: bytes, line: bytes, usage: Usage, *, ok: bool) -> None:
-        self._buffer.append(segment_record(line_no, kind, line))
-        if ok:
-            self._completed += 1
-        else:
-            self._failed += 1
-        if usage.input_tokens or usage.output_tokens:
-            self._usage = self._usage + usage
-        if len(self._buffer) >= self._settings.flush_every_requests:
+        if line_no in self._accounted:  # never two outcomes for one line
+            log.error("line %d of %s got a second outcome; kept the first", line_no, self.shard)
+            return
+        self._accounted.add(line_no)
+        record = segment_record(line_no, kind, line)
+        self._buffer.append(_Result(line_no, record, ok, usage))
+        self._buffered_bytes += len(record)
+        if (
+            len(self._buffer) >= self._settings.flush_every_requests
+            or self._buffered_bytes >= FLUSH_BYTES
+        ):
             self._flush_wanted.set()
+        if len(self._buffer) >= self._max_buffered or self._buffered_bytes >= 4 * FLUSH_BYTES:
+            self._room.clear()  # checkpoints are failing: start nothing new until they pass
 
     async def _flusher(self) -> None:
         interval = self._settings.flush_every_seconds
@@ -219,42 +278,127 @@ class ShardRun:
                 await asyncio.wait_for(self._flush_wanted.wait(), interval)
             self._flush_wanted.clear()
             try:
-                await self._flush()
+                await self._flush_until_recorded()
             except LeaseLost:
                 self._lost = True
                 self._stop.set()
                 return
 
+    async def _flush_until_recorded(self) -> None:
+        """Checkpoint; on failure keep the results and try again with backoff until it is
+        recorded, or the lease is lost (`LeaseLost`: the next owner re-runs them)."""
+        delay = 0.1
+        while True:
+            try:
+                await self._flush()
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                self._flush_failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_FLUSH_BACKOFF, self._settings.lease_seconds / 4)
+                continue
+            if self._flush_failures:
+                log.warning(
+                    "checkpoints of %s/%d recorded again after %d failed attempts",
+                    self.shard.batch_id,
+                    self.shard.index,
+                    self._flush_failures,
+                )
+                self._flush_failures = 0
+            return
+
+    def _flush_failed(self, exc: Exception) -> None:
+        """Log the first failure of an episode with its traceback, then only count."""
+        self._flush_failures += 1
+        if self._flush_failures == 1:
+            log.warning(
+                "checkpoint of %s/%d failed (%s: %s); results kept, retrying with backoff",
+                self.shard.batch_id,
+                self.shard.index,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+
+    def _cut(self) -> _Pending:
+        """Move the buffer into a new pending segment."""
+        results, self._buffer = self._buffer, []
+        self._buffered_bytes = 0
+        self._room.set()
+        usage = Usage()
+        completed = 0
+        for r in results:
+            completed += r.ok
+            if r.usage.input_tokens or r.usage.output_tokens:
+                usage = usage + r.usage
+        shard = self.shard
+        path = f"batches/{shard.batch_id}/seg/{shard.index:05d}-{self._seq:06d}-{self._token[:12]}"
+        pending = _Pending(
+            seq=self._seq,
+            path=path,
+            data=b"".join(r.record for r in results),
+            completed=completed,
+            failed=len(results) - completed,
+            usage=usage,
+            count=len(results),
+        )
+        self._seq += 1
+        return pending
+
     async def _flush(self) -> None:
+        """Record the pending segment (cut one from the buffer if there is none)."""
         async with self._flush_lock:
             if self._lost:
                 raise LeaseLost("lease lost")
-            if not self._buffer:
-                return
-            records, self._buffer = self._buffer, []
-            completed, failed, usage = self._completed, self._failed, self._usage
-            self._completed, self._failed, self._usage = 0, 0, Usage()
+            if self._pending is None:
+                if not self._buffer:
+                    return
+                self._pending = self._cut()
+            pending = self._pending
             shard = self.shard
-            path = (
-                f"batches/{shard.batch_id}/seg/{shard.index:05d}-{self._seq:06d}-{self._token[:12]}"
-            )
-            await self._blobs.put(path, b"".join(records))
+            await self._blobs.put(pending.path, pending.data)
             segment = Segment(
                 batch_id=shard.batch_id,
                 shard_index=shard.index,
-                seq=self._seq,
-                blob_path=path,
-                completed=completed,
-                failed=failed,
-                usage=usage,
+                seq=pending.seq,
+                blob_path=pending.path,
+                completed=pending.completed,
+                failed=pending.failed,
+                usage=pending.usage,
                 owner=self._owner,
             )
             ok = await asyncio.to_thread(self._store.record_segment, segment, self._token)
             if not ok:
                 self._lost = True
-                await self._blobs.delete(path)
+                await self._blobs.delete(pending.path)
                 raise LeaseLost(f"lease on {shard.batch_id}/{shard.index} lost")
-            self._seq += 1
+            self._pending = None
+
+    async def _retrying(self, what: str, fn: Callable[[], bool]) -> None:
+        """A fenced store write, retried with backoff while the store fails; `LeaseLost` when
+        the fence says the lease is gone."""
+        delay = 0.1
+        failures = 0
+        while True:
+            try:
+                ok = await asyncio.to_thread(fn)
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "%s/%d: could not %s (%s); retrying",
+                        self.shard.batch_id,
+                        self.shard.index,
+                        what,
+                        exc,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_FLUSH_BACKOFF, self._settings.lease_seconds / 4)
+                continue
+            if not ok:
+                raise LeaseLost(f"lease on {self.shard.batch_id}/{self.shard.index} lost")
+            return
 
     async def _heartbeat(self) -> None:
         """Renew the lease until the run ends (also while a cancel's grace period lets
@@ -267,20 +411,40 @@ class ShardRun:
         while True:
             await asyncio.sleep(interval)
             now = self._clock()
-            if now - last_renew >= lease / 3:
-                ok = await asyncio.to_thread(
-                    self._store.renew_lease, shard.batch_id, shard.index, self._token, now, lease
-                )
-                if not ok:
-                    self._lost = True
-                    self._stop.set()
-                    return
-                last_renew = now
-            if not self._stop.is_set():
-                batch = await asyncio.to_thread(self._store.get_batch, shard.batch_id)
-                if (
-                    batch is None
-                    or batch.status is not BatchStatus.IN_PROGRESS
-                    or batch.stop_reason
-                ):
-                    self._stop.set()
+            try:
+                if now - last_renew >= lease / 3:
+                    ok = await asyncio.to_thread(
+                        self._store.renew_lease,
+                        shard.batch_id,
+                        shard.index,
+                        self._token,
+                        now,
+                        lease,
+                    )
+                    if not ok:
+                        self._lost = True
+                        self._stop.set()
+                        return
+                    last_renew = now
+                if not self._stop.is_set():
+                    batch = await asyncio.to_thread(self._store.get_batch, shard.batch_id)
+                    if (
+                        batch is None
+                        or batch.status is not BatchStatus.IN_PROGRESS
+                        or batch.stop_reason
+                    ):
+                        self._stop.set()
+            except Exception as exc:
+                # the store is failing: keep trying; if the lease runs out meanwhile, the
+                # fenced writes will say so
+                log.debug("heartbeat of %s/%d failed: %s", shard.batch_id, shard.index, exc)
+
+
+async def _first(*aws: Any) -> None:
+    """Wait until the first of these awaitables is done; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
