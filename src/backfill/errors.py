@@ -11,9 +11,11 @@ BackfillError                      (500 unless a subclass says otherwise)
 ├── Unprocessable                  422 invalid_request_error
 ├── RateLimited                    429 rate_limit_error (carries retry_after)
 ├── StoreError                     500 server_error   (metadata backend failed)
+│   └── StoreBusy                  503 retryable: locked, no connection (carries retry_after)
 ├── BlobError                      500 server_error   (object storage failed)
 │   └── BlobNotFound               404 (an object that should exist does not)
 ├── LeaseLost                      409 internal: a fenced write lost its lease
+├── ResultsMissing                 500 internal: finalizing found lines with no outcome
 └── EngineError                    502 upstream_error (engine failed for good)
     └── EngineUnavailable          503 retryable: connection refused, timeout, ...
 ```
@@ -144,3 +146,26 @@ class EngineUnavailable(EngineError):
     """The engine could not be reached or timed out: worth retrying."""
 
     status_code = 503
+
+
+class ResultsMissing(BackfillError):
+    """Finalizing a batch that should be complete found input lines that no recorded segment
+    accounts for. Internal: the scheduler reopens those shards so the lines run again rather
+    than inventing an outcome for them."""
+
+    def __init__(self, batch_id: str, shards: list[int]) -> None:
+        super().__init__(f"batch {batch_id}: shards {shards} lack outcomes for some lines")
+        self.batch_id = batch_id
+        self.shards = shards
+
+
+class StoreBusy(StoreError):
+    """The metadata store could not be had in time (a lock held elsewhere, no free pooled
+    connection): the call gave up before writing anything; try again after `retry_after`."""
+
+    status_code = 503
+    default_code = "store_busy"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kw: str | None) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after

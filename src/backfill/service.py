@@ -1,8 +1,15 @@
 """The composition root: the only place that picks concrete backends and wires the parts.
 
-`Service` opens the store (and migrates it), the blob store and the engines, registers the API
-keys given on the command line, and runs the background duties (scheduler, worker) inside the
-API server's lifespan, or on their own for `backfill worker`.
+`Service` opens the store (and migrates it), the blob store and the engines, and runs the
+background duties (scheduler, worker) inside the API server's lifespan, or on their own for
+`backfill worker`.
+
+API keys given at start (`--api-key`, the config file, `BACKFILL_API_KEYS`) are valid only
+while given: when an API app is built (`backfill serve`), they are registered as `flag` keys
+and the flag keys an earlier start was given but this one is not are revoked (stored, rather
+than checked in memory, so `backfill keys list` shows every key that works and the auth path
+stays one store lookup). Every API process sharing a database should therefore be given the
+same keys. Workers and the `keys` commands leave flag keys alone.
 
 With no model configured at all (no `--model`, none in the config file), it serves the packaged
 all-MiniLM-L6-v2 embeddings model as `all-MiniLM-L6-v2` when `backfill[local]` is installed, so
@@ -48,11 +55,20 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def key_prefix(key: str) -> str:
+    """What `backfill keys list` shows of a key: enough for its owner to recognize it, too
+    little to guess it (`sk-bf-` and two random characters of a generated key; only three
+    characters of a short hand-picked one)."""
+    return key[:8] if len(key) >= 32 else key[:3]
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store: Store = open_store(settings.database_url)
+        self.store: Store = open_store(
+            settings.database_url, busy_timeout=settings.store_busy_timeout
+        )
         self.store.migrate()
         self.blobs: Blobs = open_blobs(settings.storage, settings.data_dir)
         if not settings.models and settings.default_model:
@@ -66,12 +82,23 @@ class Service:
         self.served: dict[str, frozenset[str]] = {
             m.name: frozenset(m.endpoints) for m in settings.models
         }
-        for key in settings.api_keys:
-            self.add_key(key, DEFAULT_PROJECT)
 
-    def add_key(self, key: str, project_name: str) -> None:
+    def add_key(self, key: str, project_name: str, *, source: str = "cli") -> None:
         project = self.store.ensure_project(project_name)
-        self.store.add_api_key(project.id, hash_key(key), int(time.time()))
+        self.store.add_api_key(
+            project.id, hash_key(key), int(time.time()), prefix=key_prefix(key), source=source
+        )
+
+    def sync_configured_keys(self) -> None:
+        """Keys given at serve start (`--api-key`, the config file, `BACKFILL_API_KEYS`) are
+        `flag` keys of project `default`, valid only while given: register these, revoke the
+        flag keys an earlier start was given and this one is not."""
+        keys = list(dict.fromkeys(self.settings.api_keys))
+        for key in keys:
+            self.add_key(key, DEFAULT_PROJECT, source="flag")
+        gone = self.store.revoke_flag_keys({hash_key(k) for k in keys}, int(time.time()))
+        for old in gone:
+            log.info("revoked API key %s (%s...): no longer given at start", old.id, old.prefix)
 
     async def start_engines(self) -> None:
         settings = self.settings
@@ -147,6 +174,8 @@ class Service:
     def api_app(self) -> Any:
         from backfill.api.app import create_app
         from backfill.api.context import ApiContext, RealtimeModel
+
+        self.sync_configured_keys()
 
         realtime = {
             m.name: RealtimeModel(

@@ -138,6 +138,39 @@ class Settings(BaseSettings):
     #: no shorter batch request is waiting (`Dispatcher.set_defer`); 0: never defer
     governor_defer_prompt_tokens: int = 512
 
+    # HTTP limits (`api/protocol.py`, `api/auth.py`, `api/health.py`; README "HTTP limits"):
+    # what one client may hold of the server before it is cut off or refused
+    http_max_header_bytes: int = 64 * 1024  # request line + headers; 431 above it
+    http_max_headers: int = 100  # header fields per request; 431 above it
+    #: from a new connection, or a request's first byte, to the end of its headers; past it the
+    #: request gets 408 (a connection that sent nothing is just closed)
+    http_header_timeout_seconds: float = 20.0
+    http_body_idle_seconds: float = 30.0  # a request body stalled this long between chunks: 408
+    #: idle keep-alive connections are kept longer than clients' own pools do (httpx 5 s,
+    #: aiohttp 15 s): a client reusing a connection just as the server closes it gets a reset
+    http_keep_alive_seconds: int = 75
+    #: open connections; at the cap the longest-idle one is closed to make room, and when every
+    #: connection runs a request a new one is answered 503 with `retry-after`
+    http_max_connections: int = 2048
+    auth_failure_limit: int = 20  # failed keys per client address per window, then 429; 0: off
+    auth_failure_window_seconds: float = 60.0
+    ready_timeout_seconds: float = 2.0  # each `/health/ready` probe (store, blobs) at most
+
+    # stuck store (`store/engine.py`, `api/responses.py`, `outages.py`): a database locked by
+    # someone else costs a request a few seconds and a 503, never a hang or the whole API
+    #: seconds a store call waits for a lock (SQLite's write lock, PostgreSQL's lock_timeout)
+    #: or a pooled connection before it gives up: 503 `store_busy` with `retry-after`
+    store_busy_timeout: float = 5.0
+    #: while the store or the blobs fail, background duties retry at growing intervals up to this
+    outage_backoff_max: float = 30.0
+
+    # inputs, keys and debris (`scheduler/collector.py`): what crashes leave behind is collected
+    #: a staging file of an upload (or any write) untouched this long is debris; keep it well
+    #: above the time an upload takes to send 5 MiB (a local upload writes once per 5 MiB part)
+    debris_grace_seconds: float = 3600.0
+    #: one debris collection per this long, across every process sharing the store
+    debris_interval_seconds: float = 600.0
+
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{(self.data_dir / 'backfill.db').resolve()}"

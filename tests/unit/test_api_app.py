@@ -171,3 +171,25 @@ async def test_models(tmp_path: Path) -> None:
         r = await api.client.get("/v1/models/gpt-5", headers=api.headers)
         assert_error(r, 404, param="model", code="model_not_found")
         assert_error(await api.client.get("/v1/models"), 401)
+
+
+def test_store_outages_answered_to_clients_are_logged_once_without_tracebacks(
+    caplog: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from backfill.api import errors
+    from backfill.api.errors import backfill_error_response
+    from backfill.errors import StoreBusy
+
+    monkeypatch.setattr(errors, "_outages", errors._OutageLog())  # no earlier test's window
+
+    with caplog.at_level(logging.WARNING, logger="backfill.api"):
+        for _ in range(50):
+            response = backfill_error_response(StoreBusy("database is locked"))
+            assert response.status_code == 503
+        backfill_error_response(StoreError("metadata store failed: down"))
+    records = [r for r in caplog.records if r.name == "backfill.api"]
+    assert len(records) == 1
+    assert records[0].exc_info is None
+    assert "database is locked" in records[0].getMessage()

@@ -4,13 +4,15 @@ Every error response has the shape `{"error": {"message", "type", "param", "code
 four keys present, whatever raised it:
 
 - `BackfillError` (the service's own tree, `backfill.errors`) carries its status code, type and
-  code; we only add headers: `retry-after` for `RateLimited`, and `x-should-retry: false` for
-  errors a retry cannot fix (the openai SDK retries 408/409/429/5xx by default, and a 409 on
-  cancelling a finished batch must not be retried).
+  code; we only add headers: `retry-after` for `RateLimited` and `StoreBusy`, and
+  `x-should-retry: false` for errors a retry cannot fix (the openai SDK retries 408/409/429/5xx
+  by default, and a 409 on cancelling a finished batch must not be retried).
 - FastAPI's `RequestValidationError` (bad query parameters) and pydantic's `ValidationError`
   (bad JSON bodies, see `validation_error`) become 400 `invalid_request_error` with `param`
   naming the offending field, worded like OpenAI's messages.
-- Starlette's `HTTPException` (unknown route 404, wrong method 405) keeps its status and headers.
+- Starlette's `HTTPException` (unknown route 404, wrong method 405) keeps its status and headers;
+  a 405's `Allow` lists the methods of every route on the path (Starlette names only the first
+  route's, e.g. `POST` for `/v1/files`, which also serves `GET`).
 - Server-side failures (5xx, e.g. `StoreError`) keep their type and code but get a generic
   message: backend messages can carry SQL, paths or URLs, which belong in the log only.
 - Anything else is a 500 with a generic message; details go to the log, never to the client.
@@ -22,16 +24,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import compile_path
 
 from backfill.api.responses import JsonResponse
-from backfill.errors import BackfillError, InvalidRequest, RateLimited
+from backfill.errors import BackfillError, InvalidRequest, RateLimited, StoreBusy
+from backfill.outages import outage_of
 
 log = logging.getLogger("backfill.api")
 
@@ -62,18 +68,50 @@ def headers_for(exc: BackfillError) -> dict[str, str]:
     extra = getattr(exc, "headers", None)
     if isinstance(extra, Mapping):
         headers.update(extra)
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, RateLimited | StoreBusy):
         headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
     if not exc.retryable:
         headers["x-should-retry"] = "false"
     return headers
 
 
+class _OutageLog:
+    """Store and blob-store failures answered to clients: one line (no traceback) per
+    `every` seconds with how many were answered since, not a traceback per request: a locked
+    database answers hundreds of 503s a minute, and each is the same story."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._next = 0.0
+        self._since = 0
+
+    def tell(self, exc: BackfillError) -> None:
+        self._since += 1
+        now = time.monotonic()
+        if now < self._next:
+            return
+        log.warning(
+            "%s: %s (%d such errors answered in the last %gs)",
+            type(exc).__name__,
+            exc.message,
+            self._since,
+            self.every,
+        )
+        self._next = now + self.every
+        self._since = 0
+
+
+_outages = _OutageLog()
+
+
 def backfill_error_response(exc: BackfillError) -> Response:
     body = exc.to_dict()
     if exc.status_code >= 500:
         # Backend messages can carry SQL, paths or URLs: log them, tell the client less.
-        log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
+        if outage_of(exc) is not None:
+            _outages.tell(exc)
+        else:
+            log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
         body["message"] = SERVER_ERROR_MESSAGE
     return JsonResponse({"error": body}, status_code=exc.status_code, headers=headers_for(exc))
 
@@ -154,12 +192,38 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
         message, code = f"Invalid URL ({where})", "unknown_url"
     elif exc.status_code == 405:
         message, code = f"Method not allowed ({where})", "method_not_allowed"
+        allow = _allowed_methods(request)
+        if allow is not None:
+            headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
+            headers["allow"] = allow
     else:
         message, code = str(exc.detail), None
     if 400 <= exc.status_code < 500 and exc.status_code not in (408, 409, 429):
         headers.setdefault("x-should-retry", "false")
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return error_response(exc.status_code, message, type_, None, code, headers)
+
+
+#: (path pattern, methods) of every route, for `Allow` (set by the app factory)
+RouteMethods = list[tuple[re.Pattern[str], frozenset[str]]]
+
+
+def route_methods(routes: Iterable[tuple[str, Iterable[str]]]) -> RouteMethods:
+    """The `Allow` table of these (path template, methods) pairs."""
+    table: dict[str, tuple[re.Pattern[str], set[str]]] = {}
+    for path, methods in routes:
+        pattern, _, _ = compile_path(path)
+        table.setdefault(path, (pattern, set()))[1].update(methods)
+    return [(pattern, frozenset(methods)) for pattern, methods in table.values()]
+
+
+def _allowed_methods(request: Request) -> str | None:
+    table: RouteMethods | None = getattr(request.app.state, "route_methods", None)
+    if table is None:
+        return None
+    path = request.url.path
+    allowed = {m for pattern, methods in table if pattern.match(path) for m in methods}
+    return ", ".join(sorted(allowed)) or None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,6 +1,7 @@
 """The scheduler loop: every tick it scans the store for batches that need a duty done.
 
-- every `retention_interval`: delete files past their `expires_at` (not inputs in use)
+- every `retention_interval`: delete files past their `expires_at` (not inputs in use), and
+  collect crash debris (`collector.py`, itself at most once per `debris_interval_seconds`)
 - `validating`            -> validate the file, plan shards, start (or fail) the batch
 - `in_progress`, all shards done -> `finalizing` -> merge -> `completed`
 - `in_progress` past `expires_at` -> mark stop_reason=expired; once no live lease remains,
@@ -12,6 +13,11 @@ Every duty runs under a store claim (`validate:<batch>`, `finalize:<batch>`), re
 runs and taken over when its holder dies, so any number of processes can run schedulers; each
 state change is also conditional, so even a duty run twice cannot apply twice. Within one
 process, a set of busy batch ids keeps a duty from being started twice.
+
+While the store or the blobs fail (a database locked elsewhere, a full disk), a failing tick
+waits out a growing back-off, a failing duty is not started again until its back-off has
+passed, and the outage is logged once when it begins and once when it ends
+(`backfill.outages`), not with a traceback per tick.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from backfill.domain.ordering import admission_warning
 from backfill.domain.records import BatchRecord, Shard
 from backfill.domain.statuses import BatchStatus
 from backfill.domain.validation import ValidationLimits
+from backfill.errors import ResultsMissing
+from backfill.outages import Outages
+from backfill.scheduler.collector import run_collector
 from backfill.scheduler.finalizer import finalize, shards_finished
 from backfill.scheduler.validator import validate_batch
 from backfill.settings import Settings
@@ -57,6 +66,14 @@ class Scheduler:
         self.owner = "scheduler-" + new_token()[:12]
         self._claim_seconds = max(settings.lease_seconds, 5.0)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: store / blob store failures: logged once per episode, waited out with back-off
+        self._outages = Outages(
+            log,
+            base=settings.scheduler_interval,
+            cap=settings.outage_backoff_max,
+            slack=settings.store_busy_timeout,
+            clock=clock,
+        )
         self._limits = ValidationLimits(
             max_requests=settings.max_requests_per_batch,
             max_errors=settings.max_validation_errors,
@@ -67,12 +84,16 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            delay = self._settings.scheduler_interval
             try:
                 await self.tick()
-            except Exception:
-                log.exception("scheduler tick failed")
+                self._outages.succeeded()
+            except Exception as exc:
+                if not self._outages.failed(exc):
+                    log.exception("scheduler tick failed")
+                delay = self._outages.delay  # backs off while the store or the blobs fail
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._settings.scheduler_interval)
+                await asyncio.wait_for(stop.wait(), delay)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -126,6 +147,19 @@ class Scheduler:
                     functools.partial(self._finish, batch, S.EXPIRED, {S.IN_PROGRESS}),
                 )
         elif shards_finished(shards):
+            short = [s.index for s in shards if s.done < s.count]
+            if short:
+                # Finished, yet the recorded outcomes do not cover every line: run the
+                # missing ones again rather than finalize with holes.
+                n = await asyncio.to_thread(self._store.reopen_shards, batch.id, short)
+                log.error(
+                    "batch %s: shards %s finished without an outcome for every line; "
+                    "reopened %d to run the missing requests",
+                    batch.id,
+                    short,
+                    n,
+                )
+                return
             moved = await asyncio.to_thread(
                 self._store.transition,
                 batch.id,
@@ -141,22 +175,26 @@ class Scheduler:
                 )
 
     async def _retention(self) -> None:
+        await run_collector(self._store, self._blobs, self._settings, self.owner, self._clock())
         try:
             n = await delete_expired_files(self._store, self._blobs, int(self._clock()))
-        except Exception:
-            log.exception("retention failed")
+        except Exception as exc:
+            if not self._outages.failed(exc):
+                log.exception("retention failed")
             return
         if n:
             log.info("retention: deleted %d expired files", n)
 
     def _spawn(self, batch_id: str, duty: str, work: Callable[[], Awaitable[None]]) -> None:
         """Run a duty for a batch once in this process, and only while this process holds the
-        store claim `duty:batch_id` (renewed as it runs), so no two processes run it at once."""
+        store claim `duty:batch_id` (renewed as it runs), so no two processes run it at once.
+        A duty the store or the blobs failed is not started again for the back-off delay."""
         self._busy.add(batch_id)
         name = f"{duty}:{batch_id}"
 
         async def guarded() -> None:
             renew: asyncio.Task[None] | None = None
+            retry_in = 0.0
             try:
                 if not await asyncio.to_thread(
                     self._store.claim, name, self.owner, self._clock(), self._claim_seconds
@@ -164,14 +202,23 @@ class Scheduler:
                     return
                 renew = asyncio.create_task(self._renew_claim(name))
                 await work()
-            except Exception:
-                log.exception("%s failed; it will be retried", name)
+                self._outages.succeeded()
+            except Exception as exc:
+                if self._outages.failed(exc):
+                    retry_in = self._outages.delay
+                else:
+                    log.exception("%s failed; it will be retried", name)
             finally:
                 if renew is not None:
                     renew.cancel()
+                    # a renewal that failed (the store did) must not log "never retrieved"
+                    await asyncio.gather(renew, return_exceptions=True)
                     with contextlib.suppress(Exception):
                         await asyncio.to_thread(self._store.release_claim, name, self.owner)
-                self._busy.discard(batch_id)
+                if retry_in:
+                    asyncio.get_running_loop().call_later(retry_in, self._busy.discard, batch_id)
+                else:
+                    self._busy.discard(batch_id)
 
         task = asyncio.create_task(guarded())
         self._tasks.add(task)
@@ -224,11 +271,30 @@ class Scheduler:
         fresh = await asyncio.to_thread(self._store.get_batch, batch.id)
         if fresh is None or fresh.status not in sources:
             return
-        done = await finalize(
-            self._store, self._blobs, fresh, final, frozenset(sources), int(self._clock())
-        )
+        try:
+            done = await finalize(
+                self._store, self._blobs, fresh, final, frozenset(sources), int(self._clock())
+            )
+        except ResultsMissing as missing:
+            await self._rerun_missing(missing)
+            return
         if done is not None:
             log.info("batch %s: %s", batch.id, done.status)
+
+    async def _rerun_missing(self, missing: ResultsMissing) -> None:
+        """A batch found incomplete while finalizing goes back to `in_progress` with the
+        shards that lack outcomes reopened; the worker runs only the lines not yet recorded."""
+        back = await asyncio.to_thread(
+            self._store.transition, missing.batch_id, [S.FINALIZING], S.IN_PROGRESS
+        )
+        n = await asyncio.to_thread(self._store.reopen_shards, missing.batch_id, missing.shards)
+        log.error(
+            "batch %s: lines without an outcome in shards %s; %s, reopened %d shards",
+            missing.batch_id,
+            missing.shards,
+            "back to in_progress" if back is not None else "status unchanged",
+            n,
+        )
 
 
 async def delete_expired_files(store: Store, blobs: Blobs, now: int, limit: int = 500) -> int:

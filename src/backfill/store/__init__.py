@@ -12,8 +12,9 @@ from backfill.store.base import Page, Store
 __all__ = ["Page", "Store", "open_store"]
 
 
-def open_store(url: str | None) -> Store:
-    """The store for `url`. Call `migrate()` on it before first use."""
+def open_store(url: str | None, *, busy_timeout: float = 5.0) -> Store:
+    """The store for `url`. Call `migrate()` on it before first use. A SQL store's calls give
+    up with `StoreBusy` after waiting `busy_timeout` seconds for a lock or a connection."""
     if url is None or url == "":
         raise ValueError("a store URL is required (memory://, sqlite:///path, postgresql://...)")
     if url.startswith("memory://"):
@@ -22,4 +23,4 @@ def open_store(url: str | None) -> Store:
         return MemoryStore()
     from backfill.store.sql import SqlStore
 
-    return SqlStore(url)
+    return SqlStore(url, busy_timeout=busy_timeout)

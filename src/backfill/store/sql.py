@@ -3,8 +3,11 @@
 Design decisions:
 - One method, one short transaction, run through `_run`, which is also the seam where every
   SQLAlchemy/driver exception becomes a `StoreError` (our own `BackfillError`s, e.g. the
-  idempotency `Conflict`, pass through untouched). PostgreSQL deadlocks and serialization
-  failures are retried a few times, since each unit of work is a pure function of its inputs.
+  idempotency `Conflict`, pass through untouched), except text no database can store (a NUL,
+  which only PostgreSQL refuses, or a lone surrogate), which becomes `InvalidRequest`: a
+  backstop, since the API refuses such text first (`api/text.py`). PostgreSQL deadlocks and
+  serialization failures are retried a few times, since each unit of work is a pure function
+  of its inputs.
 - State changes are conditional UPDATEs (`WHERE status IN (...)`, `WHERE lease_token = ... AND
   status = 'leased'`); the rowcount tells the caller whether it won. This is what makes many
   schedulers and workers on one database safe without any other coordination.
@@ -24,9 +27,10 @@ Design decisions:
 from __future__ import annotations
 
 import itertools
+import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,15 +38,18 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
+    func,
     insert,
     select,
     text,
+    union,
     update,
 )
 from sqlalchemy import delete as sql_delete
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from backfill.domain.ids import new_project_id
+from backfill.domain.ids import new_key_id, new_project_id
 from backfill.domain.records import (
     BatchRecord,
     FileRecord,
@@ -51,9 +58,9 @@ from backfill.domain.records import (
     ShardStatus,
 )
 from backfill.domain.statuses import TERMINAL, BatchStatus
-from backfill.errors import BackfillError, Conflict, StoreError
-from backfill.store.base import Page
-from backfill.store.engine import READ_ONLY, create_store_engine, normalize_url
+from backfill.errors import BackfillError, Conflict, InvalidRequest, StoreBusy, StoreError
+from backfill.store.base import ApiKey, Page
+from backfill.store.engine import PATIENCE, create_store_engines, normalize_url
 from backfill.store.rows import (
     batch_changes,
     batch_record,
@@ -61,7 +68,7 @@ from backfill.store.rows import (
     file_record,
 )
 from backfill.store.rules import IDEMPOTENCY_CONFLICT, KEY_CONFLICT, check_batch_fields
-from backfill.store.schema import api_keys, batches, files, projects
+from backfill.store.schema import api_keys, batches, files, projects, segments
 from backfill.store.schema import shards as _shards_table  # `shards` is also a method name
 from backfill.store.sql_work import SqlWorkMixin
 
@@ -74,13 +81,22 @@ MIGRATION_LOCK_KEY = 0x6261636B66696C6C  # "backfill"
 # not run it at once; the database lock below serializes processes.
 _MIGRATION_THREAD_LOCK = threading.Lock()
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+_BUSY_SQLSTATES = frozenset({"55P03"})  # lock_not_available: lock_timeout ran out
+# Many processes may start (and migrate) at once; the first one's migration may take a while.
+MIGRATION_PATIENCE = 120.0
+_BAD_TEXT = "The request holds text no database can store (a NUL character or invalid Unicode)."
 
 
 class SqlStore(SqlWorkMixin):
-    def __init__(self, url: str, *, pool_size: int = 5, max_overflow: int = 20) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 5, max_overflow: int = 20, busy_timeout: float = 5.0
+    ) -> None:
         self.url = normalize_url(url)
-        self._engine = create_store_engine(self.url, pool_size=pool_size, max_overflow=max_overflow)
-        self._read_engine = self._engine.execution_options(**{READ_ONLY: True})
+        #: seconds a call may wait for a lock or a pooled connection before `StoreBusy`
+        self.busy_timeout = busy_timeout
+        self._engine, self._read_engine = create_store_engines(
+            self.url, pool_size=pool_size, max_overflow=max_overflow, busy_timeout=busy_timeout
+        )
         self._postgres = self._engine.dialect.name == "postgresql"
 
     def __repr__(self) -> str:
@@ -91,8 +107,12 @@ class SqlStore(SqlWorkMixin):
         return self._engine
 
     # -- plumbing ----------------------------------------------------------------------------
-    def _run(self, work: Callable[[Connection], T], *, write: bool = True) -> T:
+    def _run(
+        self, work: Callable[[Connection], T], *, write: bool = True, patience: float | None = None
+    ) -> T:
         engine = self._engine if write else self._read_engine
+        if patience is not None:
+            engine = engine.execution_options(**{PATIENCE: patience})
         for attempt in itertools.count():
             try:
                 with engine.begin() as conn:
@@ -100,13 +120,28 @@ class SqlStore(SqlWorkMixin):
             except BackfillError:
                 raise
             except DBAPIError as exc:
+                if _busy(exc):
+                    reason = (str(exc.orig).splitlines() or ["locked"])[0]
+                    raise self._busy(f"lock not granted: {reason}") from exc
                 sqlstate = getattr(exc.orig, "sqlstate", None)
                 if sqlstate in _RETRYABLE_SQLSTATES and attempt < 5:
                     continue
+                if isinstance(exc, DataError) and "NUL" in str(exc.orig):
+                    raise InvalidRequest(_BAD_TEXT) from exc  # backstop: the API checks first
                 raise StoreError(f"metadata store failed: {exc.orig}") from exc
+            except UnicodeEncodeError as exc:  # a lone surrogate, on either database
+                raise InvalidRequest(_BAD_TEXT) from exc
+            except PoolTimeout as exc:
+                raise self._busy(f"no free database connection: {exc}") from exc
             except SQLAlchemyError as exc:
                 raise StoreError(f"metadata store failed: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _busy(self, why: str) -> StoreBusy:
+        return StoreBusy(
+            f"metadata store busy for {self.busy_timeout:g} s ({why})",
+            retry_after=max(1.0, self.busy_timeout),
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def migrate(self) -> None:
@@ -125,12 +160,13 @@ class SqlStore(SqlWorkMixin):
 
         try:
             with _MIGRATION_THREAD_LOCK:
-                self._run(work)
+                self._run(work, patience=MIGRATION_PATIENCE)
         except CommandError as exc:
             raise StoreError(f"schema migration failed: {exc}") from exc
 
     def close(self) -> None:
         self._engine.dispose()
+        self._read_engine.dispose()
 
     # -- projects and keys -------------------------------------------------------------------
     def ensure_project(self, name: str) -> Project:
@@ -157,19 +193,31 @@ class SqlStore(SqlWorkMixin):
 
         return self._run(work)
 
-    def add_api_key(self, project_id: str, key_hash: str, now: int) -> None:
+    def add_api_key(
+        self,
+        project_id: str,
+        key_hash: str,
+        now: int,
+        *,
+        prefix: str | None = None,
+        source: str = "cli",
+    ) -> None:
         query = select(api_keys.c.project_id).where(api_keys.c.key_hash == key_hash)
+        row = {
+            "key_hash": key_hash,
+            "project_id": project_id,
+            "created_at": now,
+            "id": new_key_id(),
+            "prefix": prefix,
+            "source": source,
+        }
 
         def work(conn: Connection) -> None:
             existing = conn.execute(query).scalar()
             if existing is None:
                 try:
                     with conn.begin_nested():
-                        conn.execute(
-                            insert(api_keys).values(
-                                key_hash=key_hash, project_id=project_id, created_at=now
-                            )
-                        )
+                        conn.execute(insert(api_keys).values(**row))
                     return
                 except IntegrityError:
                     existing = conn.execute(query).scalar()
@@ -177,6 +225,16 @@ class SqlStore(SqlWorkMixin):
                         raise
             if existing != project_id:
                 raise Conflict(KEY_CONFLICT)
+            if source == "flag":  # given at serve start: a flag key, valid while given
+                conn.execute(
+                    update(api_keys)
+                    .where(api_keys.c.key_hash == key_hash)
+                    .values(
+                        source="flag",
+                        revoked_at=None,
+                        prefix=func.coalesce(api_keys.c.prefix, prefix),
+                    )
+                )
 
         self._run(work)
 
@@ -184,7 +242,7 @@ class SqlStore(SqlWorkMixin):
         query = (
             select(projects.c.id, projects.c.name)
             .join(api_keys, api_keys.c.project_id == projects.c.id)
-            .where(api_keys.c.key_hash == key_hash)
+            .where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None))
         )
         row = self._run(lambda conn: conn.execute(query).first(), write=False)
         return None if row is None else Project(row.id, row.name)
@@ -437,8 +495,110 @@ class SqlStore(SqlWorkMixin):
 
         return self._run(work)
 
+    # -- keys: listing and revocation ---------------------------------------------------------
+    _KEY_COLUMNS = (
+        api_keys.c.id,
+        api_keys.c.project_id,
+        projects.c.name,
+        api_keys.c.prefix,
+        api_keys.c.source,
+        api_keys.c.created_at,
+        api_keys.c.revoked_at,
+    )
+
+    def _keys_where(self, conn: Connection, *where: Any) -> list[ApiKey]:
+        query = (
+            select(*self._KEY_COLUMNS)
+            .join(projects, projects.c.id == api_keys.c.project_id, isouter=True)
+            .where(*where)
+            .order_by(api_keys.c.created_at, api_keys.c.id)
+        )
+        return [
+            ApiKey(r.id, r.project_id, r.name or "", r.prefix, r.source, r.created_at, r.revoked_at)
+            for r in conn.execute(query)
+        ]
+
+    def list_api_keys(self, project: str | None = None) -> list[ApiKey]:
+        where = [] if project is None else [projects.c.name == project]
+        return self._run(lambda conn: self._keys_where(conn, *where), write=False)
+
+    def revoke_api_key(self, key_id: str, now: int) -> ApiKey | None:
+        def work(conn: Connection) -> ApiKey | None:
+            conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            found = self._keys_where(conn, api_keys.c.id == key_id)
+            return found[0] if found else None
+
+        return self._run(work)
+
+    def revoke_flag_keys(self, keep: Collection[str], now: int) -> list[ApiKey]:
+        where = [api_keys.c.source == "flag", api_keys.c.revoked_at.is_(None)]
+        if keep:
+            where.append(api_keys.c.key_hash.not_in(list(keep)))
+
+        def work(conn: Connection) -> list[ApiKey]:
+            ids = list(conn.execute(select(api_keys.c.id).where(*where)).scalars())
+            if not ids:
+                return []
+            conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id.in_(ids), api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            return self._keys_where(conn, api_keys.c.id.in_(ids))
+
+        return self._run(work)
+
+    # -- debris of finished batches -----------------------------------------------------------
+    def terminal_batches_with_segments(self, limit: int) -> list[str]:
+        # From the rows' side: shards and segments hold only the batches not yet collected
+        # (running ones, and debris), while terminal batches pile up forever.
+        owning = union(select(_shards_table.c.batch_id), select(segments.c.batch_id))
+        query = (
+            select(batches.c.id)
+            .where(
+                batches.c.id.in_(owning.scalar_subquery()),
+                batches.c.status.in_([st.value for st in TERMINAL]),
+            )
+            .order_by(batches.c.seq)
+            .limit(limit)
+        )
+        return self._run(lambda conn: list(conn.execute(query).scalars()), write=False)
+
+    def delete_segments(self, batch_id: str) -> int:
+        terminal = (
+            select(batches.c.id)
+            .where(
+                batches.c.id == batch_id,
+                batches.c.status.in_([st.value for st in TERMINAL]),
+            )
+            .exists()
+        )
+
+        def work(conn: Connection) -> int:
+            gone = conn.execute(
+                sql_delete(segments).where(segments.c.batch_id == batch_id, terminal)
+            ).rowcount
+            gone += conn.execute(
+                sql_delete(_shards_table).where(_shards_table.c.batch_id == batch_id, terminal)
+            ).rowcount
+            return int(gone)
+
+        return self._run(work)
+
 
 # -- query helpers ----------------------------------------------------------------------
+def _busy(exc: DBAPIError) -> bool:
+    """The database answered, but a lock was not to be had within the busy timeout."""
+    if getattr(exc.orig, "sqlstate", None) in _BUSY_SQLSTATES:
+        return True
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_BUSY
+
+
 def _seq_of(conn: Connection, table: Any, item_id: str, project_id: str) -> int | None:
     query = select(table.c.seq).where(table.c.id == item_id, table.c.project_id == project_id)
     seq = conn.execute(query).scalar()

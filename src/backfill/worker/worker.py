@@ -2,7 +2,8 @@
 
 Several shards run at once so the per-model concurrency window stays full while one shard
 drains its last slow requests. Leasing polls the store; an idle worker backs off to the poll
-interval.
+interval. While the store or the blobs fail, leasing backs off further (`backfill.outages`)
+and the failures are logged once per episode, not once per attempt.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.domain.ids import new_token
+from backfill.outages import Outages
 from backfill.settings import Settings
 from backfill.store.base import Store
 from backfill.worker.shard_run import ShardRun
@@ -39,21 +41,34 @@ class Worker:
         self._dispatchers = dispatchers
         self._clock = clock
         self._runs: dict[asyncio.Task[None], ShardRun] = {}
+        self._outages = Outages(
+            log,
+            base=settings.scheduler_interval,
+            cap=settings.outage_backoff_max,
+            slack=settings.store_busy_timeout,
+            clock=clock,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         poll = self._settings.scheduler_interval
         while not stop.is_set():
-            leased = False
+            leased = backing_off = False
             if len(self._runs) < self._settings.worker_shards:
                 try:
                     leased = await self._lease_one()
-                except Exception:
-                    log.exception("leasing failed")
+                    self._outages.succeeded()
+                except Exception as exc:
+                    if not self._outages.failed(exc):
+                        log.exception("leasing failed")
+                    backing_off = True
             if leased:
                 continue
             stopper = asyncio.ensure_future(stop.wait())
-            waiters: set[asyncio.Future[Any]] = {stopper, *self._runs}
-            await asyncio.wait(waiters, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Future[Any]] = {stopper}
+            if not backing_off:  # a shard that ends makes room for the next one
+                waiters.update(self._runs)
+            wait = self._outages.delay if backing_off else poll
+            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
         for shard_run in self._runs.values():
             shard_run.stop()
@@ -89,9 +104,19 @@ class Worker:
     async def _guard(self, shard_run: ShardRun) -> None:
         try:
             await shard_run.run()
-        except Exception:
-            log.exception(
-                "shard %s/%d failed; it will be resumed after its lease expires",
-                shard_run.shard.batch_id,
-                shard_run.shard.index,
+        except Exception as exc:
+            shard = shard_run.shard
+            if not self._outages.failed(exc):
+                log.exception(
+                    "shard %s/%d failed; it will be resumed after its lease expires",
+                    shard.batch_id,
+                    shard.index,
+                )
+                return
+            log.info(
+                "shard %s/%d stopped (%s: %s); it will be resumed after its lease expires",
+                shard.batch_id,
+                shard.index,
+                type(exc).__name__,
+                exc,
             )
