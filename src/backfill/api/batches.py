@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from backfill.api import openapi
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext
 from backfill.api.errors import validation_error
@@ -37,6 +38,7 @@ from backfill.api.schemas import (
     check_metadata,
     list_object,
 )
+from backfill.api.text import check_json_text, check_text
 from backfill.domain.ids import new_batch_id
 from backfill.domain.records import BatchRecord, Project
 from backfill.domain.statuses import CANCELLABLE, BatchStatus
@@ -70,6 +72,8 @@ def parse_create_body(raw: bytes) -> tuple[CreateBatchRequest, dict[str, Any]]:
         # Report unknown arguments first: they usually explain the other errors.
         errors.sort(key=lambda e: e["type"] != "extra_forbidden")
         raise validation_error([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+    for name, value in data.items():
+        check_json_text(value, name)  # ids, metadata keys and values: no NUL, valid Unicode
     return body, data
 
 
@@ -146,7 +150,7 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
             )
         key = request.headers.get("idempotency-key")
         if key is not None:
-            key = key.strip()
+            key = check_text(key.strip(), "Idempotency-Key")
             if not key or len(key) > _MAX_IDEMPOTENCY_KEY:
                 raise InvalidRequest(
                     f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters.",
@@ -218,8 +222,12 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
         )
 
     for prefix in ("/batches", "/batch/jobs"):
-        r.add_api_route(prefix, create_batch, methods=["POST"])
-        r.add_api_route(prefix, list_batches, methods=["GET"])
-        r.add_api_route(prefix + "/{batch_id}", retrieve_batch, methods=["GET"])
-        r.add_api_route(prefix + "/{batch_id}/cancel", cancel_batch, methods=["POST"])
+        r.add_api_route(prefix, create_batch, methods=["POST"], **openapi.CREATE_BATCH)
+        r.add_api_route(prefix, list_batches, methods=["GET"], **openapi.LIST_BATCHES)
+        r.add_api_route(
+            prefix + "/{batch_id}", retrieve_batch, methods=["GET"], **openapi.RETRIEVE_BATCH
+        )
+        r.add_api_route(
+            prefix + "/{batch_id}/cancel", cancel_batch, methods=["POST"], **openapi.CANCEL_BATCH
+        )
     return r

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
+from backfill.api import openapi
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext
 from backfill.api.ranges import parse_range
@@ -116,7 +117,7 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
             raise not_found(file_id)
         return record
 
-    @r.post("/files")
+    @r.post("/files", **openapi.UPLOAD_FILE)
     async def upload_file(request: Request, project: CurrentProject) -> Response:
         limit = ctx.settings.max_upload_bytes
         body_bytes = _content_length(request)
@@ -174,7 +175,7 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
             raise
         return record
 
-    @r.get("/files")
+    @r.get("/files", **openapi.LIST_FILES)
     async def list_files(
         project: CurrentProject,
         purpose: str | None = None,
@@ -192,11 +193,11 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
         )
         return JsonResponse(list_object([file_object(f) for f in page.items], page.has_more))
 
-    @r.get("/files/{file_id}")
+    @r.get("/files/{file_id}", **openapi.RETRIEVE_FILE)
     async def retrieve_file(file_id: str, project: CurrentProject) -> Response:
         return JsonResponse(file_object(await own_file(file_id, project)))
 
-    @r.get("/files/{file_id}/content")
+    @r.get("/files/{file_id}/content", **openapi.FILE_CONTENT)
     async def file_content(file_id: str, request: Request, project: CurrentProject) -> Response:
         record = await own_file(file_id, project)
         size = record.bytes
@@ -227,7 +228,7 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
 
         return StreamingResponse(body(), status_code=status, headers=headers, media_type=media_type)
 
-    @r.delete("/files/{file_id}")
+    @r.delete("/files/{file_id}", **openapi.DELETE_FILE)
     async def delete_file(file_id: str, project: CurrentProject) -> Response:
         await own_file(file_id, project)
         if await call(ctx.store.file_in_use, file_id):

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
+from backfill.api import openapi
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext
 from backfill.api.responses import JsonResponse
@@ -25,12 +26,12 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
     def model_object(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": created, "owned_by": "backfill"}
 
-    @r.get("/models")
+    @r.get("/models", **openapi.LIST_MODELS)
     async def list_models(project: CurrentProject) -> Response:
         data = [model_object(name) for name in sorted(ctx.models)]
         return JsonResponse({"object": "list", "data": data})
 
-    @r.get("/models/{model_id:path}")
+    @r.get("/models/{model_id:path}", **openapi.RETRIEVE_MODEL)
     async def retrieve_model(model_id: str, project: CurrentProject) -> Response:
         if model_id not in ctx.models:
             raise NotFound(

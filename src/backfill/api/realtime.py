@@ -41,8 +41,10 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from backfill.api import openapi
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext, RealtimeModel
+from backfill.domain import exact_json
 from backfill.domain.records import Project
 from backfill.engines.base import StreamingEngine
 from backfill.errors import EngineUnavailable, InvalidRequest, NotFound, RateLimited
@@ -183,7 +185,7 @@ class RelayResponse(Response):
 
 def _json_body(raw: bytes) -> dict[str, Any]:
     try:
-        body = orjson.loads(raw)
+        body = exact_json.loads(raw)  # numbers go upstream as written
     except orjson.JSONDecodeError:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. (HINT: This likely means you "
@@ -316,5 +318,5 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
 
             return endpoint_handler
 
-        r.add_api_route(path.removeprefix("/v1"), make(path), methods=["POST"])
+        r.add_api_route(path.removeprefix("/v1"), make(path), methods=["POST"], **openapi.REALTIME)
     return r

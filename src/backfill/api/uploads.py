@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from backfill.api.text import check_text, text_problem
 from backfill.errors import InvalidRequest, PayloadTooLarge
 
 FILE_FIELD = "file"
@@ -206,6 +207,11 @@ class MultipartUpload:
         filename = _decode_header_text(raw) if raw is not None else ""
         # Keep only the last path component: some clients send full local paths.
         filename = filename.replace("\\", "/").rsplit("/", 1)[-1].strip()
+        problem = text_problem(filename)
+        if problem is not None:
+            raise InvalidRequest(
+                f"Invalid filename: {problem}.", param="file", code="invalid_value"
+            )
         self.filename = filename or "file"
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -233,11 +239,12 @@ class MultipartUpload:
         if self._part_name is None:
             return
         try:
-            self.fields[self._part_name] = self._field_value.decode("utf-8")
+            value = self._field_value.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidRequest(
                 f"Form field {self._part_name!r} is not valid UTF-8.", param=self._part_name
             ) from exc
+        self.fields[self._part_name] = check_text(value, self._part_name)
 
     def _on_end(self) -> None:
         self.ended = True

@@ -7,12 +7,15 @@ import asyncio
 import logging
 import signal
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from backfill.domain.ids import new_api_key
-from backfill.errors import BackfillError
+from backfill.errors import BackfillError, NotFound
 from backfill.settings import Settings, build_settings
+from backfill.store.base import Store
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -69,9 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key for a project and print it")
     create.add_argument("--project", required=True)
-    create.add_argument("--config", type=Path)
-    create.add_argument("--data-dir", type=Path)
-    create.add_argument("--database")
+    listing = keys_sub.add_parser("list", help="list keys: id, prefix, project, source, revoked")
+    listing.add_argument("--project", help="only this project's keys")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (see `keys list`)")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    for p in (create, listing, revoke):
+        p.add_argument("--config", type=Path)
+        p.add_argument("--data-dir", type=Path)
+        p.add_argument("--database")
 
     sim = sub.add_parser("sim", help="run a simulated vLLM server (no GPU needed)")
     from backfill.sim.options import add_arguments
@@ -94,6 +102,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from backfill.api.protocol import HttpLimits, fit_connections, protocol_class
     from backfill.service import Service
 
     settings = _settings(
@@ -111,6 +120,13 @@ def _serve(args: argparse.Namespace) -> int:
         f"(data: {settings.data_dir}, models: {', '.join(service.served) or 'none'})",
         flush=True,
     )
+    limits = HttpLimits(
+        max_header_bytes=settings.http_max_header_bytes,
+        max_headers=settings.http_max_headers,
+        header_timeout=settings.http_header_timeout_seconds,
+        body_idle_timeout=settings.http_body_idle_seconds,
+        max_connections=fit_connections(settings.http_max_connections),
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -118,13 +134,12 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level.lower() if args.log_level.lower() != "info" else "warning",
         access_log=False,
         loop="auto",
-        http="auto",
+        # httptools with our header limits, header deadline and connection cap (api/protocol.py)
+        http=protocol_class(limits),
+        ws="none",  # no WebSocket routes: an upgrade request is answered as plain HTTP
         lifespan="on",
         timeout_graceful_shutdown=5,
-        # keep idle client connections longer than clients' own pools do (httpx 5 s, aiohttp
-        # 15 s): with uvicorn's 5 s, a client reusing a connection just as the server closes it
-        # gets a reset, which real-time streams under load showed (bench/harvest.py)
-        timeout_keep_alive=75,
+        timeout_keep_alive=settings.http_keep_alive_seconds,
     )
     uvicorn.Server(config).run()
     return 0
@@ -179,6 +194,53 @@ def _keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_store(args: argparse.Namespace) -> Store:
+    """The store alone: listing and revoking keys needs no engines and registers no keys."""
+    from backfill.store import open_store
+
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.database_url)
+    store.migrate()
+    return store
+
+
+def _when(ts: int | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    store = _key_store(args)
+    try:
+        keys = store.list_api_keys(args.project)
+    finally:
+        store.close()
+    rows = [("ID", "PREFIX", "PROJECT", "CREATED", "SOURCE", "REVOKED")]
+    for k in keys:
+        prefix = f"{k.prefix}..." if k.prefix else "-"
+        rows.append((k.id, prefix, k.project, _when(k.created_at), k.source, _when(k.revoked_at)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    store = _key_store(args)
+    try:
+        key = store.revoke_api_key(args.key_id, int(time.time()))
+    finally:
+        store.close()
+    if key is None:
+        raise NotFound(f"no API key {args.key_id!r} (see `backfill keys list`)")
+    print(f"Revoked API key {key.id} of project {key.project} at {_when(key.revoked_at)}.")
+    if key.source == "flag":
+        print("It was given at serve start: a server started with it again makes it valid.")
+    return 0
+
+
 def _sim(args: argparse.Namespace) -> int:
     from backfill.sim.server import run
 
@@ -202,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "keys":
-            return _keys_create(args)
+            commands = {"create": _keys_create, "list": _keys_list, "revoke": _keys_revoke}
+            return commands[args.keys_command](args)
         if args.command == "sim":
             return _sim(args)
     except BackfillError as exc:

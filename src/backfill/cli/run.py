@@ -30,6 +30,7 @@ from typing import IO, Any
 import orjson
 
 from backfill.dispatch.dispatcher import Dispatcher
+from backfill.domain import exact_json
 from backfill.domain.records import Usage
 from backfill.domain.validation import BOM, InputValidator, ValidationLimits
 from backfill.engines.registry import build_engine
@@ -262,7 +263,7 @@ async def _dispatch(
                 raw = raw.removeprefix(BOM).strip()
                 if not raw:
                     continue
-                obj = orjson.loads(raw)
+                obj = exact_json.loads(raw)
                 cid: str = obj["custom_id"]
                 if cid in seen:
                     summary.skipped += 1

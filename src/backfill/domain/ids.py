@@ -37,6 +37,11 @@ def new_api_key() -> str:
     return "sk-bf-" + secrets.token_urlsafe(32)
 
 
+def new_key_id() -> str:
+    """The public name of an API key (`key_...`): shown and revoked by, never a secret."""
+    return "key_" + _random(16)
+
+
 def new_token() -> str:
     """A lease token or worker id: opaque and unique."""
     return secrets.token_hex(16)

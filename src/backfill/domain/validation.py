@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from backfill.domain import exact_json
 from backfill.domain.records import BatchError, Shard
 
 BOM = b"\xef\xbb\xbf"
@@ -144,7 +145,7 @@ class InputValidator:
 
     def _check(self, raw: bytes, line_start: int, line_end: int) -> None:
         try:
-            obj = orjson.loads(raw)
+            obj = exact_json.loads(raw)  # as the worker will read it (`iter_requests`)
         except orjson.JSONDecodeError:
             self._error("invalid_json_line", "This line is not valid JSON.", None)
             return

@@ -9,7 +9,8 @@ as little as possible per call:
   (batch starving real time where the engine's latency figures cannot see it);
 - fixed headers (content type, bearer token) live on the session; URLs are parsed once per
   endpoint and cached; the default timeout object is built once;
-- bodies are serialized with orjson and the answer is returned as raw bytes (`resp.read()`),
+- bodies are serialized with orjson, every number exactly as the user wrote it
+  (`domain/exact_json.py`), and the answer is returned as raw bytes (`resp.read()`),
   never parsed here: the worker writes them out as they are;
 - no logging per request; failures are counted by the dispatcher.
 
@@ -44,9 +45,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import orjson
 from yarl import URL
 
+from backfill.domain import exact_json
 from backfill.domain.retry import parse_retry_after
 from backfill.engines.base import EngineReply, StreamReply
 from backfill.errors import EngineUnavailable, InvalidRequest
@@ -71,6 +72,28 @@ def join_url(base: str, endpoint: str) -> str:
     if base.endswith("/v1") and (endpoint == "/v1" or endpoint.startswith("/v1/")):
         base = base[: -len("/v1")]
     return base + endpoint
+
+
+def transport_failure(exc: BaseException) -> str:
+    """What went wrong on the way to the upstream, in words that name no host, port or path:
+    these messages go into users' error files, and the upstream's address is the operator's."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "name resolution failed"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connection failed"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError | asyncio.IncompleteReadError):
+        return "the response was cut short"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "the response was not valid HTTP"
+    if isinstance(exc, ConnectionResetError):
+        return "the connection was reset"
+    if isinstance(exc, ConnectionError | OSError):
+        return "connection failed"
+    return "transport error"
 
 
 class OpenAIEngine:
@@ -142,7 +165,7 @@ class OpenAIEngine:
         upstream = self._upstream_name
         if upstream is not None and body.get("model") != upstream:
             body = {**body, "model": upstream}
-        data = orjson.dumps(body)
+        data = exact_json.dumps(body)
         request_timeout = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
         try:
             async with session.post(url, data=data, timeout=request_timeout) as resp:
@@ -158,10 +181,7 @@ class OpenAIEngine:
                 code="request_timeout",
             ) from exc
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-            raise EngineUnavailable(
-                f"upstream {self.model!r} unreachable: {type(exc).__name__}: {exc}",
-                code="upstream_unavailable",
-            ) from exc
+            raise self._translate(exc, timeout) from exc
         return EngineReply(
             status,
             raw,
@@ -177,7 +197,7 @@ class OpenAIEngine:
                 code="request_timeout",
             )
         return EngineUnavailable(
-            f"upstream {self.model!r} unreachable: {type(exc).__name__}: {exc}",
+            f"upstream {self.model!r} unreachable: {transport_failure(exc)}",
             code="upstream_unavailable",
         )
 
@@ -199,7 +219,7 @@ class OpenAIEngine:
             body = {**body, "model": upstream}
         request_timeout = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
         try:
-            resp = await session.post(url, data=orjson.dumps(body), timeout=request_timeout)
+            resp = await session.post(url, data=exact_json.dumps(body), timeout=request_timeout)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self._translate(exc, timeout) from exc
 

@@ -13,7 +13,7 @@ Time is passed in (`now`, Unix seconds) so tests can drive a fake clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -36,6 +36,24 @@ class Page(Generic[T]):
     has_more: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """What the store knows of an API key: never the key itself, only its digest's row."""
+
+    id: str  # `key_...`, the name `backfill keys revoke` takes
+    project_id: str
+    project: str  # the project's name
+    prefix: str | None  # the key's first characters, for people (None: made before ids)
+    source: str  # KEY_SOURCES
+    created_at: int
+    revoked_at: int | None = None
+
+
+#: `cli`: made by `backfill keys create`; `flag`: given at serve start (`--api-key`, the config
+#: file, `BACKFILL_API_KEYS`), valid only while given; `legacy`: made before keys had ids
+KEY_SOURCES = ("cli", "flag", "legacy")
+
+
 class Store(Protocol):
     # -- lifecycle ---------------------------------------------------------------------------
     def migrate(self) -> None:
@@ -47,10 +65,21 @@ class Store(Protocol):
     def ensure_project(self, name: str) -> Project:
         """The project called `name`, created if missing."""
 
-    def add_api_key(self, project_id: str, key_hash: str, now: int) -> None:
-        """Register a key (by its SHA-256 hex digest) for a project. Idempotent."""
+    def add_api_key(
+        self,
+        project_id: str,
+        key_hash: str,
+        now: int,
+        *,
+        prefix: str | None = None,
+        source: str = "cli",
+    ) -> None:
+        """Register a key (by its SHA-256 hex digest) for a project. Idempotent. `Conflict` if
+        the digest belongs to another project. Registering an existing key with source `flag`
+        makes it a flag key and valid again (a key given at serve start works while given)."""
 
-    def project_for_key(self, key_hash: str) -> Project | None: ...
+    def project_for_key(self, key_hash: str) -> Project | None:
+        """The key's project; None for an unknown or revoked key."""
 
     # -- files -------------------------------------------------------------------------------
     def insert_file(self, file: FileRecord) -> None: ...
@@ -146,6 +175,10 @@ class Store(Protocol):
         """End every lease on the batch's shards (leased -> pending), so a stalled worker can
         record nothing more. Called before a stopped batch is finalized. Returns how many."""
 
+    def reopen_shards(self, batch_id: str, indexes: Iterable[int]) -> int:
+        """Put finished shards back to pending (done -> pending), so the requests their
+        segments do not account for run again. Returns how many were reopened."""
+
     # -- duty claims -------------------------------------------------------------------------
     def claim(self, name: str, owner: str, now: float, seconds: float) -> bool:
         """Take or renew the named claim (e.g. `finalize:batch_x`) until now + seconds. True
@@ -178,3 +211,24 @@ class Store(Protocol):
 
     def usage_of(self, batch_id: str) -> Usage:
         """Sum of the recorded segments' usage (equals the batch's usage)."""
+
+    # -- keys: listing and revocation ---------------------------------------------------------
+    def list_api_keys(self, project: str | None = None) -> list[ApiKey]:
+        """Every key (revoked ones too), or those of the project named `project`, by
+        created_at then id."""
+
+    def revoke_api_key(self, key_id: str, now: int) -> ApiKey | None:
+        """Revoke the key (at `now`, unless it already was) and return it; None if unknown."""
+
+    def revoke_flag_keys(self, keep: Collection[str], now: int) -> list[ApiKey]:
+        """Revoke every unrevoked `flag` key whose digest is not in `keep`; return them."""
+
+    # -- debris of finished batches -----------------------------------------------------------
+    def terminal_batches_with_segments(self, limit: int) -> list[str]:
+        """Ids of batches in a terminal status that still have shard or segment rows, oldest
+        first: what a crash between finalizing and cleaning up left behind."""
+
+    def delete_segments(self, batch_id: str) -> int:
+        """Delete the batch's segment and shard rows if the batch is terminal (else nothing);
+        return how many rows went. The batch row keeps its counts and usage (`usage_of` reads
+        zero from then on)."""

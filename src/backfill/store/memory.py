@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from backfill.domain.ids import new_project_id
+from backfill.domain.ids import new_key_id, new_project_id
 from backfill.domain.ordering import Candidate, order_candidates
 from backfill.domain.records import (
     BatchRecord,
@@ -34,8 +34,18 @@ from backfill.domain.records import (
 )
 from backfill.domain.statuses import TERMINAL, BatchStatus
 from backfill.errors import Conflict, StoreError
-from backfill.store.base import Page
+from backfill.store.base import ApiKey, Page
 from backfill.store.rules import IDEMPOTENCY_CONFLICT, KEY_CONFLICT, check_batch_fields
+
+
+@dataclass(slots=True)
+class _StoredKey:
+    id: str
+    project_id: str
+    prefix: str | None
+    source: str
+    created_at: int
+    revoked_at: int | None = None
 
 
 @dataclass(slots=True)
@@ -51,7 +61,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._projects: dict[str, Project] = {}  # by name
-        self._keys: dict[str, str] = {}  # key hash -> project id
+        self._keys: dict[str, _StoredKey] = {}  # by key hash
         self._files: dict[str, tuple[int, FileRecord]] = {}
         self._batches: dict[str, _StoredBatch] = {}
         self._shards: dict[tuple[str, int], Shard] = {}
@@ -76,16 +86,32 @@ class MemoryStore:
                 project = self._projects[name] = Project(new_project_id(), name)
             return project
 
-    def add_api_key(self, project_id: str, key_hash: str, now: int) -> None:
+    def add_api_key(
+        self,
+        project_id: str,
+        key_hash: str,
+        now: int,
+        *,
+        prefix: str | None = None,
+        source: str = "cli",
+    ) -> None:
         with self._lock:
-            existing = self._keys.setdefault(key_hash, project_id)
-            if existing != project_id:
+            key = self._keys.get(key_hash)
+            if key is None:
+                self._keys[key_hash] = _StoredKey(new_key_id(), project_id, prefix, source, now)
+                return
+            if key.project_id != project_id:
                 raise Conflict(KEY_CONFLICT)
+            if source == "flag":
+                key.source, key.revoked_at = "flag", None
+                key.prefix = key.prefix or prefix
 
     def project_for_key(self, key_hash: str) -> Project | None:
         with self._lock:
-            project_id = self._keys.get(key_hash)
-            return next((p for p in self._projects.values() if p.id == project_id), None)
+            key = self._keys.get(key_hash)
+            if key is None or key.revoked_at is not None:
+                return None
+            return next((p for p in self._projects.values() if p.id == key.project_id), None)
 
     # -- files -------------------------------------------------------------------------------
     def insert_file(self, file: FileRecord) -> None:
@@ -331,6 +357,16 @@ class MemoryStore:
             self._shards[(pick.batch_id, pick.index)] = leased
             return leased
 
+    def reopen_shards(self, batch_id: str, indexes: Iterable[int]) -> int:
+        with self._lock:
+            n = 0
+            for index in set(indexes):
+                shard = self._shards.get((batch_id, index))
+                if shard is not None and shard.status == ShardStatus.DONE:
+                    self._shards[(batch_id, index)] = replace(shard, status=ShardStatus.PENDING)
+                    n += 1
+            return n
+
     def revoke_leases(self, batch_id: str) -> int:
         with self._lock:
             n = 0
@@ -384,6 +420,8 @@ class MemoryStore:
                 return False
             key = (segment.batch_id, segment.shard_index, segment.seq)
             if key in self._segments:
+                if self._segments[key].blob_path == segment.blob_path:
+                    return True  # a retried checkpoint whose first write did land
                 raise StoreError(f"metadata store failed: duplicate segment {key}")
             self._segments[key] = segment
             self._shards[(segment.batch_id, segment.shard_index)] = replace(
@@ -436,6 +474,61 @@ class MemoryStore:
         for segment in self.segments(batch_id):
             total = total + segment.usage
         return total
+
+    # -- keys: listing and revocation ---------------------------------------------------------
+    def _api_key(self, key: _StoredKey) -> ApiKey:
+        name = next((p.name for p in self._projects.values() if p.id == key.project_id), "")
+        return ApiKey(
+            key.id, key.project_id, name, key.prefix, key.source, key.created_at, key.revoked_at
+        )
+
+    def list_api_keys(self, project: str | None = None) -> list[ApiKey]:
+        with self._lock:
+            keys = [self._api_key(k) for k in self._keys.values()]
+        keys = [k for k in keys if project is None or k.project == project]
+        return sorted(keys, key=lambda k: (k.created_at, k.id))
+
+    def revoke_api_key(self, key_id: str, now: int) -> ApiKey | None:
+        with self._lock:
+            key = next((k for k in self._keys.values() if k.id == key_id), None)
+            if key is None:
+                return None
+            if key.revoked_at is None:
+                key.revoked_at = now
+            return self._api_key(key)
+
+    def revoke_flag_keys(self, keep: Collection[str], now: int) -> list[ApiKey]:
+        kept = set(keep)
+        with self._lock:
+            revoked = []
+            for key_hash, key in self._keys.items():
+                if key.source == "flag" and key.revoked_at is None and key_hash not in kept:
+                    key.revoked_at = now
+                    revoked.append(self._api_key(key))
+            return sorted(revoked, key=lambda k: (k.created_at, k.id))
+
+    # -- debris of finished batches -----------------------------------------------------------
+    def terminal_batches_with_segments(self, limit: int) -> list[str]:
+        with self._lock:
+            owning = {k[0] for k in self._segments} | {k[0] for k in self._shards}
+            found = sorted(
+                (b for b in self._batches.values() if b.record.status in TERMINAL),
+                key=lambda b: b.seq,
+            )
+            return [b.record.id for b in found if b.record.id in owning][:limit]
+
+    def delete_segments(self, batch_id: str) -> int:
+        with self._lock:
+            stored = self._batches.get(batch_id)
+            if stored is None or stored.record.status not in TERMINAL:
+                return 0
+            segments = [k for k in self._segments if k[0] == batch_id]
+            shards = [k for k in self._shards if k[0] == batch_id]
+            for seg_key in segments:
+                del self._segments[seg_key]
+            for shard_key in shards:
+                del self._shards[shard_key]
+            return len(segments) + len(shards)
 
 
 def _in(batch: BatchRecord) -> BatchRecord:

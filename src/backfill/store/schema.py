@@ -46,12 +46,19 @@ projects = Table(
     Column("created_at", BigInteger, nullable=False),
 )
 
+# Keys are stored as SHA-256 digests; `id` and the short `prefix` name them for people.
+# `source`: cli | flag (valid only while given at serve start) | legacy (made before 0003).
 api_keys = Table(
     "api_keys",
     metadata,
     Column("key_hash", String(128), primary_key=True),
     Column("project_id", String(64), nullable=False, index=True),
     Column("created_at", BigInteger, nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("prefix", String(32), nullable=True),
+    Column("source", String(16), nullable=False, server_default="legacy"),
+    Column("revoked_at", BigInteger, nullable=True),
+    Index("ix_api_keys_id", "id", unique=True),
 )
 
 files = Table(

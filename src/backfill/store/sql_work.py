@@ -17,7 +17,7 @@ concern. The mixin relies on `SqlStore._run` (one short transaction, exceptions 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Select, and_, func, insert, or_, select, update
@@ -129,6 +129,18 @@ class SqlWorkMixin:
 
         return self._run(work)
 
+    def reopen_shards(self, batch_id: str, indexes: Iterable[int]) -> int:
+        s = _shards_table
+        wanted = sorted(set(indexes))
+        if not wanted:
+            return 0
+        statement = (
+            update(s)
+            .where(s.c.batch_id == batch_id, s.c.idx.in_(wanted), s.c.status == ShardStatus.DONE)
+            .values(**_ended(ShardStatus.PENDING))
+        )
+        return int(self._run(lambda conn: conn.execute(statement).rowcount))
+
     def revoke_leases(self, batch_id: str) -> int:
         s = _shards_table
         statement = (
@@ -184,6 +196,16 @@ class SqlWorkMixin:
         u = segment.usage
 
         def work(conn: Connection) -> bool:
+            landed = conn.execute(
+                select(segments.c.blob_path).where(
+                    segments.c.batch_id == segment.batch_id,
+                    segments.c.shard_index == segment.shard_index,
+                    segments.c.seq == segment.seq,
+                )
+            ).scalar_one_or_none()
+            if landed is not None and landed == segment.blob_path:
+                # a retried checkpoint whose first commit landed but was not acknowledged
+                return conn.execute(select(_shards_table.c.idx).where(fence)).first() is not None
             shard_update = update(_shards_table).where(fence).values(done=_shards_table.c.done + n)
             if conn.execute(shard_update).rowcount != 1:
                 return False
