@@ -8,9 +8,15 @@ duties (scheduler, in-process worker) alongside the server.
 Routes are plain FastAPI routes grouped by resource (`files`, `batches`, `models`, and the
 real-time gateway `realtime`); each module
 exposes `router(ctx, auth)` so handlers close over their dependencies instead of reaching into
-`app.state`. Every `/v1` route requires a Bearer key; `/health` and `/metrics` do not. OpenAPI
-docs are off: the API is OpenAI's and documented there, and an unauthenticated schema page is
-one more thing to expose.
+`app.state`. Every `/v1` route requires a Bearer key; `/health`, `/health/ready`, `/metrics`
+and `/openapi.json` do not.
+
+`/openapi.json` describes the whole API (see `api/openapi.py`) so clients and fuzzers can be
+generated from it; the interactive `/docs` pages stay off: they load scripts from a CDN and are
+one more page to expose.
+
+The limits on headers, bodies and connections live in the server's protocol
+(`api/protocol.py`), outside the app: most of them act before a request exists.
 """
 
 from __future__ import annotations
@@ -18,15 +24,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
 from starlette.responses import Response
 
-from backfill.api import batches, files, metrics, models, partial, realtime
+from backfill.api import batches, files, metrics, models, openapi, partial, realtime
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext
-from backfill.api.errors import install_error_handlers
+from backfill.api.errors import install_error_handlers, route_methods
+from backfill.api.health import Readiness
 from backfill.api.middleware import RequestIdMiddleware
 from backfill.api.responses import JsonResponse
+from backfill.api.text import reject_invalid_text
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -38,21 +47,45 @@ def create_app(ctx: ApiContext, lifespan: Lifespan | None = None) -> FastAPI:
         default_response_class=JsonResponse,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url=openapi.URL,
+        version=openapi.VERSION,
     )
+    settings = ctx.settings
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
 
-    auth = Authenticator(ctx.store)
+    auth = Authenticator(
+        ctx.store,
+        failure_limit=settings.auth_failure_limit,
+        failure_window=settings.auth_failure_window_seconds,
+    )
     app.state.auth = auth
-    for module in (files, batches, partial, models, realtime):
-        app.include_router(module.router(ctx, auth), prefix="/v1")
+    routers = [(m.router(ctx, auth), "/v1") for m in (files, batches, partial, models, realtime)]
+    for router, prefix in routers:
+        app.include_router(
+            router,
+            prefix=prefix,
+            # NUL or invalid Unicode in a path or query parameter: 400 on every store backend
+            dependencies=[Depends(reject_invalid_text)],
+        )
 
-    app.include_router(metrics.router(ctx.metrics))
+    routers.append((metrics.router(ctx.metrics), ""))
+    app.include_router(routers[-1][0])
 
-    @app.get("/health")
+    readiness = Readiness(ctx.store, ctx.blobs, timeout=settings.ready_timeout_seconds)
+
+    @app.get("/health", **openapi.HEALTH)
     async def health() -> Response:
         return JsonResponse({"status": "ok"})
 
+    @app.get("/health/ready", **openapi.READY)
+    async def ready() -> Response:
+        return await readiness.response()
+
+    openapi.install(app)
+    # what a 405's `Allow` lists (see `errors.py`)
+    paths = [(prefix + r.path, r.methods) for router, prefix in routers for r in router.routes]
+    paths += [(r.path, r.methods) for r in app.router.routes if isinstance(r, APIRoute)]
+    app.state.route_methods = route_methods(paths)
     return app

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from fastapi import APIRouter
 from starlette.responses import Response
 
+from backfill.api import openapi
+
 #: (name, kind "gauge" | "counter", help, value per model)
 MetricFamily = tuple[str, str, str, dict[str, float]]
 
@@ -42,7 +44,7 @@ def render(families: Iterable[MetricFamily]) -> str:
 def router(collect: Callable[[], list[MetricFamily]]) -> APIRouter:
     api = APIRouter()
 
-    @api.get("/metrics")
+    @api.get("/metrics", **openapi.METRICS)
     async def metrics() -> Response:
         return Response(render(collect()), media_type=CONTENT_TYPE)
 

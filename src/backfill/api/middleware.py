@@ -13,6 +13,10 @@ exception would otherwise reach the client as a plain-text 500 without our heade
 here instead: log it, and if the response has not started, send the OpenAI error envelope.
 If a streamed response already started, the only honest thing left is to abort the
 connection, so we re-raise and let the server do that.
+
+A client that goes away mid-request (`ClientDisconnect` from reading its body, also what a
+stalled body cut off by the server looks like to the app) is logged quietly: nobody is left to
+answer, and it is not a crash.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import secrets
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backfill.api.errors import internal_error_body
@@ -72,6 +77,13 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            log.info(
+                "client went away during %s %s (request %s)",
+                scope.get("method"),
+                scope.get("path"),
+                request_id,
+            )
         except Exception:
             log.exception(
                 "unhandled error in %s %s (request %s)",
