@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 
 from backfill.domain.inputs import iter_requests
+from backfill.domain.segments import iter_lines
 from backfill.domain.validation import InputValidator, ValidationLimits, ValidationResult
 
 CHAT = "/v1/chat/completions"
@@ -34,6 +37,19 @@ def validate(data: bytes, chunk: int = 1 << 20, **limits: Any) -> ValidationResu
     return v.finish()
 
 
+def read_shard(data: bytes, first_line: int, chunk: int) -> list[tuple[int, str, Any]]:
+    """The worker's reading of a shard's bytes, arriving in pieces of `chunk` bytes."""
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), chunk):
+            yield data[i : i + chunk]
+
+    async def read() -> list[tuple[int, str, Any]]:
+        return [r async for r in iter_requests(iter_lines(pieces()), first_line)]
+
+    return asyncio.run(read())
+
+
 def codes(result: ValidationResult) -> list[tuple[str, int | None]]:
     return [(e.code, e.line) for e in result.errors]
 
@@ -47,7 +63,7 @@ def test_valid_file_plans_shards_that_read_back_the_same_requests() -> None:
         assert [s.count for s in result.shards] == [3, 3, 1]
         got = []
         for s in result.shards:
-            got.extend(iter_requests(data[s.start : s.end], s.first_line))
+            got.extend(read_shard(data[s.start : s.end], s.first_line, chunk))
         assert [cid for _, cid, _ in got] == [f"r{i}" for i in range(7)]
         # line numbers count the blank lines
         assert [n for n, _, _ in got] == [1, 2, 3, 6, 7, 8, 9]

@@ -87,3 +87,18 @@ def test_windows() -> None:
             assert getattr(exc, "param", None) == "completion_window"
         else:
             raise AssertionError(bad)
+
+
+def test_an_answer_deeper_than_orjson_writes_is_spliced_in_as_sent() -> None:
+    import json
+
+    levels = 600  # orjson reads 1024 levels and writes 254
+    raw = b'{"x":\n' + b'{"a":\r\n' * levels + b"{}" + b"}" * levels + b"}"
+    body = parse_body(raw, 200)
+    line = response_line("deep", 200, body, "req_1", raw)
+    assert b"\n" not in line and b"\r" not in line
+    value = json.loads(line)["response"]["body"]["x"]
+    depth = 0
+    while value:
+        value, depth = value["a"], depth + 1
+    assert depth == levels

@@ -5,7 +5,9 @@ for the whole of it. While the batch runs, this streams the output lines (or, wi
 `?kind=error`, the error lines) of every recorded segment, shard by shard, each shard in input
 order; what is recorded is durable, so a line seen here is in the final file too. Once the
 batch has its final output (or error) file, this streams that file instead. A batch with
-nothing finished yet answers an empty body.
+nothing finished yet answers an empty body. The merge is the finalizer's
+(`backfill.domain.segments`): it streams, so memory stays at a few MB however large the shard
+or its answers.
 
 The response carries `x-backfill-complete: true|false` so a client knows whether it got the
 final file or a snapshot.
@@ -19,12 +21,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from starlette.responses import Response, StreamingResponse
 
+from backfill.api import openapi
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext
 from backfill.api.responses import call
-from backfill.domain.finalize import merge_segments
 from backfill.domain.records import Project, Segment
 from backfill.domain.results import ERROR, OUTPUT
+from backfill.domain.segments import index_shard, shard_lines
 from backfill.errors import BlobNotFound, InvalidRequest, NotFound
 
 _CHUNK = 1 << 20
@@ -59,22 +62,19 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
         wanted = OUTPUT if kind == "output" else ERROR
 
         async def body() -> AsyncIterator[bytes]:
-            for index in sorted(by_shard):
-                datas = []
-                for seg in by_shard[index]:
-                    try:
-                        datas.append(await ctx.blobs.get(seg.blob_path))
-                    except BlobNotFound:
-                        return  # finalized meanwhile: the final file has it all
-                merged = merge_segments(datas)
-                chunk = b"".join(
-                    merged[n][1] + b"\n" for n in sorted(merged) if merged[n][0] == wanted
-                )
-                if chunk:
-                    yield chunk
+            for shard in sorted(by_shard):
+                paths = [seg.blob_path for seg in by_shard[shard]]
+                try:
+                    index = await index_shard(ctx.blobs, paths)
+                    async for chunk in shard_lines(ctx.blobs, paths, index, wanted):
+                        yield chunk
+                except BlobNotFound:
+                    return  # finalized meanwhile: the final file has it all
 
         return StreamingResponse(body(), media_type=media, headers={"x-backfill-complete": "false"})
 
     for prefix in ("/batches", "/batch/jobs"):
-        r.add_api_route(prefix + "/{batch_id}/output", batch_output, methods=["GET"])
+        r.add_api_route(
+            prefix + "/{batch_id}/output", batch_output, methods=["GET"], **openapi.BATCH_OUTPUT
+        )
     return r

@@ -3,12 +3,19 @@
 obstore streams in both directions without holding whole objects in memory; an upload of an
 async iterator becomes a multipart upload, which is aborted if the iterator raises, so a
 failed or oversize upload leaves nothing behind (we delete defensively too).
+
+A killed process aborts nothing: in a local folder obstore writes every object to a staging
+file `<path>#<n>` first (5 MiB per part as an upload streams in) and renames it into place when
+complete, so a kill leaves the staging file. `list_staging` walks the folder for those (obstore's
+own listing skips them) and leaves out the ones this process is streaming into right now.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import re
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,15 +24,22 @@ import obstore
 from obstore.exceptions import NotFoundError
 from obstore.store import LocalStore, MemoryStore, from_url
 
+from backfill.blobs.base import BlobInfo
 from backfill.errors import BlobError, BlobNotFound
 
 _NOT_FOUND = (NotFoundError, FileNotFoundError)
+#: the name obstore gives a local object's staging file: `<path>#<n>`
+_STAGING = re.compile(r"#[0-9]+$")
 
 
 class ObjectBlobs:
-    def __init__(self, store: Any, description: str) -> None:
+    def __init__(self, store: Any, description: str, *, local_root: Path | None = None) -> None:
         self._store = store
         self.description = description
+        #: the folder of a local store (where staging files live); None for other stores
+        self._local_root = local_root
+        #: paths `put_stream` is writing right now (their staging files are no debris)
+        self._writing: set[str] = set()
 
     def __repr__(self) -> str:
         return f"ObjectBlobs({self.description})"
@@ -45,6 +59,7 @@ class ObjectBlobs:
                 size += len(chunk)
                 yield chunk
 
+        self._writing.add(path)
         try:
             await obstore.put_async(
                 self._store, path, counted(), chunk_size=5 << 20, max_concurrency=2
@@ -55,6 +70,8 @@ class ObjectBlobs:
             if isinstance(exc, Exception) and "obstore" in type(exc).__module__:
                 raise BlobError(f"cannot write {path}: {exc}") from exc
             raise
+        finally:
+            self._writing.discard(path)
         return size
 
     async def get(self, path: str) -> bytes:
@@ -76,8 +93,21 @@ class ObjectBlobs:
             options["range"] = (start, end) if end is not None else {"offset": start}
         try:
             result = await obstore.get_async(self._store, path, options=options or None)  # type: ignore[arg-type]
+            first, last = result.range
+            if last - first <= chunk_size:  # one piece: a third of the cost of a stream
+                data = bytes(await result.bytes_async())
+                if data:
+                    yield data
+                return
             async for chunk in result.stream(min_chunk_size=chunk_size):
-                yield bytes(chunk)
+                if len(chunk) <= chunk_size:
+                    yield bytes(chunk)
+                    continue
+                # some stores answer in one piece (memory): hand it on in `chunk_size` pieces
+                # so a reader never holds more than one as Python bytes
+                view = memoryview(chunk)
+                for at in range(0, len(view), chunk_size):
+                    yield bytes(view[at : at + chunk_size])
         except _NOT_FOUND as exc:
             raise BlobNotFound(f"object {path} not found") from exc
         except (BlobError, GeneratorExit):
@@ -135,6 +165,58 @@ class ObjectBlobs:
         except Exception as exc:
             raise BlobError(f"cannot delete under {prefix}: {exc}") from exc
 
+    # -- listing (for the debris collector) -----------------------------------------------------
+    async def list_prefix(self, prefix: str) -> AsyncIterator[BlobInfo]:
+        where = prefix.strip("/")
+        try:
+            async for batch in obstore.list(self._store, prefix=where + "/" if where else None):
+                for meta in batch:
+                    modified = meta["last_modified"].timestamp()
+                    yield BlobInfo(meta["path"], int(meta["size"]), modified)
+        except Exception as exc:
+            if "obstore" in type(exc).__module__:
+                raise BlobError(f"cannot list {prefix}: {exc}") from exc
+            raise
+
+    async def list_staging(self) -> AsyncIterator[BlobInfo]:
+        root = self._local_root
+        if root is None:
+            return
+        try:
+            found = await asyncio.to_thread(_staging_files, root)
+        except OSError as exc:
+            raise BlobError(f"cannot list staging files: {exc}") from exc
+        for info in found:
+            if _STAGING.sub("", info.path) not in self._writing:
+                yield info
+
+    async def delete_staging(self, path: str) -> None:
+        root = self._local_root
+        if root is None or not _STAGING.search(path) or ".." in path.split("/"):
+            raise ValueError(f"not a staging file: {path!r}")
+        try:
+            await asyncio.to_thread(os.unlink, root / path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise BlobError(f"cannot delete {path}: {exc}") from exc
+
+
+def _staging_files(root: Path) -> list[BlobInfo]:
+    found: list[BlobInfo] = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if not _STAGING.search(name):
+                continue
+            full = os.path.join(folder, name)
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:
+                continue  # completed (renamed) or removed meanwhile
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            found.append(BlobInfo(rel, st.st_size, st.st_mtime))
+    return found
+
 
 def open_blobs(url: str | None, data_dir: Path) -> ObjectBlobs:
     """Blobs for `url`: `memory://`, `file:///abs/path`, `s3://bucket/prefix`, ...
@@ -142,13 +224,17 @@ def open_blobs(url: str | None, data_dir: Path) -> ObjectBlobs:
     if url is None or url == "":
         folder = data_dir / "blobs"
         folder.mkdir(parents=True, exist_ok=True)
-        return ObjectBlobs(LocalStore(folder, mkdir=True), f"local:{folder}")
+        return ObjectBlobs(
+            LocalStore(folder, mkdir=True), f"local:{folder}", local_root=folder.resolve()
+        )
     if url.startswith("memory://"):
         return ObjectBlobs(MemoryStore(), "memory")
     if url.startswith("file://") or "://" not in url:
         folder = Path(url.removeprefix("file://"))
         folder.mkdir(parents=True, exist_ok=True)
-        return ObjectBlobs(LocalStore(folder, mkdir=True), f"local:{folder}")
+        return ObjectBlobs(
+            LocalStore(folder, mkdir=True), f"local:{folder}", local_root=folder.resolve()
+        )
     kwargs: dict[str, Any] = {}
     if url.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

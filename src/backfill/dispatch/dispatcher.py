@@ -60,6 +60,7 @@ from typing import Any
 import orjson
 
 from backfill.dispatch.window import Window
+from backfill.domain import exact_json
 from backfill.domain.retry import RetryPolicy
 from backfill.engines.base import Engine, EngineReply
 from backfill.errors import EngineError, EngineUnavailable
@@ -221,7 +222,7 @@ def parse_answer(status: int, raw: bytes) -> tuple[Any, str | None]:
     if not raw.strip():
         return None, f"upstream answered {status} with an empty body"
     try:
-        parsed = orjson.loads(raw)
+        parsed = exact_json.loads(raw)
     except orjson.JSONDecodeError as exc:
         return None, (
             f"upstream answered {status} with a body that is not valid JSON "

@@ -1,15 +1,20 @@
-"""Pure pieces of finalization: deterministic result-file ids and merging a shard's records.
+"""Pure pieces of finalization: deterministic result-file ids, merging a shard's records, and
+the requests of a shard that never ran.
 
 Result files get ids derived from the batch id, so a finalization that crashed half-way and is
-run again writes the same files instead of leaving orphans behind.
+run again writes the same files instead of leaving orphans behind. The merge itself streams
+(`backfill.domain.segments`); `merge_segments` is its in-memory form for small data.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Container, Iterable
+
+import orjson
 
 from backfill.domain.results import iter_segment
+from backfill.domain.validation import BOM
 
 
 def result_file_id(batch_id: str, kind: str) -> str:
@@ -26,3 +31,18 @@ def merge_segments(segments: Iterable[bytes]) -> dict[int, tuple[bytes, bytes]]:
             if line_no not in merged:
                 merged[line_no] = (kind, line)
     return merged
+
+
+async def unrun_requests(
+    lines: AsyncIterable[bytes], first_line: int, done: Container[int]
+) -> AsyncIterator[tuple[int, str]]:
+    """(line_no, custom_id) of each request of a shard's input lines (streamed one at a time,
+    numbered from `first_line`, blank ones counted but skipped as validation counted them)
+    whose line number is not in `done`."""
+    line_no = first_line
+    async for raw in lines:
+        if line_no == first_line and raw.startswith(BOM):
+            raw = raw[3:]
+        if line_no not in done and raw.strip():
+            yield line_no, orjson.loads(raw)["custom_id"]
+        line_no += 1

@@ -1,26 +1,37 @@
-"""Reading the requests of one shard back out of its byte range of the input file."""
+"""Reading the requests of one shard back out of its byte range of the input file, streamed:
+memory holds one line at a time, never the shard."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
-import orjson
-
+from backfill.domain import exact_json
 from backfill.domain.validation import BOM
 
 
-def iter_requests(data: bytes, first_line: int) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """(line_no, custom_id, body) of each request in a shard's bytes.
-
-    The shard starts at the beginning of line `first_line`; blank lines are counted but skipped,
-    exactly as validation counted them. Lines were validated, so parsing cannot fail here.
-    """
-    if data.startswith(BOM):
-        data = data[3:]
+async def numbered_lines(
+    lines: AsyncIterable[bytes], first_line: int
+) -> AsyncIterator[tuple[int, bytes]]:
+    """(line_no, line) of each non-blank line of a shard's input, numbered from `first_line`;
+    blank lines are counted but skipped, exactly as validation counted them."""
     line_no = first_line
-    for raw in data.split(b"\n"):
+    async for raw in lines:
+        if line_no == first_line and raw.startswith(BOM):
+            raw = raw[3:]
         if raw.strip():
-            obj = orjson.loads(raw)
-            yield line_no, obj["custom_id"], obj["body"]
+            yield line_no, raw
         line_no += 1
+
+
+async def iter_requests(
+    lines: AsyncIterable[bytes], first_line: int
+) -> AsyncIterator[tuple[int, str, dict[str, Any]]]:
+    """(line_no, custom_id, body) of each request of a shard's input lines.
+
+    Lines were validated, so parsing cannot fail here. Bodies keep every number's exact value
+    (`exact_json`): they go upstream as written.
+    """
+    async for line_no, raw in numbered_lines(lines, first_line):
+        obj = exact_json.loads(raw)
+        yield line_no, obj["custom_id"], obj["body"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from backfill.domain import exact_json
 from backfill.domain.ids import new_request_id
 from backfill.domain.records import Usage
 
@@ -55,7 +56,7 @@ def response_line(
         "error": None,
     }
     try:
-        return orjson.dumps(line)
+        return exact_json.dumps(line)
     except orjson.JSONEncodeError:
         if not raw:
             raise
@@ -80,7 +81,7 @@ def error_line(custom_id: str, code: str, message: str) -> bytes:
 def parse_body(raw: bytes, status: int) -> Any:
     """The engine's body as JSON; a non-JSON body is wrapped in an OpenAI error object."""
     try:
-        return orjson.loads(raw)
+        return exact_json.loads(raw)
     except orjson.JSONDecodeError:
         text = raw[:2000].decode("utf-8", "replace")
         return {

@@ -1,20 +1,31 @@
 """Finalization: merge a batch's segments into its output and error files.
 
-Streams shard by shard: memory holds one shard's results at a time, never the whole batch.
-Requests that never ran (cancelled or expired batches) get an error line with
-`batch_cancelled` / `batch_expired`, read back from the shard's byte range of the input file.
-Output lines come in input order.
+Memory holds a few MB and one shard's index (a few small ints per line), never a shard's bytes
+nor even its largest answer: each shard's segments are indexed in one streaming pass and its
+lines copied out in input order by ranged reads of a few MB, long lines streamed
+(`backfill.domain.segments`), into `put_stream` uploads.
+
+The first file written indexes every shard, so coverage is known before anything is kept:
+- COMPLETED: if some shard's segments lack some of its lines, nothing is invented: the upload
+  is aborted once every shard is indexed and `ResultsMissing` names the incomplete shards, for
+  the scheduler to run those lines again.
+- CANCELLED / EXPIRED: requests that never ran get an error line (`batch_cancelled` /
+  `batch_expired`) at their place in input order, their custom ids streamed from the shard's
+  byte range of the input file.
+The second file skips the shards whose segments recorded nothing of its kind (the segments'
+counts say so) and that lack no line, and takes the places of the error lines from the first
+pass (kept as 4 ints a line, up to a bound) rather than reading the segments twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+from array import array
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
 from backfill.blobs.base import Blobs
-from backfill.domain.finalize import merge_segments, result_file_id
-from backfill.domain.inputs import iter_requests
+from backfill.domain.finalize import result_file_id, unrun_requests
 from backfill.domain.records import BatchRecord, FileRecord, Segment, Shard
 from backfill.domain.results import (
     CANCELLED_MESSAGE,
@@ -23,8 +34,23 @@ from backfill.domain.results import (
     OUTPUT,
     error_line,
 )
+from backfill.domain.segments import (
+    CHUNK,
+    RecordPlace,
+    ShardIndex,
+    index_shard,
+    iter_lines,
+    pack_places,
+    shard_lines,
+    unpack_places,
+)
 from backfill.domain.statuses import BatchStatus
+from backfill.errors import ResultsMissing
 from backfill.store.base import Store
+
+#: error places the output pass keeps for the error pass (32 bytes each: 4 MB at most), so
+#: the shards with errors need not be indexed a second time
+_KEPT_PLACES = 125_000
 
 
 async def finalize(
@@ -51,19 +77,41 @@ async def finalize(
         else ("batch_expired", EXPIRED_MESSAGE)
     )
 
+    lacking: dict[int, int] = {}  # shard index -> lines its segments lack
+    indexed = False  # a pass over every shard has filled `lacking`
+    kept: dict[int, array[int]] = {}  # shard index -> its error places, from the first pass
+    budget = _KEPT_PLACES
+
     async def lines(kind: bytes) -> AsyncIterator[bytes]:
+        nonlocal indexed, budget
+        first = not indexed
         for shard in shards:
-            datas = [await blobs.get(seg.blob_path) for seg in by_shard.get(shard.index, [])]
-            merged = merge_segments(datas)
-            del datas
-            if kind == ERROR and len(merged) < shard.count and input_path:
-                raw = await blobs.get_range(input_path, shard.start, shard.end)
-                for line_no, custom_id, _ in iter_requests(raw, shard.first_line):
-                    if line_no not in merged:
-                        merged[line_no] = (ERROR, error_line(custom_id, *reason))
-            chunk = b"".join(merged[n][1] + b"\n" for n in sorted(merged) if merged[n][0] == kind)
-            if chunk:
+            segs = by_shard.get(shard.index, [])
+            if not first and shard.index not in lacking and not _recorded(segs, kind):
+                continue
+            paths = [seg.blob_path for seg in segs]
+            if shard.index in kept and shard.index not in lacking:
+                index = ShardIndex(unpack_places(kept.pop(shard.index), kind))
+            else:
+                index = await index_shard(blobs, paths)
+            if first and len(index.places) < shard.count:
+                lacking[shard.index] = shard.count - len(index.places)
+            if first and kind == OUTPUT and shard.index not in lacking and _recorded(segs, ERROR):
+                errors = [p for p in index.places.values() if p.kind == ERROR]
+                if 0 < len(errors) <= budget:
+                    kept[shard.index] = pack_places(errors)
+                    budget -= len(errors)
+            extra = None
+            if final is BatchStatus.COMPLETED:
+                if lacking:
+                    continue  # this file is not kept: only find every incomplete shard
+            elif kind == ERROR and shard.index in lacking and input_path:
+                extra = _unrun_lines(blobs, input_path, shard, index.places, reason)
+            async for chunk in shard_lines(blobs, paths, index, kind, extra):
                 yield chunk
+        indexed = True
+        if final is BatchStatus.COMPLETED and lacking:
+            raise ResultsMissing(batch.id, sorted(lacking))
 
     fields: dict[str, object] = {"completed": completed, "failed": failed}
     expires_at = now + batch.output_expires_after if batch.output_expires_after else None
@@ -103,6 +151,19 @@ async def finalize(
     if done is not None:
         await blobs.delete_prefix(f"batches/{batch.id}")
     return done
+
+
+def _recorded(segments: list[Segment], kind: bytes) -> bool:
+    return any((seg.completed if kind == OUTPUT else seg.failed) > 0 for seg in segments)
+
+
+async def _unrun_lines(
+    blobs: Blobs, path: str, shard: Shard, done: dict[int, RecordPlace], reason: tuple[str, str]
+) -> AsyncIterator[tuple[int, bytes]]:
+    """Error lines for the shard's requests that no segment has, in input order."""
+    chunks = blobs.stream(path, shard.start, shard.end, chunk_size=CHUNK)
+    async for line_no, custom_id in unrun_requests(iter_lines(chunks), shard.first_line, done):
+        yield line_no, error_line(custom_id, *reason)
 
 
 def shards_finished(shards: list[Shard]) -> bool:

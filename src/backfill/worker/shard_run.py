@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +40,10 @@ from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.domain.inputs import iter_requests
 from backfill.domain.records import BatchRecord, Segment, Shard, Usage
-from backfill.domain.results import iter_segment, segment_record
+from backfill.domain.results import segment_record
+from backfill.domain.segments import index_records, iter_lines
 from backfill.domain.statuses import BatchStatus
-from backfill.errors import LeaseLost
+from backfill.errors import BackfillError, LeaseLost
 from backfill.settings import Settings
 from backfill.store.base import Store
 from backfill.worker.outcomes import run_request
@@ -51,6 +52,8 @@ log = logging.getLogger("backfill.worker")
 
 #: checkpoint as soon as this many bytes of results wait, whatever the request count
 FLUSH_BYTES = 32 * 1024 * 1024
+#: bytes of the shard's input read at a time
+INPUT_CHUNK = 1 << 20
 #: longest wait between two attempts at a failing checkpoint
 MAX_FLUSH_BACKOFF = 5.0
 
@@ -152,7 +155,9 @@ class ShardRun:
             flusher.cancel()
             await asyncio.gather(heartbeat, flusher, return_exceptions=True)
 
-    async def _dispatch_all(self, batch: BatchRecord, raw: bytes, done: set[int]) -> set[int]:
+    async def _dispatch_all(
+        self, batch: BatchRecord, lines: AsyncIterator[bytes], done: set[int]
+    ) -> set[int]:
         """Start requests lazily, at most `cap` at a time, so memory stays bounded by the
         window, not the shard; on stop, send nothing more and abort what is in flight after the
         grace period. Returns the line numbers started."""
@@ -190,7 +195,7 @@ class ShardRun:
         started: set[int] = set()
         watcher = asyncio.create_task(abort_on_stop())
         try:
-            for line_no, cid, body in iter_requests(raw, self.shard.first_line):
+            async for line_no, cid, body in iter_requests(lines, self.shard.first_line):
                 if line_no in done:
                     continue
                 await slots.acquire()
@@ -218,20 +223,28 @@ class ShardRun:
             watcher.cancel()
         return started
 
-    async def _load(self, batch: BatchRecord) -> tuple[bytes, set[int]]:
-        """The shard's input bytes and the line numbers already recorded as done."""
+    async def _load(self, batch: BatchRecord) -> tuple[AsyncIterator[bytes], set[int]]:
+        """The shard's input lines (read as they are needed) and the line numbers already
+        recorded as done (read from the segments' record headers: lines are not kept)."""
         shard = self.shard
         done: set[int] = set()
         segments = await asyncio.to_thread(self._store.segments, shard.batch_id, shard.index)
         for seg in segments:
-            data = await self._blobs.get(seg.blob_path)
-            done.update(no for no, _, _ in iter_segment(data))
+            async for place in index_records(self._blobs.stream(seg.blob_path)):
+                done.add(place.line_no)
             self._seq = max(self._seq, seg.seq + 1)
         file = await asyncio.to_thread(self._store.get_file, batch.input_file_id)
         if file is None:
-            return b"", done
-        raw = await self._blobs.get_range(file.blob_path, shard.start, shard.end)
-        return raw, done
+            return _no_lines(), done
+        return iter_lines(self._ranges(file.blob_path, shard.start, shard.end)), done
+
+    async def _ranges(self, path: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the input, one ranged read per `INPUT_CHUNK` as the run needs
+        them: a shard may run for hours, longer than a streamed read should stay open."""
+        while start < end:
+            stop = min(start + INPUT_CHUNK, end)
+            yield await self._blobs.get_range(path, start, stop)
+            start = stop
 
     async def _one(
         self,
@@ -318,7 +331,7 @@ class ShardRun:
                 self.shard.index,
                 type(exc).__name__,
                 exc,
-                exc_info=exc,
+                exc_info=None if isinstance(exc, BackfillError) else exc,  # a bug: show where
             )
 
     def _cut(self) -> _Pending:
@@ -448,3 +461,8 @@ async def _first(*aws: Any) -> None:
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def _no_lines() -> AsyncIterator[bytes]:
+    return
+    yield  # an async generator that yields nothing
