@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 
 from backfill.domain.ids import new_batch_id, new_file_id
 from backfill.domain.records import BatchRecord, FileRecord
@@ -32,7 +34,7 @@ from backfill.domain.statuses import BatchStatus
 from backfill.errors import BlobError, StoreError
 from backfill.service import Service
 from backfill.settings import ModelConfig, Settings
-from backfill.testing.postgres import scratch_postgres_database
+from backfill.testing.postgres import libpq_url, scratch_postgres_database
 
 MODEL = "echo"
 CHAT = "/v1/chat/completions"
@@ -115,6 +117,28 @@ class Outcome:
                 err = line.get("error")
                 return err["code"] if err else None
         return None
+
+
+@contextmanager
+def sqlite_write_lock(db: Path) -> Iterator[None]:
+    """Hold SQLite's one write lock from another connection (another process, as the server
+    sees it)."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30, check_same_thread=False)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+@contextmanager
+def postgres_table_lock(url: str, table: str) -> Iterator[None]:
+    """EXCLUSIVE blocks every write to the table (and row locks on it) but not plain reads."""
+    with psycopg.connect(libpq_url(url)) as conn:
+        conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+        yield
+        conn.rollback()
 
 
 @contextmanager

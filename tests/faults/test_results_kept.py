@@ -12,12 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fault_harness import Rig, chat_line, check_invariant, database_url
+from fault_harness import (
+    Rig,
+    chat_line,
+    check_invariant,
+    database_url,
+    postgres_table_lock,
+    sqlite_write_lock,
+)
 
 from backfill.domain.statuses import BatchStatus
 from backfill.testing import UpstreamProcess, start_upstream
@@ -50,9 +58,12 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def test_failed_checkpoints_keep_their_results(rig_factory: Any, caplog: Any) -> None:
+def test_failed_checkpoints_keep_their_results(
+    rig_factory: Any, upstream: UpstreamProcess, caplog: Any
+) -> None:
     """Segment records refused by the store (locked past its busy timeout), then segment
     writes refused by a full disk: every result is kept and recorded once."""
+    upstream.reset()
     rig = rig_factory()
     ids = [f"r{i}" for i in range(60)]
     rig.store.fail("record_segment", 6)
@@ -74,11 +85,63 @@ def test_failed_checkpoints_keep_their_results(rig_factory: Any, caplog: Any) ->
         run(main())
     assert rig.store.failures["record_segment"] == 6
     assert rig.blobs.segment_failures == 6
+    sent_once(upstream, [f"hello {cid}" for cid in ids])
     assert any("checkpoint" in r.getMessage() for r in caplog.records), "the failure is logged"
 
 
-def test_store_failing_at_the_end_of_a_shard(rig_factory: Any) -> None:
-    """The last checkpoint and the end of the lease fail a few times: still all kept."""
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_checkpoints_through_a_real_lock(
+    kind: str, tmp_path: Path, upstream: UpstreamProcess, caplog: Any
+) -> None:
+    """Another connection holds the lock the checkpoints need (SQLite's write lock, or
+    PostgreSQL's `segments` table) for three busy timeouts while the batch runs: the
+    checkpoints fail with `StoreBusy`, keep their results, and land once the lock is gone."""
+    upstream.reset()
+    with database_url(kind, tmp_path) as url:
+        rig = Rig(tmp_path, url, upstream.url, store_busy_timeout=1.0, lease_seconds=20.0)
+        ids = [f"r{i}" for i in range(60)]
+        lock = (
+            sqlite_write_lock(tmp_path / "store.db")
+            if kind == "sqlite"
+            else postgres_table_lock(url, "segments")
+        )
+
+        def hold() -> None:
+            with lock:
+                time.sleep(3.0)
+
+        async def main() -> None:
+            async with rig.service.background():
+                batch_id = await rig.submit([chat_line(cid, f"{cid} #sleep:100") for cid in ids])
+                await rig.until(lambda: upstream.stats()["requests"] >= 5)
+                await asyncio.to_thread(hold)
+                batch = await rig.wait_done(batch_id)
+                assert batch.status is BatchStatus.COMPLETED
+                outcome = await rig.outcome(batch_id)
+            check_invariant(outcome, ids)
+            assert len(outcome.output) == 60
+
+        try:
+            with caplog.at_level(logging.WARNING, logger="backfill.worker"):
+                run(main())
+        finally:
+            rig.close()
+    sent_once(upstream, [f"{cid} #sleep:100" for cid in ids])
+    failed = [r for r in caplog.records if "checkpoint" in r.getMessage()]
+    assert failed and "StoreBusy" in failed[0].getMessage(), [r.getMessage() for r in failed]
+
+
+def sent_once(upstream: UpstreamProcess, texts: list[str]) -> None:
+    """Each request reached the upstream exactly once: no computed result was dropped and
+    computed again."""
+    by_text = upstream.stats()["by_text"]
+    assert {t: by_text.get(t) for t in texts} == dict.fromkeys(texts, 1)
+
+
+def test_store_failing_at_the_end_of_a_shard(rig_factory: Any, upstream: UpstreamProcess) -> None:
+    """The last checkpoint and the end of the lease fail a few times: still all kept, and
+    nothing is run twice."""
+    upstream.reset()
     rig = rig_factory(flush_every_requests=1000, flush_every_seconds=30.0)
     ids = [f"r{i}" for i in range(25)]
     rig.store.fail("record_segment", 3)
@@ -93,6 +156,7 @@ def test_store_failing_at_the_end_of_a_shard(rig_factory: Any) -> None:
 
     run(main())
     assert rig.store.failures == {"record_segment": 3, "finish_shard": 2}
+    sent_once(upstream, ids)
 
 
 def test_an_exception_inside_one_request_is_that_lines_error(rig_factory: Any, caplog: Any) -> None:
