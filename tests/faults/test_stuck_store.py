@@ -484,3 +484,18 @@ def test_store_gives_up_when_no_connection_is_free(tmp_path: Path) -> None:
         store.insert_file(_file(project.id, 1))
     finally:
         store.close()
+
+
+def test_an_unreachable_postgres_is_busy_not_a_server_error() -> None:
+    """No server on the port: 503 `StoreBusy` (retry later), not a 500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    store = SqlStore(f"postgresql://postgres@127.0.0.1:{port}/none", busy_timeout=1.0)
+    try:
+        with pytest.raises(StoreBusy):
+            store.get_batch("batch_x")
+    finally:
+        store.close()

@@ -143,3 +143,20 @@ def test_crlf_line_endings(crlf: bool) -> None:
     data = sep.join(req(f"r{i}") for i in range(3)) + sep
     result = validate(data, shard_size=2)
     assert result.ok and result.total == 3
+
+
+def test_bodies_nested_deeper_than_any_writer_handles_are_refused() -> None:
+    import json
+
+    def line(cid: str, levels: int, text: str = "hi") -> bytes:
+        nested: Any = {}
+        for _ in range(levels):
+            nested = {"a": nested}
+        body = {"model": "m", "messages": [{"role": "user", "content": text}], "x": nested}
+        obj = {"custom_id": cid, "method": "POST", "url": CHAT, "body": body}
+        return json.dumps(obj).encode()
+
+    data = b"\n".join([line("ok", 300), line("deep", 600), line("brackets-in-text", 1, "{[" * 600)])
+    result = validate(data)
+    assert codes(result) == [("invalid_request", 2)]
+    assert result.errors[0].param == "body"

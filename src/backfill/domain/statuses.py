@@ -31,7 +31,8 @@ S = BatchStatus
 TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
     S.VALIDATING: frozenset({S.IN_PROGRESS, S.FAILED, S.CANCELLING, S.EXPIRED}),
     S.IN_PROGRESS: frozenset({S.FINALIZING, S.EXPIRED, S.CANCELLING}),
-    S.FINALIZING: frozenset({S.COMPLETED, S.EXPIRED, S.CANCELLING, S.CANCELLED}),
+    # back to in_progress: finalizing found lines with no outcome, which run again first
+    S.FINALIZING: frozenset({S.COMPLETED, S.EXPIRED, S.CANCELLING, S.CANCELLED, S.IN_PROGRESS}),
     S.CANCELLING: frozenset({S.CANCELLED}),
     S.COMPLETED: frozenset(),
     S.FAILED: frozenset(),

@@ -157,6 +157,13 @@ class InputValidator:
             self._error(*problem)
             return
         body: dict[str, Any] = obj["body"]
+        if _nested_deeper_than(raw, MAX_BODY_DEPTH):
+            self._error(
+                "invalid_request",
+                f"The body is nested more than {MAX_BODY_DEPTH} levels deep.",
+                "body",
+            )
+            return
         model = body.get("model")
         if model is None:
             self._error("missing_required_parameter", "Missing body.model.", "body.model")
@@ -278,3 +285,36 @@ def _estimate_tokens(raw: bytes, body: dict[str, Any]) -> int:
     """A cheap upper-ish estimate for quotas: ~4 bytes a token in, plus the output cap."""
     out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
     return len(raw) // 4 + (out if isinstance(out, int) else 0)
+
+
+#: deepest request body accepted: more than any API needs, and well inside what every JSON
+#: writer on the way to the engine handles (orjson writes 254 levels, the standard library
+#: about 990; `exact_json.dumps` falls back from one to the other)
+MAX_BODY_DEPTH = 512
+
+
+def _nested_deeper_than(raw: bytes, limit: int) -> bool:
+    """Whether the JSON text `raw` nests objects and arrays deeper than `limit` (brackets
+    inside strings do not count). Most lines have far fewer brackets than the limit and are
+    answered by a count; only the rest are scanned."""
+    if raw.count(b"{") + raw.count(b"[") <= limit:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x7B, 0x5B):  # { [
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x7D, 0x5D):  # } ]
+            depth -= 1
+    return False

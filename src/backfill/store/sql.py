@@ -46,7 +46,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import delete as sql_delete
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from backfill.domain.ids import new_key_id, new_project_id
@@ -85,6 +91,18 @@ _BUSY_SQLSTATES = frozenset({"55P03"})  # lock_not_available: lock_timeout ran o
 # Many processes may start (and migrate) at once; the first one's migration may take a while.
 MIGRATION_PATIENCE = 120.0
 _BAD_TEXT = "The request holds text no database can store (a NUL character or invalid Unicode)."
+
+
+def _unreachable(exc: DBAPIError, sqlstate: str | None) -> bool:
+    """PostgreSQL could not be reached or is shutting down: as good as busy for a client (503,
+    retry later), not a server error. A failed connect carries no SQLSTATE; class 08 is a
+    connection exception; 57P01-57P03 are admin shutdown, crash shutdown, cannot connect now."""
+    if exc.connection_invalidated or (sqlstate is None and isinstance(exc, OperationalError)):
+        return True
+    return sqlstate is not None and (sqlstate.startswith("08") or sqlstate in _SHUTDOWN)
+
+
+_SHUTDOWN = frozenset({"57P01", "57P02", "57P03"})
 
 
 class SqlStore(SqlWorkMixin):
@@ -126,6 +144,8 @@ class SqlStore(SqlWorkMixin):
                 sqlstate = getattr(exc.orig, "sqlstate", None)
                 if sqlstate in _RETRYABLE_SQLSTATES and attempt < 5:
                     continue
+                if self._postgres and _unreachable(exc, sqlstate):
+                    raise self._busy("database unreachable") from exc
                 if isinstance(exc, DataError) and "NUL" in str(exc.orig):
                     raise InvalidRequest(_BAD_TEXT) from exc  # backstop: the API checks first
                 raise StoreError(f"metadata store failed: {exc.orig}") from exc
