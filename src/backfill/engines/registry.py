@@ -1,9 +1,16 @@
 """Engine kinds by name: the composition root turns `ModelConfig`s into engines here.
 
-Kept tiny on purpose: a dict from `kind` to a constructor. The in-process engines
-(`transformers`, `embeddings`) are imported inside their constructor, and they import torch and
-transformers only in `start()`, so a deployment that only forwards to HTTP upstreams never
-imports either.
+Kinds are entry points of the group `backfill.engines` (name: the `kind` a model config gives;
+value: a callable taking a `ModelConfig` and returning an `Engine`). The built-ins (`openai`,
+`transformers`, `embeddings`) are registered in backfill's own `pyproject.toml` the same way, so
+a third-party package adds a kind by declaring an entry point, without touching backfill:
+
+    [project.entry-points."backfill.engines"]
+    mykind = "my_package.engine:MyEngine"
+
+An entry point is loaded only when a model asks for its kind, so a deployment that only forwards
+to HTTP upstreams never imports the in-process engines (and those import torch and transformers
+only in `start()`).
 
 `default_models()` is what a server with no configured model serves: the packaged
 all-MiniLM-L6-v2 as `all-MiniLM-L6-v2` when it (and torch) is installed, else nothing.
@@ -12,32 +19,30 @@ all-MiniLM-L6-v2 as `all-MiniLM-L6-v2` when it (and torch) is installed, else no
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
 
 from backfill.engines.base import Engine
-from backfill.engines.openai import OpenAIEngine
 from backfill.errors import InvalidRequest
 from backfill.settings import ModelConfig
 
 EngineFactory = Callable[[ModelConfig], Engine]
 
-
-def _transformers(config: ModelConfig) -> Engine:
-    from backfill.engines.transformers_engine import TransformersEngine
-
-    return TransformersEngine(config)
+#: the entry-point group engine kinds register in
+GROUP = "backfill.engines"
 
 
-def _embeddings(config: ModelConfig) -> Engine:
-    from backfill.engines.embeddings import EmbeddingsEngine
+def engine_kinds() -> dict[str, EntryPoint]:
+    """Every registered engine kind (not loaded)."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
 
-    return EmbeddingsEngine(config)
 
-
-ENGINE_KINDS: dict[str, EngineFactory] = {
-    "openai": OpenAIEngine,
-    "transformers": _transformers,
-    "embeddings": _embeddings,
-}
+def engine_factory(kind: str) -> EngineFactory | None:
+    """The constructor registered for `kind` (loaded now), or None."""
+    ep = engine_kinds().get(kind)
+    if ep is None:
+        return None
+    factory: EngineFactory = ep.load()
+    return factory
 
 
 def default_models() -> list[ModelConfig]:
@@ -51,9 +56,9 @@ def default_models() -> list[ModelConfig]:
 
 def build_engine(config: ModelConfig) -> Engine:
     """One engine for one model; unknown kinds are a configuration error."""
-    factory = ENGINE_KINDS.get(config.kind)
+    factory = engine_factory(config.kind)
     if factory is None:
-        known = ", ".join(sorted(ENGINE_KINDS))
+        known = ", ".join(sorted(engine_kinds()))
         raise InvalidRequest(
             f"model {config.name!r}: unknown engine kind {config.kind!r} (known kinds: {known})",
             param="kind",
