@@ -39,7 +39,7 @@ from backfill.dispatch.governor import Governor, policy_config
 from backfill.dispatch.policy import GovernorPolicy
 from backfill.dispatch.signals import RealtimeStats
 from backfill.engines.base import Engine, MetricsSource
-from backfill.engines.registry import build_engines, default_models
+from backfill.engines.registry import build_engines, with_default_models
 from backfill.scheduler.scheduler import Scheduler
 from backfill.settings import Settings
 from backfill.store import open_store
@@ -64,6 +64,7 @@ def key_prefix(key: str) -> str:
 
 class Service:
     def __init__(self, settings: Settings) -> None:
+        settings = with_default_models(settings)
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store: Store = open_store(
@@ -71,8 +72,6 @@ class Service:
         )
         self.store.migrate()
         self.blobs: Blobs = open_blobs(settings.storage, settings.data_dir)
-        if not settings.models and settings.default_model:
-            settings.models = default_models()
         self.engines: dict[str, Engine] = build_engines(settings.models)
         self.dispatchers: dict[str, Dispatcher] = {}
         self.governors: dict[str, Governor] = {}

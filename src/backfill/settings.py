@@ -88,7 +88,8 @@ class ModelConfig(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BACKFILL_", extra="ignore")
+    # frozen: built once at the entry point and passed down; a variant is a `model_copy`
+    model_config = SettingsConfigDict(env_prefix="BACKFILL_", extra="ignore", frozen=True)
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -210,18 +211,26 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def build_settings(
-    config_file: Path | None = None, model_specs: list[str] | None = None, **overrides: Any
+    config_file: Path | None = None,
+    model_specs: list[str] | None = None,
+    extra_api_keys: list[str] | None = None,
+    **overrides: Any,
 ) -> Settings:
-    """Environment < config file < CLI overrides (None values are ignored)."""
+    """Environment < config file < CLI overrides (None values are ignored). `model_specs`
+    (`--model`) replace same-named models and add the rest; `extra_api_keys` (`--api-key`) are
+    added to the keys from the environment and the file."""
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(load_config_file(config_file))
     values.update({k: v for k, v in overrides.items() if v is not None})
     settings = Settings(**values)
+    update: dict[str, Any] = {}
     if model_specs:
         by_name = {m.name: m for m in settings.models}
         for spec in model_specs:
             m = parse_model_spec(spec)
             by_name[m.name] = m
-        settings.models = list(by_name.values())
-    return settings
+        update["models"] = list(by_name.values())
+    if extra_api_keys:
+        update["api_keys"] = [*settings.api_keys, *extra_api_keys]
+    return settings.model_copy(update=update) if update else settings

@@ -92,6 +92,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return build_settings(
         config_file=getattr(args, "config", None),
         model_specs=getattr(args, "model", None),
+        extra_api_keys=getattr(args, "api_key", None),
         data_dir=getattr(args, "data_dir", None),
         database=getattr(args, "database", None),
         storage=getattr(args, "storage", None),
@@ -111,8 +112,6 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         run_worker=False if args.no_worker else None,
     )
-    if args.api_key:
-        settings.api_keys = [*settings.api_keys, *args.api_key]
     service = Service(settings)
     app = service.api_app()
     print(
@@ -166,11 +165,9 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from backfill.cli.run import main as run_main
-    from backfill.engines.registry import default_models
+    from backfill.engines.registry import with_default_models
 
-    settings = _settings(args)
-    if not settings.models and settings.default_model:
-        settings.models = default_models()
+    settings = with_default_models(_settings(args))
     return run_main(
         settings,
         args.input,
@@ -184,9 +181,7 @@ def _run(args: argparse.Namespace) -> int:
 def _keys_create(args: argparse.Namespace) -> int:
     from backfill.service import Service
 
-    settings = _settings(args)
-    settings.models = []
-    service = Service(settings)
+    service = Service(_settings(args).model_copy(update={"models": []}))
     key = new_api_key()
     service.add_key(key, args.project)
     service.close()

@@ -23,7 +23,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from backfill.engines.base import Engine
 from backfill.errors import InvalidRequest
-from backfill.settings import ModelConfig
+from backfill.settings import ModelConfig, Settings
 
 EngineFactory = Callable[[ModelConfig], Engine]
 
@@ -43,6 +43,13 @@ def engine_factory(kind: str) -> EngineFactory | None:
         return None
     factory: EngineFactory = ep.load()
     return factory
+
+
+def with_default_models(settings: Settings) -> Settings:
+    """`settings`, serving the packaged model when none is configured (and that is on)."""
+    if settings.models or not settings.default_model:
+        return settings
+    return settings.model_copy(update={"models": default_models()})
 
 
 def default_models() -> list[ModelConfig]:
