@@ -1,1 +1,2 @@
-"""Command line: `backfill serve | worker | keys create`. Thin: parse, call, print."""
+"""Command line: `backfill serve | worker | run | keys create|list|revoke | sim`. Thin: parse,
+call, print."""

@@ -1,1 +1,1 @@
-"""Pure logic of backfill: standard library only, no I/O."""
+"""Pure logic of backfill, no I/O: the standard library plus orjson (the hot JSONL paths)."""
