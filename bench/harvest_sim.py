@@ -11,7 +11,7 @@ model of what backfill does around it:
   gateway's count (arrived, not finished);
 - the worker + dispatcher: the worker keeps up to `max_concurrency` batch requests waiting on
   the dispatcher (its lookahead), the dispatcher sends them in file order within its limit,
-  at priority 10 (admission through the real `dispatch.dispatcher.Admission` when the
+  at priority 10 (admission through the real `dispatch.admission.Admission` when the
   governor is on); shed requests are aborted at the engine and go back to the end of the queue,
   re-sent with the same prompt (prefix-cache hits);
 - the governor: the real `dispatch.policy.GovernorPolicy` every `--interval` wall seconds
@@ -51,7 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backfill.dispatch.dispatcher import Admission
+from backfill.dispatch.admission import Admission
 from backfill.dispatch.policy import Decision, GovernorPolicy, PolicyConfig
 from backfill.dispatch.signals import EngineLoad, Signals
 from backfill.sim import Distribution, SimRequest, get_profile, sharegpt_like

@@ -2,13 +2,12 @@
 
 ```
 BackfillError                      (500 unless a subclass says otherwise)
-├── InvalidRequest                 400 invalid_request_error
+├── InvalidRequest                 400 invalid_request_error (also an in-process engine's 400)
 ├── AuthenticationFailed           401 authentication_error
-├── PermissionDenied               403 permission_error
 ├── NotFound                       404 invalid_request_error
 ├── Conflict                       409 invalid_request_error (not retryable)
 ├── PayloadTooLarge                413 invalid_request_error
-├── Unprocessable                  422 invalid_request_error
+├── RangeNotSatisfiable            416 invalid_request_error (carries `content-range`)
 ├── RateLimited                    429 rate_limit_error (carries retry_after)
 ├── StoreError                     500 server_error   (metadata backend failed)
 │   └── StoreBusy                  503 retryable: locked, no connection (carries retry_after)
@@ -23,9 +22,34 @@ BackfillError                      (500 unless a subclass says otherwise)
 Each backend translates foreign exceptions at its seam (`raise StoreError(...) from exc`);
 the API maps the tree to the OpenAI error envelope in exactly one place
 (`backfill.api.errors`). Domain code raises these directly; nothing else leaks out.
+
+`error_body` is the one writer of that envelope, `{"error": {"message", "type", "param",
+"code"}}`: the API's answers, the HTTP protocol layer's refusals, the in-process engines'
+replies and the error objects put in result lines all build it here.
+
+Exceptions kept outside the tree are private control flow of one module: `api/protocol.py`'s
+`_Refused` (stops the HTTP parser; the refusal is sent by the protocol itself) and
+`cli/run.py`'s `InvalidFile` (`backfill run` prints the problems and exits 2; no HTTP answer).
+The tools (`sim/`, `testing/`) keep their own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """The OpenAI error envelope, with all four keys present whatever is unknown."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def status_type(status: int) -> str:
+    """The OpenAI error `type` of an HTTP status that no exception class names."""
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 class BackfillError(Exception):
@@ -35,6 +59,8 @@ class BackfillError(Exception):
     error_type: str = "server_error"
     default_code: str | None = None
     retryable: bool = True
+    #: extra headers of the HTTP answer
+    headers: Mapping[str, str] = MappingProxyType({})
 
     def __init__(
         self,
@@ -48,14 +74,6 @@ class BackfillError(Exception):
         self.param = param
         self.code = code if code is not None else self.default_code
 
-    def to_dict(self) -> dict[str, str | None]:
-        return {
-            "message": self.message,
-            "type": self.error_type,
-            "param": self.param,
-            "code": self.code,
-        }
-
 
 class InvalidRequest(BackfillError):
     status_code = 400
@@ -67,12 +85,6 @@ class AuthenticationFailed(BackfillError):
     status_code = 401
     error_type = "authentication_error"
     default_code = "invalid_api_key"
-    retryable = False
-
-
-class PermissionDenied(BackfillError):
-    status_code = 403
-    error_type = "permission_error"
     retryable = False
 
 
@@ -97,10 +109,20 @@ class PayloadTooLarge(BackfillError):
     retryable = False
 
 
-class Unprocessable(BackfillError):
-    status_code = 422
+class RangeNotSatisfiable(BackfillError):
+    """A well-formed `Range` that starts beyond the end of the file (RFC 9110, 15.5.17)."""
+
+    status_code = 416
     error_type = "invalid_request_error"
+    default_code = "range_not_satisfiable"
     retryable = False
+
+    def __init__(self, header: str, size: int) -> None:
+        super().__init__(
+            f"Range {header!r} cannot be satisfied: the file is {size} bytes.",
+            param="range",
+        )
+        self.headers = {"content-range": f"bytes */{size}"}
 
 
 class RateLimited(BackfillError):

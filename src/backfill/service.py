@@ -40,6 +40,7 @@ from backfill.dispatch.policy import GovernorPolicy
 from backfill.dispatch.signals import RealtimeStats
 from backfill.engines.base import Engine, MetricsSource
 from backfill.engines.registry import build_engines, with_default_models
+from backfill.metrics import Family, Kind
 from backfill.scheduler.scheduler import Scheduler
 from backfill.settings import Settings
 from backfill.store import open_store
@@ -147,14 +148,24 @@ class Service:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.close_engines()
 
-    def metric_families(self) -> list[tuple[str, str, str, dict[str, float]]]:
-        """Per-model figures for `GET /metrics` (`api/metrics.py` renders them)."""
+    def metric_families(self) -> list[Family]:
+        """Per-model figures for `GET /metrics`, read at every scrape (`backfill.metrics`)."""
         d, r = self.dispatchers, self.realtime_stats
         g = {name: gov.history[-1][1] for name, gov in self.governors.items() if gov.history}
-        rows: list[tuple[str, str, str, Callable[[Any], float], dict[str, Any]]] = [
+        rows: list[tuple[str, Kind, str, Callable[[Any], float], dict[str, Any]]] = [
             ("batch_limit", "gauge", "batch requests allowed at once", lambda x: x.limit, d),
             ("batch_in_flight", "gauge", "batch at the engine", lambda x: x.stats.in_flight, d),
             ("batch_sent_total", "counter", "batch attempts sent", lambda x: x.stats.sent, d),
+            ("batch_retried_total", "counter", "batch attempts that were retries",
+             lambda x: x.stats.retried, d),
+            ("batch_succeeded_total", "counter", "batch requests answered 2xx",
+             lambda x: x.stats.succeeded, d),
+            ("batch_failed_total", "counter", "batch requests that ended in an error",
+             lambda x: x.stats.failed, d),
+            ("batch_transport_errors_total", "counter", "batch attempts that reached no answer",
+             lambda x: x.stats.transport_errors, d),
+            ("batch_bad_bodies_total", "counter", "batch 2xx answers not a JSON object",
+             lambda x: x.stats.bad_bodies, d),
             ("batch_shed_total", "counter", "batch attempts shed", lambda x: x.stats.shed, d),
             ("batch_throttled_total", "counter", "batch 429/503", lambda x: x.stats.throttled, d),
             ("batch_deferred", "gauge", "long prompts waiting", lambda x: x.stats.deferred, d),
@@ -166,7 +177,7 @@ class Service:
             ("governor_idle", "gauge", "1: no real time, at the ceiling", lambda x: x.idle, g),
         ]  # fmt: skip
         return [
-            (f"backfill_{name}", kind, text, {m: float(get(x)) for m, x in source.items()})
+            Family(f"backfill_{name}", kind, text, {m: float(get(x)) for m, x in source.items()})
             for name, kind, text, get, source in rows
         ]
 

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import pytest
 
 from backfill.dispatch import Dispatcher, Outcome, Window
+from backfill.dispatch.policy import Decision
 from backfill.domain.retry import RetryPolicy
 from backfill.engines.base import EngineReply
 from backfill.errors import EngineError, EngineUnavailable
@@ -427,3 +428,69 @@ def test_a_deferred_long_prompt_stops_waiting_at_its_deadline() -> None:
         assert all(o.status == 200 for o in await asyncio.gather(*shorts, late))
 
     run(scenario())
+
+
+def test_shed_requests_go_again_without_using_an_attempt() -> None:
+    engine = FakeEngine(gated=True)
+    dispatcher, _ = make(engine, limit=3, attempts=1)  # any failure would be final
+
+    async def scenario() -> None:
+        tasks = [asyncio.create_task(dispatcher.run(CHAT, {"id": f"r{i}"})) for i in range(3)]
+        await eventually(lambda: engine.active == 3)
+        dispatcher.apply(Decision(limit=1, shed=2))  # the governor's one call
+        await eventually(lambda: dispatcher.stats.shed == 2 and engine.active == 1)
+        assert dispatcher.limit == 1 and dispatcher.waiting == 2
+        await release_until_done(engine, tasks)
+        outcomes = [t.result() for t in tasks]
+        assert [(o.status, o.attempts) for o in outcomes] == [(200, 1)] * 3
+        assert sorted(engine.calls[3:]) == ["r1", "r2"]  # the most recent ones went again
+        stats = dispatcher.stats
+        assert (stats.sent, stats.retried, stats.failed, stats.succeeded) == (5, 0, 0, 3)
+
+    run(scenario())
+
+
+def test_a_shed_request_cancelled_by_someone_else_too_gives_up() -> None:
+    engine = FakeEngine(gated=True)
+    dispatcher, _ = make(engine, limit=2)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(dispatcher.run(CHAT, {"id": "a"}))
+        await eventually(lambda: engine.active == 1)
+        assert dispatcher.shed(5) == 1
+        task.cancel()  # a batch cancel at the same moment
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert dispatcher.stats.shed == 0 and dispatcher.in_flight == 0
+        assert engine.calls == ["a"]
+
+    run(scenario())
+
+
+def test_stopped_holds_back_the_next_attempt_right_before_the_engine() -> None:
+    engine = FakeEngine()
+    dispatcher, _ = make(engine, attempts=3)
+    calls = engine.calls
+
+    async def scenario() -> None:
+        never = await dispatcher.run(CHAT, {"id": "n"}, stopped=lambda: True)
+        assert not never.sent and never.attempts == 0 and calls == []
+        retried = {"id": "r", "script": [500, 200]}
+        once = await dispatcher.run(CHAT, retried, stopped=lambda: len(calls) >= 1)
+        assert not once.sent and once.attempts == 1 and calls == ["r"]
+        stats = dispatcher.stats
+        assert (stats.sent, stats.retried, stats.in_flight, dispatcher.in_flight) == (1, 0, 0, 0)
+
+    run(scenario())
+
+
+def test_apply_moves_limit_and_deferral_and_in_hand_follows() -> None:
+    dispatcher, _ = make(FakeEngine(), limit=20)
+    assert dispatcher.in_hand() == 20 and dispatcher.defer_over is None
+    dispatcher.apply(Decision(limit=5, pace=1.2, burst=1024.0, defer_over=100.0))
+    assert dispatcher.limit == 5 and dispatcher.defer_over == 100.0
+    assert dispatcher.in_hand() == 40  # long prompts may wait: twice the window in hand
+    dispatcher.apply(Decision(limit=20, idle=True))  # idle: no pacing, no deferral
+    assert dispatcher.limit == 20 and dispatcher.defer_over is None
+    assert dispatcher.in_hand() == 40  # deferral comes back with real time
+    assert make(FakeEngine(), limit=4)[0].in_hand() == 16  # never fewer than 16

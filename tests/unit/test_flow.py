@@ -17,6 +17,7 @@ import pytest
 from backfill.blobs import open_blobs
 from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
+from backfill.dispatch.policy import Decision
 from backfill.domain.records import BatchRecord, FileRecord
 from backfill.domain.retry import RetryPolicy
 from backfill.domain.statuses import BatchStatus
@@ -229,7 +230,8 @@ def test_requests_in_hand_are_twice_the_window_only_when_long_prompts_may_wait(
         h = Harness(tmp_path, shard_size=100)
         await h.submit([f"hold{i}" for i in range(100)])
         dispatchers = h.dispatchers(max_concurrency=20)
-        dispatchers["m"].may_defer = may_defer
+        if may_defer:  # as a governor that defers long prompts leaves it (none is long here)
+            dispatchers["m"].apply(Decision(limit=20, defer_over=4096.0))
         stop = asyncio.Event()
         sched = Scheduler(h.settings, h.store, h.blobs, SERVED, clock=h.clock)
         worker = Worker(h.settings, h.store, h.blobs, dispatchers, clock=h.clock)

@@ -179,11 +179,11 @@ def test_realtime_stats_counts_and_drains() -> None:
     stats.started()
     assert stats.in_flight == 2
     assert stats.arrivals == 2
-    stats.ended(0.1, 0.01)
+    stats.ended(0.01)
     stats.ended()
     assert stats.in_flight == 0
-    assert stats.drain_latencies() == ([0.1], [0.01])
-    assert stats.drain_latencies() == ([], [])
+    assert stats.drain_tpots() == [0.01]
+    assert stats.drain_tpots() == []
 
 
 def test_a_jump_in_arrivals_drops_the_batch_before_the_load_in_flight_rises() -> None:
@@ -216,7 +216,7 @@ def test_poisson_noise_at_a_steady_rate_is_not_taken_for_a_burst() -> None:
 
 
 def test_admission_paces_prompt_tokens_and_lets_short_prompts_pass() -> None:
-    from backfill.dispatch.dispatcher import Admission, estimate_prompt_tokens
+    from backfill.dispatch.admission import Admission, estimate_prompt_tokens
 
     adm = Admission(100)
     adm.answered(200, 2.0)  # 100 prompt tokens/s per slot at the limit: 10,000 tokens/s

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from backfill.engines.transformers_engine import (
-    BadRequest,
     context_error,
     cut_at_stop,
     parse_sampling,
 )
+from backfill.errors import InvalidRequest
 from backfill.settings import ModelConfig, build_settings, parse_model_spec
 
 CHAT = "/v1/chat/completions"
@@ -60,7 +60,7 @@ def test_sampling_parameters() -> None:
         {"frequency_penalty": 0.5},
         {"stop": ["a", "b", "c", "d", "e"]},
     ):
-        with pytest.raises(BadRequest):
+        with pytest.raises(InvalidRequest):
             parse_sampling(bad, CHAT, 16)
     assert parse_sampling({"frequency_penalty": 0, "logprobs": False}, CHAT, 16).n == 1
 

@@ -14,6 +14,10 @@ the same hash and raises `Conflict` (409, not retryable) for a different one.
 Cancel only writes `cancelling` (conditional on a cancellable status); the scheduler and
 workers notice and finish the job. Cancelling a batch that is already cancelling/cancelled
 returns it unchanged; a finished one is a 409 the SDK must not retry.
+
+The use cases are the module-level functions (context, calling project and parsed arguments
+in; records out, or an error of `backfill.errors`), one per operation whichever alias path
+it came by; the handlers in `router()` only parse the request, call one and render the result.
 """
 
 # No `from __future__ import annotations` here: FastAPI must evaluate the handlers'
@@ -40,10 +44,11 @@ from backfill.api.schemas import (
 )
 from backfill.api.text import check_json_text, check_text
 from backfill.domain.ids import new_batch_id
-from backfill.domain.records import BatchRecord, Project
+from backfill.domain.records import BatchRecord, FileRecord, Project
 from backfill.domain.statuses import CANCELLABLE, BatchStatus
 from backfill.domain.windows import parse_window
 from backfill.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from backfill.store.base import Page
 
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 #: endpoints OpenAI batches support that no engine here serves yet
@@ -119,107 +124,149 @@ def request_hash(data: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+# -- use cases ------------------------------------------------------------------------------
+
+
+async def submit_batch(
+    ctx: ApiContext,
+    project: Project,
+    body: CreateBatchRequest,
+    data: dict[str, Any],
+    idempotency_key: str | None,
+) -> BatchRecord:
+    """Check the request (not the file's lines) and write the batch as `validating`.
+
+    `data` is the body as sent, for the idempotency hash; `idempotency_key` the raw header."""
+    check_metadata(body.metadata)
+    check_endpoint(body.endpoint, ctx.models)
+    settings = ctx.settings
+    window = parse_window(
+        body.completion_window,
+        min_seconds=settings.min_completion_window,
+        max_seconds=settings.max_completion_window,
+    )
+    output_expires_after = None
+    if body.output_expires_after is not None:
+        output_expires_after = check_expires_after_seconds(
+            body.output_expires_after.seconds, "output_expires_after"
+        )
+    file = await _input_file(ctx, project, body.input_file_id)
+    key = _check_idempotency_key(idempotency_key)
+    now = ctx.now()
+    record = BatchRecord(
+        id=new_batch_id(),
+        project_id=project.id,
+        endpoint=body.endpoint,
+        input_file_id=file.id,
+        completion_window=body.completion_window,
+        status=BatchStatus.VALIDATING,
+        created_at=now,
+        expires_at=now + window,
+        metadata=body.metadata,
+        output_expires_after=output_expires_after,
+    )
+    return await call(
+        ctx.store.insert_batch,
+        record,
+        idempotency_key=key,
+        request_hash=request_hash(data) if key is not None else None,
+    )
+
+
+async def _input_file(ctx: ApiContext, project: Project, file_id: str) -> FileRecord:
+    file = await call(ctx.store.get_file, file_id, project.id)
+    if file is None:
+        raise NotFound(f"No such File object: {file_id}", param="input_file_id")
+    if file.purpose != "batch":
+        raise InvalidRequest(
+            f"File {file.id} has purpose {file.purpose!r}; batch input files must be "
+            "uploaded with purpose 'batch'.",
+            param="input_file_id",
+            code="invalid_file_purpose",
+        )
+    return file
+
+
+def _check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    key = check_text(key.strip(), "Idempotency-Key")
+    if not key or len(key) > _MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequest(
+            f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters.",
+            param="Idempotency-Key",
+            code="invalid_idempotency_key",
+        )
+    return key
+
+
+async def own_batch(ctx: ApiContext, project: Project, batch_id: str) -> BatchRecord:
+    """The project's batch `batch_id`, or 404 (also for another project's batch)."""
+    record = await call(ctx.store.get_batch, batch_id, project.id)
+    if record is None:
+        raise not_found(batch_id)
+    return record
+
+
+async def batch_page(
+    ctx: ApiContext, project: Project, *, after: str | None, limit: int
+) -> Page[BatchRecord]:
+    return await call(ctx.store.list_batches, project.id, after=after or None, limit=limit)
+
+
+async def cancel(ctx: ApiContext, project: Project, batch_id: str) -> BatchRecord:
+    """Write `cancelling` if the batch may be cancelled; see the top for the answers."""
+    for _ in range(_CANCEL_ATTEMPTS):
+        record = await own_batch(ctx, project, batch_id)
+        status = BatchStatus(record.status)
+        if status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+            return record
+        if status not in CANCELLABLE:
+            raise Conflict(
+                f"Cannot cancel batch {batch_id}: it has already finished with status '{status}'.",
+                param="batch_id",
+                code="batch_not_cancellable",
+            )
+        moved = await call(
+            ctx.store.transition,
+            batch_id,
+            CANCELLABLE,
+            BatchStatus.CANCELLING,
+            cancelling_at=ctx.now(),
+        )
+        if moved is not None:
+            return moved
+        # The batch changed status under us (e.g. it just completed): look again.
+    raise Conflict(
+        f"Batch {batch_id} is changing status; try again.", param="batch_id", code="conflict"
+    )
+
+
+# -- HTTP -----------------------------------------------------------------------------------
+
+
 def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
     r = APIRouter()
     CurrentProject = Annotated[Project, Depends(auth.require)]
 
     async def create_batch(request: Request, project: CurrentProject) -> Response:
         body, data = parse_create_body(await read_small_body(request))
-        check_metadata(body.metadata)
-        check_endpoint(body.endpoint, ctx.models)
-        settings = ctx.settings
-        window = parse_window(
-            body.completion_window,
-            min_seconds=settings.min_completion_window,
-            max_seconds=settings.max_completion_window,
-        )
-        output_expires_after = None
-        if body.output_expires_after is not None:
-            output_expires_after = check_expires_after_seconds(
-                body.output_expires_after.seconds, "output_expires_after"
-            )
-        file = await call(ctx.store.get_file, body.input_file_id, project.id)
-        if file is None:
-            raise NotFound(f"No such File object: {body.input_file_id}", param="input_file_id")
-        if file.purpose != "batch":
-            raise InvalidRequest(
-                f"File {file.id} has purpose {file.purpose!r}; batch input files must be "
-                "uploaded with purpose 'batch'.",
-                param="input_file_id",
-                code="invalid_file_purpose",
-            )
         key = request.headers.get("idempotency-key")
-        if key is not None:
-            key = check_text(key.strip(), "Idempotency-Key")
-            if not key or len(key) > _MAX_IDEMPOTENCY_KEY:
-                raise InvalidRequest(
-                    f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters.",
-                    param="Idempotency-Key",
-                    code="invalid_idempotency_key",
-                )
-        now = ctx.now()
-        record = BatchRecord(
-            id=new_batch_id(),
-            project_id=project.id,
-            endpoint=body.endpoint,
-            input_file_id=file.id,
-            completion_window=body.completion_window,
-            status=BatchStatus.VALIDATING,
-            created_at=now,
-            expires_at=now + window,
-            metadata=body.metadata,
-            output_expires_after=output_expires_after,
-        )
-        stored = await call(
-            ctx.store.insert_batch,
-            record,
-            idempotency_key=key,
-            request_hash=request_hash(data) if key is not None else None,
-        )
-        return JsonResponse(batch_object(stored))
+        return JsonResponse(batch_object(await submit_batch(ctx, project, body, data, key)))
 
     async def retrieve_batch(batch_id: str, project: CurrentProject) -> Response:
-        record = await call(ctx.store.get_batch, batch_id, project.id)
-        if record is None:
-            raise not_found(batch_id)
-        return JsonResponse(batch_object(record))
+        return JsonResponse(batch_object(await own_batch(ctx, project, batch_id)))
 
     async def list_batches(
         project: CurrentProject,
         after: str | None = None,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
     ) -> Response:
-        page = await call(ctx.store.list_batches, project.id, after=after or None, limit=limit)
+        page = await batch_page(ctx, project, after=after, limit=limit)
         return JsonResponse(list_object([batch_object(b) for b in page.items], page.has_more))
 
     async def cancel_batch(batch_id: str, project: CurrentProject) -> Response:
-        for _ in range(_CANCEL_ATTEMPTS):
-            record = await call(ctx.store.get_batch, batch_id, project.id)
-            if record is None:
-                raise not_found(batch_id)
-            status = BatchStatus(record.status)
-            if status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
-                return JsonResponse(batch_object(record))
-            if status not in CANCELLABLE:
-                raise Conflict(
-                    f"Cannot cancel batch {batch_id}: it has already finished with status "
-                    f"'{status}'.",
-                    param="batch_id",
-                    code="batch_not_cancellable",
-                )
-            moved = await call(
-                ctx.store.transition,
-                batch_id,
-                CANCELLABLE,
-                BatchStatus.CANCELLING,
-                cancelling_at=ctx.now(),
-            )
-            if moved is not None:
-                return JsonResponse(batch_object(moved))
-            # The batch changed status under us (e.g. it just completed): look again.
-        raise Conflict(
-            f"Batch {batch_id} is changing status; try again.", param="batch_id", code="conflict"
-        )
+        return JsonResponse(batch_object(await cancel(ctx, project, batch_id)))
 
     for prefix in ("/batches", "/batch/jobs"):
         r.add_api_route(prefix, create_batch, methods=["POST"], **openapi.CREATE_BATCH)

@@ -1,7 +1,7 @@
 """The one place that turns errors into the OpenAI error envelope.
 
 Every error response has the shape `{"error": {"message", "type", "param", "code"}}` with all
-four keys present, whatever raised it:
+four keys present (`backfill.errors.error_body`), whatever raised it:
 
 - `BackfillError` (the service's own tree, `backfill.errors`) carries its status code, type and
   code; we only add headers: `retry-after` for `RateLimited` and `StoreBusy`, and
@@ -36,18 +36,19 @@ from starlette.responses import Response
 from starlette.routing import compile_path
 
 from backfill.api.responses import JsonResponse
-from backfill.errors import BackfillError, InvalidRequest, RateLimited, StoreBusy
+from backfill.errors import (
+    BackfillError,
+    InvalidRequest,
+    RateLimited,
+    StoreBusy,
+    error_body,
+    status_type,
+)
 from backfill.outages import outage_of
 
 log = logging.getLogger("backfill.api")
 
 SERVER_ERROR_MESSAGE = "The server had an error while processing your request. Sorry about that!"
-
-
-def error_body(
-    message: str, type_: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def error_response(
@@ -64,10 +65,7 @@ def error_response(
 
 
 def headers_for(exc: BackfillError) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    extra = getattr(exc, "headers", None)
-    if isinstance(extra, Mapping):
-        headers.update(extra)
+    headers = dict(exc.headers)
     if isinstance(exc, RateLimited | StoreBusy):
         headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
     if not exc.retryable:
@@ -105,15 +103,17 @@ _outages = _OutageLog()
 
 
 def backfill_error_response(exc: BackfillError) -> Response:
-    body = exc.to_dict()
+    message = exc.message
     if exc.status_code >= 500:
         # Backend messages can carry SQL, paths or URLs: log them, tell the client less.
         if outage_of(exc) is not None:
             _outages.tell(exc)
         else:
             log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
-        body["message"] = SERVER_ERROR_MESSAGE
-    return JsonResponse({"error": body}, status_code=exc.status_code, headers=headers_for(exc))
+        message = SERVER_ERROR_MESSAGE
+    return error_response(
+        exc.status_code, message, exc.error_type, exc.param, exc.code, headers_for(exc)
+    )
 
 
 def internal_error_body() -> dict[str, Any]:
@@ -200,8 +200,9 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
         message, code = str(exc.detail), None
     if 400 <= exc.status_code < 500 and exc.status_code not in (408, 409, 429):
         headers.setdefault("x-should-retry", "false")
-    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return error_response(exc.status_code, message, type_, None, code, headers)
+    return error_response(
+        exc.status_code, message, status_type(exc.status_code), None, code, headers
+    )
 
 
 #: (path pattern, methods) of every route, for `Allow` (set by the app factory)

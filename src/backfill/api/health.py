@@ -31,9 +31,10 @@ import anyio
 import anyio.to_thread
 from starlette.responses import Response
 
-from backfill.api.errors import error_body
 from backfill.api.responses import JsonResponse
 from backfill.blobs.base import Blobs
+from backfill.domain import paths
+from backfill.errors import error_body
 from backfill.store.base import Store
 
 log = logging.getLogger("backfill.api")
@@ -57,7 +58,7 @@ class Readiness:
         self._clock = clock
         token = uuid.uuid4().hex
         self._claim = f"health:{token}"
-        self._blob_path = f"health/{token}"
+        self._blob_path = paths.probe_path(token)
         #: one probe thread at a time: a probe stuck in the database blocks the next one
         self._one_thread: anyio.CapacityLimiter | None = None
         self._lock = anyio.Lock()

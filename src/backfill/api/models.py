@@ -18,25 +18,31 @@ from backfill.domain.records import Project
 from backfill.errors import NotFound
 
 
+def model_object(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "backfill"}
+
+
+def served_model(ctx: ApiContext, model_id: str) -> str:
+    """`model_id` if batches may name it, else 404."""
+    if model_id not in ctx.models:
+        raise NotFound(
+            f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+        )
+    return model_id
+
+
 def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
     r = APIRouter()
     CurrentProject = Annotated[Project, Depends(auth.require)]
     created = ctx.now()
 
-    def model_object(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": created, "owned_by": "backfill"}
-
     @r.get("/models", **openapi.LIST_MODELS)
     async def list_models(project: CurrentProject) -> Response:
-        data = [model_object(name) for name in sorted(ctx.models)]
+        data = [model_object(name, created) for name in sorted(ctx.models)]
         return JsonResponse({"object": "list", "data": data})
 
     @r.get("/models/{model_id:path}", **openapi.RETRIEVE_MODEL)
     async def retrieve_model(model_id: str, project: CurrentProject) -> Response:
-        if model_id not in ctx.models:
-            raise NotFound(
-                f"The model '{model_id}' does not exist", param="model", code="model_not_found"
-            )
-        return JsonResponse(model_object(model_id))
+        return JsonResponse(model_object(served_model(ctx, model_id), created))
 
     return r

@@ -51,8 +51,8 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from backfill.api.errors import error_body
 from backfill.api.middleware import new_request_id
+from backfill.errors import error_body, status_type
 
 log = logging.getLogger("backfill.api")
 
@@ -266,8 +266,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             if cycle.response_started:
                 self.transport.close()
                 return
-        type_ = "server_error" if status >= 500 else "invalid_request_error"
-        body = orjson.dumps(error_body(message, type_, None, code))
+        body = orjson.dumps(error_body(message, status_type(status), None, code))
         head = [STATUS_LINE[status]]
         head += [
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers

@@ -8,21 +8,7 @@ that starts beyond the end of the file is answered with 416 and `Content-Range: 
 
 from __future__ import annotations
 
-from backfill.errors import BackfillError
-
-
-class RangeNotSatisfiable(BackfillError):
-    status_code = 416
-    error_type = "invalid_request_error"
-    default_code = "range_not_satisfiable"
-    retryable = False
-
-    def __init__(self, header: str, size: int) -> None:
-        super().__init__(
-            f"Range {header!r} cannot be satisfied: the file is {size} bytes.",
-            param="range",
-        )
-        self.headers = {"content-range": f"bytes */{size}"}
+from backfill.errors import RangeNotSatisfiable
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

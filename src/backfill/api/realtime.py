@@ -23,6 +23,9 @@ exactly as for batches), answered at once instead of through a batch file:
 Upstream answers are passed through with their status (an upstream 400 stays a 400 with the
 upstream's error body); transport failures become 503 `upstream_unavailable` / 504-like
 `request_timeout` in the error envelope via `EngineUnavailable`.
+
+`serve_request` is the use case (an `Answer`, or a `Relay` whose chunks are still to come);
+the handler in `router()` only reads the body, calls it and turns the result into a response.
 """
 
 # No `from __future__ import annotations`: FastAPI evaluates the handler annotations.
@@ -44,6 +47,7 @@ from starlette.types import Receive, Scope, Send
 from backfill.api import openapi
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext, RealtimeModel
+from backfill.dispatch.signals import RealtimeStats
 from backfill.domain import exact_json
 from backfill.domain.records import Project
 from backfill.engines.base import StreamingEngine
@@ -183,6 +187,146 @@ class RelayResponse(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+# -- use case -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A whole answer: the upstream's status and body, passed on as they are."""
+
+    status: int
+    body: bytes
+    media_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Relay:
+    """A streamed answer: `chunks` yields the upstream's bytes as they arrive; closing it
+    closes the upstream request."""
+
+    status: int
+    media_type: str
+    chunks: AsyncIterator[bytes]
+
+
+def resolve_model(ctx: ApiContext, endpoint: str, body: dict[str, Any]) -> RealtimeModel:
+    """The served model `body.model` names, if it serves `endpoint`."""
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest(
+            "Missing required parameter: 'model'.",
+            param="model",
+            code="missing_required_parameter",
+        )
+    target = ctx.realtime.get(name)
+    if target is None:
+        raise NotFound(
+            f"The model '{name}' does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    if endpoint not in target.engine.endpoints:
+        raise InvalidRequest(
+            f"The model '{name}' does not serve {endpoint}.",
+            param="model",
+            code="unsupported_endpoint",
+        )
+    return target
+
+
+async def serve_request(
+    ctx: ApiContext,
+    project: Project,
+    endpoint: str,
+    raw: bytes,
+    body: dict[str, Any],
+    *,
+    limiter: RateLimiter,
+) -> Answer | Relay:
+    """Run one real-time request (`raw` is the body as sent, `body` its parsed JSON)."""
+    target = resolve_model(ctx, endpoint, body)
+    limiter.check(project.id, estimate_tokens(raw, body))
+    if target.priority and "priority" not in body:
+        body["priority"] = ctx.settings.realtime_priority
+    if body.get("stream") is True:
+        return await _open_stream(target, endpoint, body)
+    stats = target.stats
+    stats.started()
+    try:
+        reply = await target.engine.send(endpoint, body)
+    finally:
+        stats.ended()
+    headers = {}
+    if reply.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(reply.retry_after)))
+    return Answer(reply.status, reply.body, headers=headers)
+
+
+async def _open_stream(
+    target: RealtimeModel, endpoint: str, body: dict[str, Any]
+) -> Answer | Relay:
+    engine = target.engine
+    if not isinstance(engine, StreamingEngine):
+        raise InvalidRequest(
+            f"The model '{target.name}' cannot stream; send the request without 'stream': true.",
+            param="stream",
+            code="unsupported_parameter",
+        )
+    stats = target.stats
+    stats.started()
+    stack = contextlib.AsyncExitStack()
+    try:
+        reply = await stack.enter_async_context(engine.stream(endpoint, body))
+    except BaseException:
+        stats.ended()
+        await stack.aclose()
+        raise
+    media_type = reply.headers.get("content-type", "text/event-stream")
+    if reply.status != 200:  # an error answer: pass it on whole
+        try:
+            data = b"".join([chunk async for chunk in reply.chunks])
+        finally:
+            stats.ended()
+            await stack.aclose()
+        return Answer(reply.status, data, media_type)
+    return Relay(reply.status, media_type, _timed(reply.chunks, stack, stats))
+
+
+async def _timed(
+    chunks: AsyncIterator[bytes],
+    upstream: contextlib.AsyncExitStack,
+    stats: RealtimeStats,
+) -> AsyncIterator[bytes]:
+    """Yield `chunks`; at the end (or when closed) close `upstream` and report the stream's
+    TPOT (from the usage in its last bytes, else its count of events)."""
+    first = last = 0.0
+    events = 0
+    tail = b""
+    clock = stats.now
+    try:
+        async for chunk in chunks:
+            now = clock()
+            if not first:
+                first = now
+            last = now
+            events += chunk.count(b"data:")
+            tail = (tail + chunk)[-_TAIL:]
+            yield chunk
+    finally:
+        await upstream.aclose()
+        if first:
+            found = _COMPLETION_TOKENS.findall(tail)
+            tokens = int(found[-1]) if found else max(1, events - 2)
+            tpot = (last - first) / (tokens - 1) if tokens > 1 else None
+            stats.ended(tpot)
+        else:
+            stats.ended()
+
+
+# -- HTTP -----------------------------------------------------------------------------------
+
+
 def _json_body(raw: bytes) -> dict[str, Any]:
     try:
         body = exact_json.loads(raw)  # numbers go upstream as written
@@ -198,125 +342,27 @@ def _json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def _response(reply: Answer | Relay) -> Response:
+    if isinstance(reply, Relay):
+        return RelayResponse(reply.status, reply.media_type, reply.chunks)
+    return Response(reply.body, reply.status, reply.headers, media_type=reply.media_type)
+
+
 def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
     r = APIRouter()
     CurrentProject = Annotated[Project, Depends(auth.require)]
-    settings = ctx.settings
-    limiter = RateLimiter(settings.realtime_rpm, settings.realtime_tpm)
+    limiter = RateLimiter(ctx.settings.realtime_rpm, ctx.settings.realtime_tpm)
 
-    def resolve(endpoint: str, body: dict[str, Any]) -> RealtimeModel:
-        name = body.get("model")
-        if not isinstance(name, str) or not name:
-            raise InvalidRequest(
-                "Missing required parameter: 'model'.",
-                param="model",
-                code="missing_required_parameter",
+    def make(endpoint: str) -> Callable[[Request, Project], Any]:
+        async def endpoint_handler(request: Request, project: CurrentProject) -> Response:
+            raw = await request.body()
+            body = _json_body(raw)
+            return _response(
+                await serve_request(ctx, project, endpoint, raw, body, limiter=limiter)
             )
-        target = ctx.realtime.get(name)
-        if target is None:
-            raise NotFound(
-                f"The model '{name}' does not exist or you do not have access to it.",
-                param="model",
-                code="model_not_found",
-            )
-        if endpoint not in target.engine.endpoints:
-            raise InvalidRequest(
-                f"The model '{name}' does not serve {endpoint}.",
-                param="model",
-                code="unsupported_endpoint",
-            )
-        return target
 
-    async def handle(endpoint: str, request: Request, project: Project) -> Response:
-        raw = await request.body()
-        body = _json_body(raw)
-        target = resolve(endpoint, body)
-        limiter.check(project.id, estimate_tokens(raw, body))
-        if target.priority and "priority" not in body:
-            body["priority"] = settings.realtime_priority
-        engine = target.engine
-        if body.get("stream") is True:
-            if not isinstance(engine, StreamingEngine):
-                raise InvalidRequest(
-                    f"The model '{target.name}' cannot stream; send the request without "
-                    "'stream': true.",
-                    param="stream",
-                    code="unsupported_parameter",
-                )
-            return await stream(target, engine, endpoint, body)
-        stats = target.stats
-        stats.started()
-        try:
-            reply = await engine.send(endpoint, body)
-        finally:
-            stats.ended()
-        headers = {}
-        if reply.retry_after is not None:
-            headers["retry-after"] = str(max(1, math.ceil(reply.retry_after)))
-        return Response(reply.body, reply.status, headers, media_type="application/json")
-
-    async def stream(
-        target: RealtimeModel, engine: StreamingEngine, endpoint: str, body: dict[str, Any]
-    ) -> Response:
-        stats = target.stats
-        start = stats.started()
-        stack = contextlib.AsyncExitStack()
-        done = False
-
-        def end(ttft: float | None = None, tpot: float | None = None) -> None:
-            nonlocal done
-            if not done:
-                done = True
-                stats.ended(ttft, tpot)
-
-        try:
-            reply = await stack.enter_async_context(engine.stream(endpoint, body))
-        except BaseException:
-            end()
-            await stack.aclose()
-            raise
-        media_type = reply.headers.get("content-type", "text/event-stream")
-        if reply.status != 200:  # an error answer: pass it on whole
-            try:
-                data = b"".join([chunk async for chunk in reply.chunks])
-            finally:
-                end()
-                await stack.aclose()
-            return Response(data, reply.status, media_type=media_type)
-
-        async def relay() -> AsyncIterator[bytes]:
-            first = last = 0.0
-            events = 0
-            tail = b""
-            clock = stats.now
-            try:
-                async for chunk in reply.chunks:
-                    now = clock()
-                    if not first:
-                        first = now
-                    last = now
-                    events += chunk.count(b"data:")
-                    tail = (tail + chunk)[-_TAIL:]
-                    yield chunk
-            finally:
-                await stack.aclose()
-                if first:
-                    found = _COMPLETION_TOKENS.findall(tail)
-                    tokens = int(found[-1]) if found else max(1, events - 2)
-                    tpot = (last - first) / (tokens - 1) if tokens > 1 else None
-                    end(first - start, tpot)
-                else:
-                    end()
-
-        return RelayResponse(reply.status, media_type, relay())
+        return endpoint_handler
 
     for path in ENDPOINTS:
-
-        def make(endpoint: str) -> Callable[[Request, Project], Any]:
-            async def endpoint_handler(request: Request, project: CurrentProject) -> Response:
-                return await handle(endpoint, request, project)
-
-            return endpoint_handler
-
         r.add_api_route(path.removeprefix("/v1"), make(path), methods=["POST"], **openapi.REALTIME)
     return r

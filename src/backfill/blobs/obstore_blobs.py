@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,35 @@ from obstore.exceptions import NotFoundError
 from obstore.store import LocalStore, MemoryStore, from_url
 
 from backfill.blobs.base import BlobInfo
-from backfill.errors import BlobError, BlobNotFound
+from backfill.errors import BackfillError, BlobError, BlobNotFound
 
+#: how obstore says an object is missing (the builtin for local folders and memory)
 _NOT_FOUND = (NotFoundError, FileNotFoundError)
 #: the name obstore gives a local object's staging file: `<path>#<n>`
 _STAGING = re.compile(r"#[0-9]+$")
+
+
+@contextlib.contextmanager
+def _translated(
+    doing: str, path: str, *, objects: bool = True, theirs: Collection[BaseException] = ()
+) -> Iterator[None]:
+    """The seam: what obstore (or the OS under a local folder) raises, as the tree's errors.
+
+    A missing object (`_NOT_FOUND`) is `BlobNotFound` when `objects`, the call being about one
+    object; for a write or a listing it means the store itself is missing (an S3 bucket
+    answers 404), which is `BlobError` like any other failure. Our own errors pass as they
+    are, and so does whatever a caller's iterator raised (`theirs`): a client that went away
+    mid-upload is not a storage failure."""
+    try:
+        yield
+    except BackfillError:
+        raise
+    except Exception as exc:
+        if any(exc is e for e in theirs):
+            raise
+        if objects and isinstance(exc, _NOT_FOUND):
+            raise BlobNotFound(f"object {path} not found") from exc
+        raise BlobError(f"cannot {doing} {path}: {exc}") from exc
 
 
 class ObjectBlobs:
@@ -45,43 +69,45 @@ class ObjectBlobs:
         return f"ObjectBlobs({self.description})"
 
     async def put(self, path: str, data: bytes) -> None:
-        try:
+        with _translated("write", path, objects=False):
             await obstore.put_async(self._store, path, data)
-        except Exception as exc:
-            raise BlobError(f"cannot write {path}: {exc}") from exc
 
     async def put_stream(self, path: str, chunks: AsyncIterable[bytes]) -> int:
         size = 0
+        theirs: list[BaseException] = []  # raised by `chunks`: the caller's, not the store's
 
         async def counted() -> AsyncIterator[bytes]:
             nonlocal size
-            async for chunk in chunks:
+            iterator = aiter(chunks)
+            while True:
+                try:
+                    chunk = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+                except BaseException as exc:
+                    theirs.append(exc)
+                    raise
                 size += len(chunk)
                 yield chunk
 
         self._writing.add(path)
         try:
-            await obstore.put_async(
-                self._store, path, counted(), chunk_size=5 << 20, max_concurrency=2
-            )
-        except BaseException as exc:
+            with _translated("write", path, objects=False, theirs=theirs):
+                await obstore.put_async(
+                    self._store, path, counted(), chunk_size=5 << 20, max_concurrency=2
+                )
+        except BaseException:
             with contextlib.suppress(Exception):
                 await obstore.delete_async(self._store, path)
-            if isinstance(exc, Exception) and "obstore" in type(exc).__module__:
-                raise BlobError(f"cannot write {path}: {exc}") from exc
             raise
         finally:
             self._writing.discard(path)
         return size
 
     async def get(self, path: str) -> bytes:
-        try:
+        with _translated("read", path):
             result = await obstore.get_async(self._store, path)
             return bytes(await result.bytes_async())
-        except _NOT_FOUND as exc:
-            raise BlobNotFound(f"object {path} not found") from exc
-        except Exception as exc:
-            raise BlobError(f"cannot read {path}: {exc}") from exc
 
     async def stream(
         self, path: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
@@ -91,7 +117,7 @@ class ObjectBlobs:
         options: dict[str, Any] = {}
         if start or end is not None:
             options["range"] = (start, end) if end is not None else {"offset": start}
-        try:
+        with _translated("read", path):
             result = await obstore.get_async(self._store, path, options=options or None)  # type: ignore[arg-type]
             first, last = result.range
             if last - first <= chunk_size:  # one piece: a third of the cost of a stream
@@ -108,84 +134,52 @@ class ObjectBlobs:
                 view = memoryview(chunk)
                 for at in range(0, len(view), chunk_size):
                     yield bytes(view[at : at + chunk_size])
-        except _NOT_FOUND as exc:
-            raise BlobNotFound(f"object {path} not found") from exc
-        except (BlobError, GeneratorExit):
-            raise
-        except Exception as exc:
-            if "obstore" in type(exc).__module__:
-                raise BlobError(f"cannot read {path}: {exc}") from exc
-            raise
 
     async def get_range(self, path: str, start: int, end: int) -> bytes:
         if end <= start:
             return b""
-        try:
+        with _translated("read", path):
             return bytes(await obstore.get_range_async(self._store, path, start=start, end=end))
-        except _NOT_FOUND as exc:
-            raise BlobNotFound(f"object {path} not found") from exc
-        except Exception as exc:
-            raise BlobError(f"cannot read {path}: {exc}") from exc
 
     async def size(self, path: str) -> int:
-        try:
+        with _translated("stat", path):
             meta = await obstore.head_async(self._store, path)
             return int(meta["size"])
-        except _NOT_FOUND as exc:
-            raise BlobNotFound(f"object {path} not found") from exc
-        except Exception as exc:
-            raise BlobError(f"cannot stat {path}: {exc}") from exc
 
     async def exists(self, path: str) -> bool:
         try:
-            await obstore.head_async(self._store, path)
-            return True
-        except _NOT_FOUND:
+            await self.size(path)
+        except BlobNotFound:
             return False
-        except Exception as exc:
-            raise BlobError(f"cannot stat {path}: {exc}") from exc
+        return True
 
     async def delete(self, path: str) -> None:
-        try:
+        with contextlib.suppress(BlobNotFound), _translated("delete", path):
             await obstore.delete_async(self._store, path)
-        except _NOT_FOUND:
-            pass
-        except Exception as exc:
-            raise BlobError(f"cannot delete {path}: {exc}") from exc
 
     async def delete_prefix(self, prefix: str) -> None:
-        try:
-            paths: list[str] = []
+        paths: list[str] = []
+        with _translated("delete under", prefix, objects=False):
             async for batch in obstore.list(self._store, prefix=prefix.rstrip("/") + "/"):
                 paths.extend(m["path"] for m in batch)
-            for p in paths:
-                await self.delete(p)
-        except BlobError:
-            raise
-        except Exception as exc:
-            raise BlobError(f"cannot delete under {prefix}: {exc}") from exc
+        for p in paths:
+            await self.delete(p)
 
     # -- listing (for the debris collector) -----------------------------------------------------
     async def list_prefix(self, prefix: str) -> AsyncIterator[BlobInfo]:
         where = prefix.strip("/")
-        try:
+        with _translated("list", prefix, objects=False):
             async for batch in obstore.list(self._store, prefix=where + "/" if where else None):
                 for meta in batch:
                     modified = meta["last_modified"].timestamp()
                     yield BlobInfo(meta["path"], int(meta["size"]), modified)
-        except Exception as exc:
-            if "obstore" in type(exc).__module__:
-                raise BlobError(f"cannot list {prefix}: {exc}") from exc
-            raise
 
     async def list_staging(self) -> AsyncIterator[BlobInfo]:
         root = self._local_root
         if root is None:
             return
-        try:
+        with _translated("list", "staging files", objects=False):
             found = await asyncio.to_thread(_staging_files, root)
-        except OSError as exc:
-            raise BlobError(f"cannot list staging files: {exc}") from exc
         for info in found:
             if _STAGING.sub("", info.path) not in self._writing:
                 yield info
@@ -194,12 +188,8 @@ class ObjectBlobs:
         root = self._local_root
         if root is None or not _STAGING.search(path) or ".." in path.split("/"):
             raise ValueError(f"not a staging file: {path!r}")
-        try:
+        with contextlib.suppress(BlobNotFound), _translated("delete", path):
             await asyncio.to_thread(os.unlink, root / path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise BlobError(f"cannot delete {path}: {exc}") from exc
 
 
 def _staging_files(root: Path) -> list[BlobInfo]:

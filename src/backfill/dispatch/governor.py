@@ -4,10 +4,9 @@ Every `interval` (100 ms by default) it gathers the signals - the upstream's vLL
 (`engine.load_metrics()`: running, waiting, KV usage, and the TPOT histogram's sum and count,
 whose deltas give the mean inter-token latency since the last scrape), the gateway's
 `RealtimeStats` (real-time requests in flight, arrivals, streamed TTFT/TPOT) and the
-dispatcher's counters (batch requests in flight, 429/503 answers) - asks the policy, and applies
-the decision: `dispatcher.set_limit(limit)`, the prefill pacing and the long-prompt deferral
-while real time is active, and, when real-time load jumped, `dispatcher.shed(n)`. All the
-thinking is in `policy.py`; this module only measures and acts.
+dispatcher's counters (batch requests in flight, 429/503 answers) - asks the policy, and hands
+the decision to the dispatcher in one call, `dispatcher.apply(decision)` (limit, pacing,
+deferral, shedding). All the thinking is in `policy.py`; this module only measures and acts.
 
 An upstream without metrics still works: the policy then learns from the gateway's latencies
 and the dispatcher's errors alone. A scrape that fails counts as "no metrics" for that tick.
@@ -60,7 +59,6 @@ class Governor:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.dispatcher = dispatcher
-        dispatcher.may_defer = policy.config.defer_over is not None
         self.engine: Engine = dispatcher.engine
         self.stats = stats
         self.policy = policy
@@ -103,27 +101,20 @@ class Governor:
         engine_load = await self.load()
         stats = self.stats
         dstats = self.dispatcher.stats
-        ttft, tpot = stats.drain_latencies()
+        tpot = stats.drain_tpots()
         signals = Signals(
             now=self._clock(),
             rt_in_flight=stats.in_flight,
             rt_arrivals=stats.arrivals - self._arrivals,
             batch_in_flight=dstats.in_flight,
             batch_throttled=dstats.throttled - self._throttled,
-            rt_ttft=tuple(ttft),
             rt_tpot=tuple(tpot),
             engine=engine_load,
         )
         self._arrivals = stats.arrivals
         self._throttled = dstats.throttled
         decision = self.policy.decide(signals)
-        if decision.limit != self.dispatcher.limit:
-            self.dispatcher.set_limit(decision.limit)
-        self.dispatcher.set_pacing(decision.pace, decision.burst)
-        if decision.defer_over != self.dispatcher.defer_over:
-            self.dispatcher.set_defer(decision.defer_over)
-        if decision.shed > 0:
-            self.dispatcher.shed(decision.shed)
+        self.dispatcher.apply(decision)
         self.history.append((signals.now, decision))
         return decision
 

@@ -1,84 +1,19 @@
 """The governor's policy: how many batch requests a model may have in flight. No I/O, no clock.
 
 `GovernorPolicy.decide(signals) -> Decision` is called every tick (~100 ms) with what the
-gateway and the upstream's metrics say (`signals.Signals`); the governor applies the decision
-to the model's `Dispatcher` (`set_limit`, `shed`). Tests feed it synthetic signals.
+gateway and the upstream's metrics say (`signals.Signals`); the governor hands the decision to
+the model's `Dispatcher` (`apply`). Tests feed it synthetic signals.
 
-What the engine does, and so what the policy must respect (measured on vLLM's v1 scheduler and
-on `backfill sim`): the engine never preempts a running request to admit a waiting one, and
-every step runs all running sequences together. Priority only orders admissions; it does not
-protect real-time per-token latency. The step time grows about linearly with the sequences in
-the step, `step(n) ~ a * (1 + n / K)` (K, the "knee", is where the step time doubles: ~130
-sequences for an 8B model on an H100), so *batch concurrency directly sets real-time TPOT*,
-and TTFT (about one step plus a prefill chunk) moves with it.
+Why this shape: the engine never preempts running requests and every step runs all sequences
+together, so batch concurrency directly sets real-time per-token latency (the step time grows
+as `a * (1 + n / K)`, K learned online). The operator's budget is p99 TTFT/TPOT inflation over
+real time alone, and p99 is set by real time's peaks, so the policy fills the valleys up to the
+load of the recent peak (`r_ref`) and keeps only a small headroom during bursts, seen early
+from the arrival rate's lower bound. It yields in one tick (shedding the excess) and grows by
+`growth` per tick; 429/503 halve the limit, a nearly full KV cache stops growth. While real
+time is active it also turns on prefill pacing and long-prompt deferral.
 
-The operator's budget is relative to what real-time traffic would see alone: p99 TTFT and TPOT
-may grow by `ttft_inflation` / `tpot_inflation` (1.10 / 1.20 by default). Real-time p99 latency
-alone is set by its peaks, when its own concurrency `r` is highest, so the policy fills the
-valleys up to the load of the peaks and keeps (almost) out of the peaks themselves:
-
-    expected    e = max(r_now, arrival rate over the last `onset` s x mean time in flight)
-    headroom    h = peak_share * (f - 1) * (r_ref + K)  for f = 1 + margin * (inflation - 1),
-                                                         the smaller over TTFT and TPOT
-    batch       fill * (r_ref - e) + h    while e < surge * r_ref   (a valley)
-                h                         otherwise                 (a burst)
-
-where `r_ref` is a high quantile of the real-time concurrency over the last `window` seconds
-and `r_now` the current one (from the gateway, or the engine's running + waiting minus our
-batch requests when more real-time traffic reaches the engine than passes the gateway).
-`e` sees a burst within a few ticks (the arrival rate jumps at once; the load in flight only
-grows over a request's lifetime). The rate is the lower bound of the arrival count over the
-last `onset` seconds, `(n - onset_z * sqrt(n)) / span`: half a second at a moderate rate holds
-only a dozen arrivals, and their plain rate took Poisson noise for bursts often enough in real
-time (every 100 ms tick) to shed the batch for nothing (`bench/harvest_sim.py --speedup 1`:
-1,370 requests shed and 48% of the idle capacity used on seed 7; with the bound 451 and 58%,
-latencies alike; with the current policy, 488 and 69%). While only the plain count shows a
-burst, no new batch request is sent (the limit holds at what is in flight, nothing is shed):
-the bound costs a tick or two at a real burst's onset, and that is when batch prefills would
-hurt most. A burst drops the batch to the headroom at once (the excess is shed): measured on
-`bench/harvest_sim.py`, letting the batch fill up to the peak *during* a burst put every burst
-request at peak step time for the whole burst (p99 TPOT +25%), and bursts are where p99 is set.
-
-Tried on `bench/harvest_sim.py` and not kept, because each moved along the same frontier
-(throughput for latency) rather than clearly past it: telling a burst by its arrivals alone, so
-that after a burst the batch fills what the burst's requests leave as they finish (`r_now`
-holds it at the headroom for 3-6 simulated s of each valley): over seeds 1-12, 69.8% of the
-idle capacity at mean p99 TTFT 1.074x / TPOT 1.132x (worst seed 1.14x / 1.21x) against 68.5% at
-1.068x / 1.126x (worst 1.11x / 1.22x), and p99 TTFT 1.11x and 1.13x in two HTTP runs against
-1.05-1.17x in four of this policy, so the budget came first; a CUSUM test of the arrival rate
-(a burst seen 0.6-0.8 s after its onset instead of 1.2-2.2 s): no gain, as the p99 requests
-arrive well inside the bursts; scaling the valley fill to hold the valley's step time at a
-multiple of the bursts': as `fill`.
-
-While real time is active the decision also turns on the dispatcher's prefill pacing
-(`pace`, `burst`, see `dispatcher.Admission`): batch prompt tokens are let through at about
-the rate that sustains the limit, never in a lump (a shed, a rising limit), because one engine
-step carrying thousands of batch prompt tokens is compute-bound and long, and every real-time
-first token in it waits for it. That is what lets the limit grow fast after a burst. And it
-sets `defer_over` (`PolicyConfig.defer_over`, from `governor_defer_prompt_tokens`): batch
-prompts longer than that go only when no shorter batch request waits (`Dispatcher.set_defer`),
-because each is a compute-bound prefill of its own. Measured on `bench/harvest_sim.py` over
-seeds 7-12 (after the first cycle): without deferral, 65% of the idle capacity at mean p99
-TTFT 1.12x / TPOT 1.13x (worst seed 1.22x / 1.21x); with it, the same policy kept 1.06x /
-1.09x, and `peak_share` 0.6 (was 0.3) spends that room: 68% at 1.08x / 1.12x (worst 1.10x /
-1.18x).
-
-- K is learned online by least squares with forgetting over (sequences, mean inter-token
-  latency) pairs: from the engine's metrics when it has them (the TPOT histogram's deltas and
-  the running gauge), else from the gateway's streamed TPOTs with the in-flight counts. Until
-  the pairs spread enough, `knee_prior` is used.
-- A trim factor in [0.25, 1] corrects the model: it shrinks while the measured step time is
-  above the budgeted one (`f * a * (1 + r_ref / K)`), and recovers slowly when below.
-- Idle: no real-time arrival for `idle_after` seconds and none in flight: grow to the ceiling.
-  When real-time traffic returns the target falls at once.
-- Yield fast: the limit drops to the target in one tick; with `abort`, batch requests above
-  the limit (plus a little hysteresis) are shed (aborted and re-sent later; the prefix cache
-  makes the re-prefill cheap), because waiting for running batch requests to finish takes as
-  long as their whole decode.
-- Grow: at most `growth` of the limit per tick (at least one); the pacing, not the growth,
-  keeps batch prefills from landing in one step.
-- 429/503 answers halve the limit and pause growth; a nearly full KV cache (>= 95%) stops
-  growth and trims the limit toward what is in flight (more would only cause preemptions).
+The model, the formula and the measurements behind each choice: `docs/governor.md`.
 """
 
 from __future__ import annotations

@@ -3,17 +3,17 @@
 `RealtimeStats` (one per model) is written by the gateway on every real-time request and read
 by the governor on every tick: plain attributes and lists, no locks (one event loop), no
 per-request objects kept beyond the latency samples not yet read. The governor is the only
-reader: `drain_latencies()` hands over the samples gathered since its last tick.
+reader: `drain_tpots()` hands over the samples gathered since its last tick.
 
-Latencies are wall seconds as the gateway sees them: TTFT is from the request's arrival to the
-first body bytes of a streamed answer; TPOT is `(last bytes - first bytes) / (tokens - 1)`
-with the token count read from the stream's usage chunk when present, else the number of SSE
-events (an upper bound on TPOT when an upstream packs several tokens into one event).
+TPOT is wall seconds as the gateway sees them, `(last bytes - first bytes) / (tokens - 1)` of a
+streamed answer, with the token count read from the stream's usage chunk when present, else the
+number of SSE events (an upper bound on TPOT when an upstream packs several tokens into one
+event). Time to first token is not collected: the policy plans TTFT from the engine model and
+the real-time load, not from samples (`docs/governor.md`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,35 +24,26 @@ class RealtimeStats:
         self._clock = clock
         self.in_flight = 0
         self.arrivals = 0  # cumulative
-        self.finished = 0  # cumulative
-        self.last_arrival = -math.inf
-        self._ttft: list[float] = []
         self._tpot: list[float] = []
 
     def now(self) -> float:
         return self._clock()
 
-    def started(self) -> float:
-        """A real-time request arrived; returns its start time (for `ended`)."""
-        now = self._clock()
+    def started(self) -> None:
+        """A real-time request arrived."""
         self.in_flight += 1
         self.arrivals += 1
-        self.last_arrival = now
-        return now
 
-    def ended(self, ttft: float | None = None, tpot: float | None = None) -> None:
+    def ended(self, tpot: float | None = None) -> None:
+        """A real-time request finished; `tpot`: its streamed answer's TPOT, if measured."""
         self.in_flight -= 1
-        self.finished += 1
-        if ttft is not None and len(self._ttft) < 65536:
-            self._ttft.append(ttft)
         if tpot is not None and len(self._tpot) < 65536:
             self._tpot.append(tpot)
 
-    def drain_latencies(self) -> tuple[list[float], list[float]]:
-        """(TTFTs, TPOTs) recorded since the last call."""
-        ttft, tpot = self._ttft, self._tpot
-        self._ttft, self._tpot = [], []
-        return ttft, tpot
+    def drain_tpots(self) -> list[float]:
+        """TPOTs recorded since the last call."""
+        tpot, self._tpot = self._tpot, []
+        return tpot
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +67,5 @@ class Signals:
     rt_arrivals: int  # since the previous tick
     batch_in_flight: int  # batch requests at the engine
     batch_throttled: int = 0  # batch answers 429/503 since the previous tick
-    rt_ttft: tuple[float, ...] = ()  # real-time TTFTs since the previous tick (wall seconds)
     rt_tpot: tuple[float, ...] = ()  # real-time TPOTs since the previous tick (wall seconds)
     engine: EngineLoad | None = None  # None: the upstream serves no metrics

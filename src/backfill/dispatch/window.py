@@ -74,9 +74,3 @@ class Window:
             if not future.done():
                 self._in_flight += 1  # the slot now belongs to that waiter
                 future.set_result(None)
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()

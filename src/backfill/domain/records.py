@@ -7,6 +7,7 @@ batch is cut into shards; a worker leases a shard and writes its results as segm
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from backfill.domain.statuses import BatchStatus
@@ -99,13 +100,13 @@ class BatchRecord:
     metadata: dict[str, str] | None = None
     errors: tuple[BatchError, ...] | None = None
     output_expires_after: int | None = None
-    # Internal: why a running batch is being stopped ("expired"); cancel uses its own status.
+    # Internal: why a running batch is being stopped (a `StopReason`); cancel has its own status.
     stop_reason: str | None = None
     #: set after validation when the batch looks unable to finish inside its window
     warning: str | None = None
 
 
-class ShardStatus:
+class ShardStatus(StrEnum):
     PENDING = "pending"
     LEASED = "leased"
     DONE = "done"
@@ -126,7 +127,7 @@ class Shard:
     start: int
     end: int
     count: int
-    status: str = ShardStatus.PENDING
+    status: ShardStatus = ShardStatus.PENDING
     lease_owner: str | None = None
     lease_token: str | None = None
     lease_expires_at: float | None = None

@@ -9,6 +9,7 @@ the line itself, ready to copy into the final file.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from enum import Enum
 from typing import Any
 
 import orjson
@@ -16,9 +17,19 @@ import orjson
 from backfill.domain import exact_json
 from backfill.domain.ids import new_request_id
 from backfill.domain.records import Usage
+from backfill.errors import error_body
 
-OUTPUT = b"o"
-ERROR = b"e"
+
+class ResultKind(bytes, Enum):
+    """Which file a result line goes to, as its byte in a segment record. The members are
+    bytes, so a record is built by plain `%` formatting and read back by a dict lookup."""
+
+    OUTPUT = b"o"
+    ERROR = b"e"
+
+
+OUTPUT = ResultKind.OUTPUT
+ERROR = ResultKind.ERROR
 
 
 def usage_from_body(body: Any) -> Usage:
@@ -84,17 +95,12 @@ def parse_body(raw: bytes, status: int) -> Any:
         return exact_json.loads(raw)
     except orjson.JSONDecodeError:
         text = raw[:2000].decode("utf-8", "replace")
-        return {
-            "error": {
-                "message": f"upstream answered {status} with a non-JSON body: {text}",
-                "type": "upstream_error",
-                "param": None,
-                "code": None,
-            }
-        }
+        return error_body(
+            f"upstream answered {status} with a non-JSON body: {text}", "upstream_error"
+        )
 
 
-def segment_record(line_no: int, kind: bytes, line: bytes) -> bytes:
+def segment_record(line_no: int, kind: ResultKind, line: bytes) -> bytes:
     return b"%d %s %s\n" % (line_no, kind, line)
 
 

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Se
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from backfill.domain.results import ERROR, OUTPUT
+from backfill.domain.results import OUTPUT, ResultKind
 
 #: bytes asked of the blob store per streamed piece
 CHUNK = 1 << 20
@@ -49,9 +49,11 @@ HOLD = 2 * READ_CAP
 MAX_GAP = 64 << 10
 #: longest header `<line_no> <kind> ` accepted before a record is declared malformed
 _MAX_HEADER = 24
-_KINDS = {OUTPUT: OUTPUT, ERROR: ERROR}
+_KINDS: dict[bytes, ResultKind] = {kind.value: kind for kind in ResultKind}
+#: a regex class matching the byte of any kind: `[oe]`
+_KIND = b"[%s]" % b"".join(_KINDS)
 _BY_SEGMENT = operator.itemgetter(2, 3)  # RecordPlace: (segment, offset)
-_HEADER_PREFIX = re.compile(rb"\d{0,20}( ([oe])?)?")
+_HEADER_PREFIX = re.compile(rb"\d{0,20}( (" + _KIND + rb")?)?")
 
 
 class SegmentSource(Protocol):
@@ -70,7 +72,7 @@ class RecordPlace(NamedTuple):
     A named tuple, not a dataclass: a shard makes one per line, twice as fast to build."""
 
     line_no: int
-    kind: bytes
+    kind: ResultKind
     segment: int
     offset: int
     length: int
@@ -131,21 +133,23 @@ async def iter_lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         yield last
 
 
-def parse_record(record: bytes) -> tuple[int, bytes, bytes]:
+def parse_record(record: bytes) -> tuple[int, ResultKind, bytes]:
     """(line_no, kind, json line) of one record without its newline."""
     no, kind, line = record.split(b" ", 2)
     return int(no), _kind(kind), line
 
 
-async def iter_records(chunks: AsyncIterable[bytes]) -> AsyncIterator[tuple[int, bytes, bytes]]:
+async def iter_records(
+    chunks: AsyncIterable[bytes],
+) -> AsyncIterator[tuple[int, ResultKind, bytes]]:
     """(line_no, kind, json line) of each record of a segment streamed in chunks."""
     async for record in iter_lines(chunks):
         if record:
             yield parse_record(record)
 
 
-_RECORD = re.compile(rb"(\d{1,20}) ([oe]) [^\n]*\n")
-_HEADER = re.compile(rb"(\d{1,20}) ([oe]) ")
+_RECORD = re.compile(rb"(\d{1,20}) (" + _KIND + rb") [^\n]*\n")
+_HEADER = re.compile(rb"(\d{1,20}) (" + _KIND + rb") ")
 
 
 class RecordIndexer:
@@ -284,7 +288,7 @@ def pack_places(places: Iterable[RecordPlace]) -> array[int]:
     return array("q", (v for p in places for v in (p.line_no, p.segment, p.offset, p.length)))
 
 
-def unpack_places(packed: array[int], kind: bytes) -> dict[int, RecordPlace]:
+def unpack_places(packed: array[int], kind: ResultKind) -> dict[int, RecordPlace]:
     it = iter(packed)
     return {
         no: RecordPlace(no, kind, seg, off, n)
@@ -332,7 +336,7 @@ async def shard_lines(
     source: SegmentSource,
     paths: Sequence[str],
     index: ShardIndex,
-    kind: bytes,
+    kind: ResultKind,
     extra: AsyncIterator[tuple[int, bytes]] | None = None,
 ) -> AsyncIterator[bytes]:
     """The json lines of `kind` (each with its newline) in input order, in chunks of about
@@ -408,9 +412,8 @@ async def _read(
     return lookup
 
 
-def _kind(raw: bytes) -> bytes:
-    if raw == OUTPUT:
-        return OUTPUT
-    if raw == ERROR:
-        return ERROR
-    raise ValueError(f"malformed segment record: kind {raw!r}")
+def _kind(raw: bytes) -> ResultKind:
+    kind = _KINDS.get(raw)
+    if kind is None:
+        raise ValueError(f"malformed segment record: kind {raw!r}")
+    return kind

@@ -24,6 +24,10 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import orjson
+
+from backfill.errors import error_body, status_type
+
 
 @dataclass(frozen=True, slots=True)
 class EngineReply:
@@ -31,6 +35,13 @@ class EngineReply:
     body: bytes
     retry_after: float | None = None
     request_id: str | None = None
+
+
+def error_reply(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> EngineReply:
+    """An in-process engine's error answer, in the OpenAI error shape an HTTP upstream uses."""
+    return EngineReply(status, orjson.dumps(error_body(message, status_type(status), param, code)))
 
 
 class Engine(Protocol):

@@ -35,8 +35,8 @@ from typing import Any
 
 import orjson
 
-from backfill.engines.base import EngineReply
-from backfill.engines.transformers_engine import error_reply
+from backfill.engines.base import EngineReply, error_reply
+from backfill.errors import InvalidRequest
 from backfill.settings import ModelConfig
 
 EMBEDDINGS = "/v1/embeddings"
@@ -54,12 +54,6 @@ def packaged_model_path() -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
-class BadInput(Exception):
-    def __init__(self, message: str, param: str, code: str) -> None:
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
-
-
 def parse_inputs(body: dict[str, Any]) -> list[str | list[int]]:
     value = body.get("input")
     if isinstance(value, str):
@@ -72,15 +66,21 @@ def parse_inputs(body: dict[str, Any]) -> list[str | list[int]]:
         elif all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
             items = [list(v) for v in value]
         else:
-            raise BadInput(
-                "'input' must be a string or a list of strings.", "input", "invalid_type"
+            raise InvalidRequest(
+                "'input' must be a string or a list of strings.", param="input", code="invalid_type"
             )
     else:
-        raise BadInput("'input' must be a non-empty string or list.", "input", "invalid_type")
+        raise InvalidRequest(
+            "'input' must be a non-empty string or list.", param="input", code="invalid_type"
+        )
     if len(items) > MAX_INPUTS:
-        raise BadInput(f"'input' takes at most {MAX_INPUTS} items.", "input", "invalid_value")
+        raise InvalidRequest(
+            f"'input' takes at most {MAX_INPUTS} items.", param="input", code="invalid_value"
+        )
     if any(isinstance(t, str) and not t for t in items):
-        raise BadInput("'input' cannot contain an empty string.", "input", "invalid_value")
+        raise InvalidRequest(
+            "'input' cannot contain an empty string.", param="input", code="invalid_value"
+        )
     return items
 
 
@@ -183,36 +183,38 @@ class EmbeddingsEngine:
         if queue is None:
             raise RuntimeError("EmbeddingsEngine.send() called before start()")
         if endpoint != EMBEDDINGS:
-            return error_reply(404, f"{endpoint} is not served by {self.model!r}.", None, None)
+            return error_reply(404, f"{endpoint} is not served by {self.model!r}.")
         try:
             inputs = parse_inputs(body)
             fmt = body.get("encoding_format") or "float"
             if fmt not in ("float", "base64"):
-                raise BadInput(
+                raise InvalidRequest(
                     "'encoding_format' must be 'float' or 'base64'.",
-                    "encoding_format",
-                    "invalid_value",
+                    param="encoding_format",
+                    code="invalid_value",
                 )
             dims = body.get("dimensions")
             if dims is not None and dims != self.dimensions:
                 if not (isinstance(dims, int) and not isinstance(dims, bool) and dims >= 1):
-                    raise BadInput(
-                        "'dimensions' must be a positive integer.", "dimensions", "invalid_value"
+                    raise InvalidRequest(
+                        "'dimensions' must be a positive integer.",
+                        param="dimensions",
+                        code="invalid_value",
                     )
                 if not self.matryoshka or dims > self.dimensions:
-                    raise BadInput(
+                    raise InvalidRequest(
                         f"This model does not support dimensions={dims} (its size is "
                         f"{self.dimensions}).",
-                        "dimensions",
-                        "invalid_value",
+                        param="dimensions",
+                        code="invalid_value",
                     )
-        except BadInput as exc:
+        except InvalidRequest as exc:
             return error_reply(400, exc.message, exc.param, exc.code)
         job = Job(inputs, asyncio.get_running_loop().create_future())
         queue.put_nowait(job)
         try:
             vectors, counts = await job.future
-        except BadInput as exc:
+        except InvalidRequest as exc:
             return error_reply(400, exc.message, exc.param, exc.code)
         if dims is not None and dims != self.dimensions:
             vectors = vectors[:, :dims]
@@ -265,13 +267,13 @@ class EmbeddingsEngine:
             for job, result in zip(jobs, results, strict=True):
                 if job.future.done():
                     continue
-                if isinstance(result, BadInput):
+                if isinstance(result, InvalidRequest):
                     job.future.set_exception(result)
                 else:
                     job.future.set_result(result)
 
     # -- the worker thread -----------------------------------------------------------------------
-    def _run(self, jobs: list[Job]) -> list[tuple[Any, list[int]] | BadInput]:
+    def _run(self, jobs: list[Job]) -> list[tuple[Any, list[int]] | InvalidRequest]:
         """Embed every input of `jobs` together; one result (or error) per job."""
         import numpy as np
 
@@ -281,17 +283,17 @@ class EmbeddingsEngine:
         limit = self.max_length
         seqs: list[list[int]] = []
         owners: list[int] = []
-        results: list[tuple[Any, list[int]] | BadInput] = []
+        results: list[tuple[Any, list[int]] | InvalidRequest] = []
         for j, job in enumerate(jobs):
             ids_list = [next(encoded) if isinstance(t, str) else t for t in job.inputs]
             too_long = [len(ids) for ids in ids_list if len(ids) > limit]
             if too_long and not self.truncate:
                 results.append(
-                    BadInput(
+                    InvalidRequest(
                         f"This model's maximum input length is {limit} tokens; an input has "
                         f"{max(too_long)} tokens.",
-                        "input",
-                        "context_length_exceeded",
+                        param="input",
+                        code="context_length_exceeded",
                     )
                 )
                 continue

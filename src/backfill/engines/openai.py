@@ -31,8 +31,13 @@ upstream writes them. Leaving the context early closes the connection, which is 
 that the client went away and aborts the request.
 
 Load (`load_metrics`): `GET <root>/metrics` (the URL without its `/v1`), parsed from Prometheus
-text. An upstream that answers anything else than 200 is remembered as having no metrics and
-asked again only every `METRICS_RETRY_SECONDS`.
+text by `backfill.metrics.parse`, and only its `LOAD_SAMPLES` are returned. The governor scrapes
+every 100 ms, on the loop that also relays real-time streams, and prometheus_client's parser
+needs ~18 ms for a whole vLLM page, ~0.5 ms for those samples alone; so only the first page
+(and the first after a failed scrape) is parsed whole, which refuses text that is not
+Prometheus', and later pages only their load samples (`parse_load`). An upstream that answers
+anything else than 200, or such text, is remembered as having no metrics and asked again only
+every `METRICS_RETRY_SECONDS`.
 """
 
 from __future__ import annotations
@@ -51,8 +56,8 @@ from backfill.domain import exact_json
 from backfill.domain.retry import parse_retry_after
 from backfill.engines.base import EngineReply, StreamReply
 from backfill.errors import EngineUnavailable, InvalidRequest
+from backfill.metrics import parse as parse_metrics
 from backfill.settings import ModelConfig
-from backfill.sim.metrics import parse as parse_metrics
 
 #: seconds an idle upstream connection is kept for reuse
 KEEPALIVE_SECONDS = 30.0
@@ -62,6 +67,19 @@ DNS_CACHE_SECONDS = 300
 METRICS_RETRY_SECONDS = 30.0
 #: budget of one metrics scrape
 METRICS_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+#: the samples `load_metrics` returns (by name prefix): the load figures the governor reads
+#: (`dispatch/governor.py`): running, waiting, KV usage and the TPOT histogram's sum and count,
+#: under vLLM's current and older names
+LOAD_SAMPLES = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",
+    "vllm:time_per_output_token_seconds_sum",
+    "vllm:time_per_output_token_seconds_count",
+    "vllm:inter_token_latency_seconds_sum",
+    "vllm:inter_token_latency_seconds_count",
+)
 
 
 def join_url(base: str, endpoint: str) -> str:
@@ -107,9 +125,8 @@ class OpenAIEngine:
         self.config = config
         self.model = config.name
         self.endpoints = frozenset(config.endpoints)
-        #: the upstream accepts vLLM's `priority` body field
-        self.supports_priority = config.priority
         self._no_metrics_until = 0.0
+        self._metrics_read = False  # a whole page was parsed since the last failed scrape
         base = config.url.rstrip("/")
         self._metrics_url = URL(
             (base[: -len("/v1")] if base.endswith("/v1") else base) + "/metrics"
@@ -239,7 +256,8 @@ class OpenAIEngine:
                 resp.close()  # the client left early: drop the connection (vLLM aborts)
 
     async def load_metrics(self) -> dict[str, float] | None:
-        """The upstream's `/metrics`, parsed (vLLM names), or None when it serves none."""
+        """The upstream's `/metrics` (its `LOAD_SAMPLES`, vLLM names), or None when it serves
+        none."""
         session = self._session
         now = time.monotonic()
         if session is None or now < self._no_metrics_until:
@@ -248,12 +266,23 @@ class OpenAIEngine:
             async with session.get(self._metrics_url, timeout=METRICS_TIMEOUT) as resp:
                 if resp.status != 200:
                     self._no_metrics_until = now + METRICS_RETRY_SECONDS
+                    self._metrics_read = False
                     return None
                 text = await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None
         try:
-            return parse_metrics(text)
+            return self.parse_load(text)
         except ValueError:
             self._no_metrics_until = now + METRICS_RETRY_SECONDS
+            self._metrics_read = False
             return None
+
+    def parse_load(self, text: str) -> dict[str, float]:
+        """The `LOAD_SAMPLES` of one `/metrics` page; `ValueError` if it is not Prometheus text
+        (checked on the first page, and on the first after a failure: see the module doc)."""
+        if self._metrics_read:
+            return parse_metrics(text, only=LOAD_SAMPLES)
+        figures = parse_metrics(text)
+        self._metrics_read = True
+        return {k: v for k, v in figures.items() if k.startswith(LOAD_SAMPLES)}

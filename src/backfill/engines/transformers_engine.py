@@ -43,8 +43,8 @@ from typing import Any
 
 import orjson
 
-from backfill.engines.base import EngineReply
-from backfill.errors import EngineUnavailable
+from backfill.engines.base import EngineReply, error_reply
+from backfill.errors import EngineUnavailable, InvalidRequest
 from backfill.settings import ModelConfig
 
 CHAT = "/v1/chat/completions"
@@ -53,20 +53,6 @@ DEFAULT_COMPLETIONS_MAX_TOKENS = 16  # the legacy completions API's default
 MAX_STOP = 4
 CPU_PAGE_SIZE = 32
 CPU_CACHE_TOKENS = 32768
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-
-
-def error_reply(status: int, message: str, param: str | None, code: str | None) -> EngineReply:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return EngineReply(status, orjson.dumps(body))
 
 
 @dataclass(slots=True)
@@ -84,9 +70,11 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"{key!r} must be a number.", key, "invalid_type")
+        raise InvalidRequest(f"{key!r} must be a number.", param=key, code="invalid_type")
     if not lo <= value <= hi:
-        raise BadRequest(f"{key!r} must be between {lo:g} and {hi:g}.", key, "invalid_value")
+        raise InvalidRequest(
+            f"{key!r} must be between {lo:g} and {hi:g}.", param=key, code="invalid_value"
+        )
     return float(value)
 
 
@@ -95,36 +83,38 @@ def _int(body: dict[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{key!r} must be an integer.", key, "invalid_type")
+        raise InvalidRequest(f"{key!r} must be an integer.", param=key, code="invalid_type")
     return value
 
 
 def parse_sampling(body: dict[str, Any], endpoint: str, max_n: int) -> Sampling:
-    """The sampling parameters of one request, checked (raises `BadRequest`)."""
+    """The sampling parameters of one request, checked (raises `InvalidRequest`)."""
     for key in ("logprobs", "top_logprobs", "echo", "logit_bias"):
         if body.get(key) not in (None, False, 0, {}):
-            raise BadRequest(
-                f"{key!r} is not supported by this engine.", key, "unsupported_parameter"
+            raise InvalidRequest(
+                f"{key!r} is not supported by this engine.", param=key, code="unsupported_parameter"
             )
     for key in ("presence_penalty", "frequency_penalty"):
         if body.get(key) not in (None, 0, 0.0):
-            raise BadRequest(
-                f"{key!r} is not supported by this engine.", key, "unsupported_parameter"
+            raise InvalidRequest(
+                f"{key!r} is not supported by this engine.", param=key, code="unsupported_parameter"
             )
     if body.get("best_of") not in (None, 1):
-        raise BadRequest(
-            "'best_of' is not supported by this engine.", "best_of", "unsupported_parameter"
+        raise InvalidRequest(
+            "'best_of' is not supported by this engine.",
+            param="best_of",
+            code="unsupported_parameter",
         )
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _int(body, key)
     if max_tokens is not None and max_tokens < 1:
-        raise BadRequest(f"{key!r} must be at least 1.", key, "invalid_value")
+        raise InvalidRequest(f"{key!r} must be at least 1.", param=key, code="invalid_value")
     if max_tokens is None and endpoint == COMPLETIONS:
         max_tokens = DEFAULT_COMPLETIONS_MAX_TOKENS
     n = _int(body, "n")
     n = 1 if n is None else n
     if not 1 <= n <= max_n:
-        raise BadRequest(f"'n' must be between 1 and {max_n}.", "n", "invalid_value")
+        raise InvalidRequest(f"'n' must be between 1 and {max_n}.", param="n", code="invalid_value")
     seed = _int(body, "seed")
     stop = body.get("stop")
     if stop is None:
@@ -134,9 +124,13 @@ def parse_sampling(body: dict[str, Any], endpoint: str, max_n: int) -> Sampling:
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         stops = list(stop)
     else:
-        raise BadRequest("'stop' must be a string or a list of strings.", "stop", "invalid_type")
+        raise InvalidRequest(
+            "'stop' must be a string or a list of strings.", param="stop", code="invalid_type"
+        )
     if len(stops) > MAX_STOP:
-        raise BadRequest(f"'stop' takes at most {MAX_STOP} strings.", "stop", "invalid_value")
+        raise InvalidRequest(
+            f"'stop' takes at most {MAX_STOP} strings.", param="stop", code="invalid_value"
+        )
     return Sampling(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
@@ -151,30 +145,34 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     """Messages for the chat template; content parts are joined into plain text."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list.", "messages", "invalid_type")
+        raise InvalidRequest(
+            "'messages' must be a non-empty list.", param="messages", code="invalid_type"
+        )
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise BadRequest(f"messages[{i}] needs a 'role'.", f"messages[{i}]", "invalid_type")
+            raise InvalidRequest(
+                f"messages[{i}] needs a 'role'.", param=f"messages[{i}]", code="invalid_type"
+            )
         content = m.get("content")
         if isinstance(content, list):
             texts = []
             for part in content:
                 if not isinstance(part, dict) or part.get("type") != "text":
-                    raise BadRequest(
+                    raise InvalidRequest(
                         "Only text content parts are supported.",
-                        f"messages[{i}].content",
-                        "unsupported_parameter",
+                        param=f"messages[{i}].content",
+                        code="unsupported_parameter",
                     )
                 texts.append(str(part.get("text", "")))
             content = "".join(texts)
         elif content is None:
             content = ""
         elif not isinstance(content, str):
-            raise BadRequest(
+            raise InvalidRequest(
                 f"messages[{i}].content must be a string or a list of parts.",
-                f"messages[{i}].content",
-                "invalid_type",
+                param=f"messages[{i}].content",
+                code="invalid_type",
             )
         out.append({**m, "content": content})
     return out
@@ -192,8 +190,10 @@ def completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
             return list(prompt)
         if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
             return [list(p) for p in prompt]
-    raise BadRequest(
-        "'prompt' must be a string, a list of strings, or token ids.", "prompt", "invalid_type"
+    raise InvalidRequest(
+        "'prompt' must be a string, a list of strings, or token ids.",
+        param="prompt",
+        code="invalid_type",
     )
 
 
@@ -337,7 +337,7 @@ class TransformersEngine:
         if self._manager is None:
             raise RuntimeError("TransformersEngine.send() called before start()")
         if endpoint not in self.endpoints:
-            return error_reply(404, f"{endpoint} is not served by {self.model!r}.", None, None)
+            return error_reply(404, f"{endpoint} is not served by {self.model!r}.")
         try:
             sampling = parse_sampling(body, endpoint, self.max_n)
             if endpoint == CHAT:
@@ -348,8 +348,8 @@ class TransformersEngine:
             for ids in prompts:
                 problem = context_error(len(ids), sampling.max_tokens, self.context_length)
                 if problem is not None:
-                    raise BadRequest(problem, param, "context_length_exceeded")
-        except BadRequest as exc:
+                    raise InvalidRequest(problem, param=param, code="context_length_exceeded")
+        except InvalidRequest as exc:
             return error_reply(400, exc.message, exc.param, exc.code)
 
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
@@ -366,7 +366,7 @@ class TransformersEngine:
                 f"model {self.model!r} did not finish within {timeout:g}s", code="request_timeout"
             ) from exc
         except RuntimeError as exc:  # the generation thread failed the request
-            return error_reply(500, f"generation failed: {exc}", None, "engine_error")
+            return error_reply(500, f"generation failed: {exc}", code="engine_error")
         prompt_tokens = sum(len(ids) for ids in prompts)
         completion_tokens = sum(len(s.tokens) for s in sequences)
         return EngineReply(
@@ -384,7 +384,9 @@ class TransformersEngine:
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
             )
         except Exception as exc:  # a template that rejects these messages (e.g. role order)
-            raise BadRequest(f"chat template error: {exc}", "messages", "invalid_value") from exc
+            raise InvalidRequest(
+                f"chat template error: {exc}", param="messages", code="invalid_value"
+            ) from exc
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(t) for t in ids]

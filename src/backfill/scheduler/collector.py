@@ -39,6 +39,7 @@ import logging
 from dataclasses import dataclass
 
 from backfill.blobs.base import Blobs
+from backfill.domain import paths
 from backfill.domain.ids import new_token
 from backfill.domain.statuses import TERMINAL
 from backfill.errors import BlobError, StoreError
@@ -79,19 +80,19 @@ async def collect_debris(
     rows = 0
     finished = await asyncio.to_thread(store.terminal_batches_with_segments, limit)
     for batch_id in finished:
-        await blobs.delete_prefix(f"batches/{batch_id}")
+        await blobs.delete_prefix(paths.batch_prefix(batch_id))
         rows += await asyncio.to_thread(store.delete_segments, batch_id)
 
     seen: set[str] = set()
-    async for info in blobs.list_prefix("batches"):
-        parts = info.path.split("/")
-        if len(parts) >= 3 and parts[1] not in finished:
-            seen.add(parts[1])
+    async for info in blobs.list_prefix(paths.BATCHES):
+        of = paths.batch_of(info.path)
+        if of is not None and of not in finished:
+            seen.add(of)
     orphans = 0
     for batch_id in sorted(seen)[:limit]:
         batch = await asyncio.to_thread(store.get_batch, batch_id)
         if batch is not None and batch.status in TERMINAL:
-            await blobs.delete_prefix(f"batches/{batch_id}")
+            await blobs.delete_prefix(paths.batch_prefix(batch_id))
             orphans += 1
     return DebrisCounts(staging_files, staging_bytes, len(finished), rows, orphans)
 

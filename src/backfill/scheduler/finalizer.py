@@ -25,6 +25,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 from backfill.blobs.base import Blobs
+from backfill.domain import paths
 from backfill.domain.finalize import result_file_id, unrun_requests
 from backfill.domain.records import BatchRecord, FileRecord, Segment, Shard
 from backfill.domain.results import (
@@ -32,6 +33,7 @@ from backfill.domain.results import (
     ERROR,
     EXPIRED_MESSAGE,
     OUTPUT,
+    ResultKind,
     error_line,
 )
 from backfill.domain.segments import (
@@ -82,7 +84,7 @@ async def finalize(
     kept: dict[int, array[int]] = {}  # shard index -> its error places, from the first pass
     budget = _KEPT_PLACES
 
-    async def lines(kind: bytes) -> AsyncIterator[bytes]:
+    async def lines(kind: ResultKind) -> AsyncIterator[bytes]:
         nonlocal indexed, budget
         first = not indexed
         for shard in shards:
@@ -123,7 +125,7 @@ async def finalize(
             fields[field_name] = None
             continue
         file_id = result_file_id(batch.id, suffix)
-        path = f"files/{file_id}"
+        path = paths.file_path(file_id)
         size = await blobs.put_stream(path, lines(kind))
         existing = await asyncio.to_thread(store.get_file, file_id)
         if existing is None:
@@ -149,11 +151,11 @@ async def finalize(
     fields[stamp] = now
     done = await asyncio.to_thread(store.transition, batch.id, from_statuses, final, **fields)
     if done is not None:
-        await blobs.delete_prefix(f"batches/{batch.id}")
+        await blobs.delete_prefix(paths.batch_prefix(batch.id))
     return done
 
 
-def _recorded(segments: list[Segment], kind: bytes) -> bool:
+def _recorded(segments: list[Segment], kind: ResultKind) -> bool:
     return any((seg.completed if kind == OUTPUT else seg.failed) > 0 for seg in segments)
 
 

@@ -33,7 +33,7 @@ from backfill.blobs.base import Blobs
 from backfill.domain.ids import new_token
 from backfill.domain.ordering import admission_warning
 from backfill.domain.records import BatchRecord, Shard
-from backfill.domain.statuses import BatchStatus
+from backfill.domain.statuses import BatchStatus, StopReason
 from backfill.domain.validation import ValidationLimits
 from backfill.errors import ResultsMissing
 from backfill.outages import Outages
@@ -133,13 +133,13 @@ class Scheduler:
     async def _check_running(self, batch: BatchRecord, now: float) -> None:
         if batch.stop_reason is None and now >= batch.expires_at:
             updated = await asyncio.to_thread(
-                self._store.update_batch, batch.id, [S.IN_PROGRESS], stop_reason="expired"
+                self._store.update_batch, batch.id, [S.IN_PROGRESS], stop_reason=StopReason.EXPIRED
             )
             if updated is None:
                 return
             batch = updated
         shards = await asyncio.to_thread(self._store.shards, batch.id)
-        if batch.stop_reason == "expired":
+        if batch.stop_reason == StopReason.EXPIRED:
             if not _live_leases(shards, now):
                 self._spawn(
                     batch.id,

@@ -137,7 +137,8 @@ class Store(Protocol):
     ) -> BatchRecord | None:
         """Move the batch to `to_status` if it is in one of `from_statuses`, setting `fields`
         (timestamps, output_file_id, errors, model, total, stop_reason, ...) in the same write.
-        Returns the updated batch, or None if the batch was not in a source status."""
+        Returns the updated batch, or None if the batch was not in a source status.
+        `ValueError` if `TRANSITIONS` does not allow the move from every source."""
 
     def update_batch(
         self, batch_id: str, expect_statuses: Iterable[BatchStatus], **fields: Any

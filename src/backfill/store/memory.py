@@ -35,7 +35,12 @@ from backfill.domain.records import (
 from backfill.domain.statuses import TERMINAL, BatchStatus
 from backfill.errors import Conflict, StoreError
 from backfill.store.base import ApiKey, Page
-from backfill.store.rules import IDEMPOTENCY_CONFLICT, KEY_CONFLICT, check_batch_fields
+from backfill.store.rules import (
+    IDEMPOTENCY_CONFLICT,
+    KEY_CONFLICT,
+    check_batch_fields,
+    check_transition,
+)
 
 
 @dataclass(slots=True)
@@ -246,8 +251,9 @@ class MemoryStore:
         **fields: Any,
     ) -> BatchRecord | None:
         changes = check_batch_fields(fields)
-        changes["status"] = BatchStatus(to_status)
-        return self._update(batch_id, from_statuses, changes)
+        sources, target = check_transition(from_statuses, to_status)
+        changes["status"] = target
+        return self._update(batch_id, sources, changes)
 
     def update_batch(
         self, batch_id: str, expect_statuses: Iterable[BatchStatus], **fields: Any
@@ -444,7 +450,7 @@ class MemoryStore:
     def release_shard(self, batch_id: str, index: int, token: str) -> bool:
         return self._end_lease(batch_id, index, token, ShardStatus.PENDING)
 
-    def _end_lease(self, batch_id: str, index: int, token: str, status: str) -> bool:
+    def _end_lease(self, batch_id: str, index: int, token: str, status: ShardStatus) -> bool:
         with self._lock:
             shard = self._held(batch_id, index, token)
             if shard is None:

@@ -12,7 +12,15 @@ from typing import Any
 
 from sqlalchemy.engine import RowMapping
 
-from backfill.domain.records import BatchError, BatchRecord, FileRecord, Segment, Shard, Usage
+from backfill.domain.records import (
+    BatchError,
+    BatchRecord,
+    FileRecord,
+    Segment,
+    Shard,
+    ShardStatus,
+    Usage,
+)
 from backfill.domain.statuses import BatchStatus
 from backfill.store.rules import check_batch_fields
 
@@ -127,7 +135,7 @@ def shard_record(row: RowMapping) -> Shard:
         start=int(row["byte_start"]),
         end=int(row["byte_end"]),
         count=int(row["request_count"]),
-        status=row["status"],
+        status=ShardStatus(row["status"]),
         lease_owner=row["lease_owner"],
         lease_token=row["lease_token"],
         lease_expires_at=row["lease_expires_at"],

@@ -1,5 +1,9 @@
-"""Rules every store applies the same way: what `transition`/`update_batch` may set, and the
-messages of the errors the stores raise on purpose.
+"""Rules every store applies the same way: which moves `transition` may make, what
+`transition`/`update_batch` may set, and the messages of the errors the stores raise on purpose.
+
+A `transition` whose sources include one the target cannot be entered from
+(`domain.statuses.TRANSITIONS`) is a bug in the caller, refused with `ValueError` before the
+store is touched, whether or not the batch is in that source right now.
 
 Both stores accept the `BatchRecord` field names as keyword arguments. Identity (`id`,
 `project_id`, `created_at`) never changes and `status` only changes through `transition`'s
@@ -15,6 +19,7 @@ from dataclasses import fields
 from typing import Any
 
 from backfill.domain.records import BatchError, BatchRecord, Usage
+from backfill.domain.statuses import BatchStatus, can_transition
 
 IDEMPOTENCY_CONFLICT = "The Idempotency-Key was already used with a different request."
 KEY_CONFLICT = "This API key is already registered to another project."
@@ -29,6 +34,18 @@ def to_errors(
     if value is None:
         return None
     return tuple(e if isinstance(e, BatchError) else BatchError(**e) for e in value)
+
+
+def check_transition(
+    from_statuses: Iterable[BatchStatus], to_status: BatchStatus
+) -> tuple[list[BatchStatus], BatchStatus]:
+    """The sources and target as statuses, if the table allows every move (else ValueError)."""
+    target = BatchStatus(to_status)
+    sources = [BatchStatus(s) for s in from_statuses]
+    refused = [s.value for s in sources if not can_transition(s, target)]
+    if refused:
+        raise ValueError(f"batch status cannot move from {', '.join(refused)} to {target.value}")
+    return sources, target
 
 
 def check_batch_fields(changes: Mapping[str, Any]) -> dict[str, Any]:

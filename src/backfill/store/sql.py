@@ -73,7 +73,12 @@ from backfill.store.rows import (
     batch_values,
     file_record,
 )
-from backfill.store.rules import IDEMPOTENCY_CONFLICT, KEY_CONFLICT, check_batch_fields
+from backfill.store.rules import (
+    IDEMPOTENCY_CONFLICT,
+    KEY_CONFLICT,
+    check_batch_fields,
+    check_transition,
+)
 from backfill.store.schema import api_keys, batches, files, projects, segments
 from backfill.store.schema import shards as _shards_table  # `shards` is also a method name
 from backfill.store.sql_work import SqlWorkMixin
@@ -437,8 +442,9 @@ class SqlStore(SqlWorkMixin):
         **fields: Any,
     ) -> BatchRecord | None:
         values = batch_changes(check_batch_fields(fields))
-        values["status"] = BatchStatus(to_status).value
-        return self._update_batch(batch_id, from_statuses, values)
+        sources, target = check_transition(from_statuses, to_status)
+        values["status"] = target.value
+        return self._update_batch(batch_id, sources, values)
 
     def update_batch(
         self, batch_id: str, expect_statuses: Iterable[BatchStatus], **fields: Any

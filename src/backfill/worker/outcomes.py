@@ -26,6 +26,7 @@ from backfill.domain.records import Usage
 from backfill.domain.results import (
     ERROR,
     OUTPUT,
+    ResultKind,
     error_line,
     parse_body,
     response_line,
@@ -42,7 +43,7 @@ MODEL_GONE = "model_not_found"
 class Line:
     """A finished request's line and which file it goes to."""
 
-    kind: bytes  # OUTPUT or ERROR
+    kind: ResultKind
     line: bytes
     usage: Usage
     ok: bool

@@ -38,9 +38,10 @@ from typing import Any
 
 from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
+from backfill.domain import paths
 from backfill.domain.inputs import iter_requests
 from backfill.domain.records import BatchRecord, Segment, Shard, Usage
-from backfill.domain.results import segment_record
+from backfill.domain.results import ResultKind, segment_record
 from backfill.domain.segments import index_records, iter_lines
 from backfill.domain.statuses import BatchStatus
 from backfill.errors import BackfillError, LeaseLost
@@ -162,12 +163,7 @@ class ShardRun:
         window, not the shard; on stop, send nothing more and abort what is in flight after the
         grace period. Returns the line numbers started."""
         dispatcher = self._dispatchers.get(batch.model or "")
-        # the configured ceiling, not the current limit: the governor may raise it later;
-        # twice that when its governor may defer long prompts, so the short ones keep a full
-        # window
-        cap = max(16, dispatcher.max_concurrency if dispatcher is not None else 16)
-        if dispatcher is not None and dispatcher.may_defer:
-            cap *= 2
+        cap = dispatcher.in_hand() if dispatcher is not None else 16
         # long prompts may wait behind short ones only in the first half of the window
         defer_until = batch.created_at + (batch.expires_at - batch.created_at) / 2
         slots = asyncio.Semaphore(cap)
@@ -268,7 +264,7 @@ class ShardRun:
         if done is not None:  # None: stopped before it reached the engine
             self._add(line_no, done.kind, done.line, done.usage, ok=done.ok)
 
-    def _add(self, line_no: int, kind: bytes, line: bytes, usage: Usage, *, ok: bool) -> None:
+    def _add(self, line_no: int, kind: ResultKind, line: bytes, usage: Usage, *, ok: bool) -> None:
         if line_no in self._accounted:  # never two outcomes for one line
             log.error("line %d of %s got a second outcome; kept the first", line_no, self.shard)
             return
@@ -346,10 +342,9 @@ class ShardRun:
             if r.usage.input_tokens or r.usage.output_tokens:
                 usage = usage + r.usage
         shard = self.shard
-        path = f"batches/{shard.batch_id}/seg/{shard.index:05d}-{self._seq:06d}-{self._token[:12]}"
         pending = _Pending(
             seq=self._seq,
-            path=path,
+            path=paths.segment_path(shard.batch_id, shard.index, self._seq, self._token),
             data=b"".join(r.record for r in results),
             completed=completed,
             failed=len(results) - completed,
