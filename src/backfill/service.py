@@ -39,10 +39,10 @@ from backfill.dispatch.governor import Governor, policy_config
 from backfill.dispatch.policy import GovernorPolicy
 from backfill.dispatch.signals import RealtimeStats
 from backfill.engines.base import Engine, MetricsSource
-from backfill.engines.registry import build_engines, with_default_models
+from backfill.engines.registry import build_engine, build_engines, with_default_models
 from backfill.metrics import Family, Kind
 from backfill.scheduler.scheduler import Scheduler
-from backfill.settings import Settings
+from backfill.settings import ModelConfig, Settings
 from backfill.store import open_store
 from backfill.store.base import Store
 from backfill.worker.worker import Worker
@@ -50,6 +50,20 @@ from backfill.worker.worker import Worker
 log = logging.getLogger("backfill")
 
 DEFAULT_PROJECT = "default"
+
+
+def batch_dispatcher(engine: Engine, config: ModelConfig, settings: Settings) -> Dispatcher:
+    """The dispatcher that runs one model's batch requests: the server's and `backfill run`'s
+    alike (batch `priority` where the upstream accepts it)."""
+    return Dispatcher.from_config(engine, config, priority=settings.batch_priority)
+
+
+async def start_offline_model(settings: Settings, config: ModelConfig) -> Dispatcher:
+    """`backfill run`'s one model: its engine started and its batch dispatcher, without the
+    store, blobs or background duties a server has. Close with `dispatcher.engine.close()`."""
+    engine = build_engine(config)
+    await engine.start()
+    return batch_dispatcher(engine, config, settings)
 
 
 def hash_key(key: str) -> str:
@@ -105,7 +119,7 @@ class Service:
         for config in settings.models:
             engine = self.engines[config.name]
             await engine.start()
-            dispatcher = Dispatcher.from_config(engine, config, priority=settings.batch_priority)
+            dispatcher = batch_dispatcher(engine, config, settings)
             self.dispatchers[config.name] = dispatcher
             governed = config.governor
             if governed is None:

@@ -33,7 +33,7 @@ from backfill.dispatch.dispatcher import Dispatcher
 from backfill.domain import exact_json
 from backfill.domain.records import Usage
 from backfill.domain.validation import BOM, InputValidator, ValidationLimits
-from backfill.engines.registry import build_engine
+from backfill.service import start_offline_model
 from backfill.settings import Settings
 from backfill.worker.outcomes import run_request
 
@@ -206,9 +206,8 @@ async def run_file(
     config = next(m for m in settings.models if m.name == model)
     if concurrency is not None:
         config = config.model_copy(update={"max_concurrency": concurrency})
-    engine = build_engine(config)
-    await engine.start()
-    dispatcher = Dispatcher.from_config(engine, config)
+    dispatcher = await start_offline_model(settings, config)
+    engine = dispatcher.engine
     writer = ResultWriter(output_path, errors_path)
     bar = Progress(total, 0, stderr, progress)
     stop = stop or asyncio.Event()
