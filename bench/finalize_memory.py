@@ -239,20 +239,42 @@ def load_finalize(impl: str, baseline: str, tmp: Path) -> Finalize:
         from backfill.scheduler.finalizer import finalize
 
         return finalize
+    # the old finalizer with the old pure helpers it imported (they have changed since:
+    # `merge_segments`, `iter_segment`, a synchronous `iter_requests`), all from `baseline`
+    for module in BASELINE_MODULES:
+        _load_baseline(baseline, module, tmp)
+    fn: Finalize = _load_baseline(baseline, "scheduler/finalizer", tmp).finalize
+    return fn
+
+
+#: the modules of the baseline loaded from git, imported by each other under `baseline_*` names
+BASELINE_MODULES = ("domain/results", "domain/finalize", "domain/inputs")
+
+
+def _load_baseline(baseline: str, module: str, tmp: Path) -> Any:
     source = subprocess.run(
-        ["git", "show", f"{baseline}:src/backfill/scheduler/finalizer.py"],
+        ["git", "show", f"{baseline}:src/backfill/{module}.py"],
         cwd=REPO,
         check=True,
         capture_output=True,
+        text=True,
     ).stdout
-    path = tmp / "baseline_finalizer.py"
-    path.write_bytes(source)
-    spec = importlib.util.spec_from_file_location("baseline_finalizer", path)
+    for other in BASELINE_MODULES:
+        dotted = "backfill." + other.replace("/", ".")
+        source = source.replace(f"from {dotted} import", f"from {_baseline_name(other)} import")
+    name = _baseline_name(module)
+    path = tmp / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fn: Finalize = module.finalize
-    return fn
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[name] = loaded
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def _baseline_name(module: str) -> str:
+    return "baseline_" + module.replace("/", "_")
 
 
 async def digest(blobs: Blobs, store: Store, file_id: str | None) -> tuple[str, int]:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import orjson
 
-from backfill.domain.finalize import merge_segments, result_file_id
+from backfill.domain.finalize import result_file_id
 from backfill.domain.records import Usage
 from backfill.domain.results import (
     ERROR,
     OUTPUT,
     error_line,
-    iter_segment,
     parse_body,
     response_line,
     segment_record,
     usage_from_body,
 )
+from backfill.domain.segments import index_shard, parse_record, shard_lines
 from backfill.domain.statuses import BatchStatus, can_transition, sources_of
 from backfill.domain.windows import parse_window
 
@@ -58,10 +61,34 @@ def test_non_json_body_is_wrapped_as_an_error() -> None:
 def test_segments_merge_first_record_wins() -> None:
     seg1 = segment_record(3, OUTPUT, b'{"a":1}') + segment_record(1, ERROR, b'{"b":2}')
     seg2 = segment_record(3, OUTPUT, b'{"a":"dup"}') + segment_record(2, OUTPUT, b'{"c":3}')
-    assert list(iter_segment(seg1)) == [(3, OUTPUT, b'{"a":1}'), (1, ERROR, b'{"b":2}')]
-    merged = merge_segments([seg1, seg2])
-    assert sorted(merged) == [1, 2, 3]
-    assert merged[3] == (OUTPUT, b'{"a":1}')
+    assert [parse_record(r) for r in seg1.split(b"\n") if r] == [
+        (3, OUTPUT, b'{"a":1}'),
+        (1, ERROR, b'{"b":2}'),
+    ]
+
+    class Segments:
+        def __init__(self, data: dict[str, bytes]) -> None:
+            self.data = data
+
+        async def stream(
+            self, path: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
+        ) -> AsyncIterator[bytes]:
+            yield self.data[path][start:end]
+
+        async def get_range(self, path: str, start: int, end: int) -> bytes:
+            return self.data[path][start:end]
+
+    async def merge() -> tuple[list[int], bytes, bytes]:
+        source, paths = Segments({"s1": seg1, "s2": seg2}), ["s1", "s2"]
+        index = await index_shard(source, paths)
+        out = b"".join([c async for c in shard_lines(source, paths, index, OUTPUT)])
+        err = b"".join([c async for c in shard_lines(source, paths, index, ERROR)])
+        return sorted(index.places), out, err
+
+    lines, out, err = asyncio.run(merge())
+    assert lines == [1, 2, 3]
+    assert out == b'{"c":3}\n{"a":1}\n'  # input order; the first record of line 3 wins
+    assert err == b'{"b":2}\n'
 
 
 def test_result_file_ids_are_deterministic_and_distinct() -> None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from backfill.domain.results import ERROR, OUTPUT, iter_segment, segment_record
+from backfill.domain.results import ERROR, OUTPUT, segment_record
 from backfill.domain.segments import (
     CHUNK,
     HOLD,
@@ -21,6 +21,7 @@ from backfill.domain.segments import (
     index_shard,
     iter_lines,
     iter_records,
+    parse_record,
     plan_reads,
     shard_lines,
 )
@@ -59,7 +60,7 @@ SEGMENT = (
 @pytest.mark.parametrize("sizes", [[1], [2, 3], [7], [64], [4096], [1 << 20], [5, 1, 9000]])
 def test_records_and_places_from_any_chunking(sizes: list[int]) -> None:
     chunks = chunked(SEGMENT, sizes)
-    want = list(iter_segment(SEGMENT))
+    want = [parse_record(r) for r in SEGMENT.split(b"\n") if r]
     assert _collect_records(chunks) == want
     indexer = RecordIndexer(segment=3)
     places = [p for c in chunks for p in indexer.feed(c)] + indexer.finish()

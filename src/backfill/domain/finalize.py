@@ -3,34 +3,22 @@ the requests of a shard that never ran.
 
 Result files get ids derived from the batch id, so a finalization that crashed half-way and is
 run again writes the same files instead of leaving orphans behind. The merge itself streams
-(`backfill.domain.segments`); `merge_segments` is its in-memory form for small data.
+(`backfill.domain.segments`, the one reader of the segment format).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterable, AsyncIterator, Container, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Container
 
 import orjson
 
-from backfill.domain.results import iter_segment
 from backfill.domain.validation import BOM
 
 
 def result_file_id(batch_id: str, kind: str) -> str:
     digest = hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()
     return "file-" + digest[:24]
-
-
-def merge_segments(segments: Iterable[bytes]) -> dict[int, tuple[bytes, bytes]]:
-    """line_no -> (kind, json line) over a shard's segments; the first record of a line wins,
-    so a request recorded twice still appears once."""
-    merged: dict[int, tuple[bytes, bytes]] = {}
-    for data in segments:
-        for line_no, kind, line in iter_segment(data):
-            if line_no not in merged:
-                merged[line_no] = (kind, line)
-    return merged
 
 
 async def unrun_requests(

@@ -8,7 +8,6 @@ the line itself, ready to copy into the final file.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from enum import Enum
 from typing import Any
 
@@ -102,15 +101,6 @@ def parse_body(raw: bytes, status: int) -> Any:
 
 def segment_record(line_no: int, kind: ResultKind, line: bytes) -> bytes:
     return b"%d %s %s\n" % (line_no, kind, line)
-
-
-def iter_segment(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
-    """(line_no, kind, json line) of each record of a segment."""
-    for rec in data.split(b"\n"):
-        if not rec:
-            continue
-        no, kind, line = rec.split(b" ", 2)
-        yield int(no), kind, line
 
 
 CANCELLED_MESSAGE = "The batch was cancelled before this request ran."
