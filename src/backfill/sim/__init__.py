@@ -9,9 +9,10 @@ Modules, from the inside out:
 - `kvcache`: the paged KV cache with prefix caching and LRU eviction.
 - `engine`: `Engine` and `SimRequest`, vLLM v1's scheduler (chunked prefill, priority,
   preemption by recompute) on a simulated clock. Pure: no I/O, no sleeping.
-- `metrics`: vLLM-named counters/histograms, Prometheus `render` and `parse`.
+- `metrics`: vLLM-named counters/histograms and their Prometheus `render` (through
+  `backfill.metrics`, which also gives `parse_metrics`).
 - `offline`: `Simulator(profile).run_offline(requests) -> OfflineStats`, `sharegpt_like`.
-- `http`: HTTP/1.1 plumbing (raw asyncio + httptools): parsing, framing, SSE events.
+- HTTP/1.1 plumbing: `backfill.testing.httpserver`, shared with the echo upstream.
 - `exchange`: `Exchange`, one request's answer (JSON or SSE chunks, with the `sim` latencies).
 - `server`: the OpenAI-compatible API (`SimServer`) pacing the engine against wall time at
   `speedup` x.
@@ -21,8 +22,8 @@ Modules, from the inside out:
 `backfill sim ...`) prints `READY <port>` once it listens.
 """
 
+from backfill.metrics import parse as parse_metrics
 from backfill.sim.engine import Engine, SimRequest, StepResult
-from backfill.sim.metrics import parse as parse_metrics
 from backfill.sim.offline import (
     Distribution,
     OfflineRequest,

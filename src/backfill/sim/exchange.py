@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from backfill.sim.engine import SimRequest
-from backfill.sim.http import CLOSE, DONE, STREAM_HEAD, Connection, event, frame, response
 from backfill.sim.tokens import output_text
+from backfill.testing.httpserver import DONE, LAST_CHUNK, Reply, chunk, event, response, stream_head
 
 if TYPE_CHECKING:
     from backfill.sim.server import SimServer
@@ -28,13 +28,12 @@ class Exchange:
 
     __slots__ = (
         "chat",
-        "connection",
         "created",
         "dirty",
         "done",
         "head",
         "include_usage",
-        "keep_alive",
+        "reply",
         "request",
         "response_id",
         "sent",
@@ -45,22 +44,20 @@ class Exchange:
 
     def __init__(
         self,
-        connection: Connection,
+        reply: Reply,
         server: SimServer,
         *,
         chat: bool,
         stream: bool,
         include_usage: bool,
-        keep_alive: bool,
         response_id: str,
         model: str,
     ) -> None:
-        self.connection = connection
+        self.reply = reply
         self.server = server
         self.chat = chat
         self.stream = stream
         self.include_usage = include_usage
-        self.keep_alive = keep_alive
         self.response_id = response_id
         self.created = int(time.time())
         self.sent = 0  # output tokens written
@@ -102,28 +99,28 @@ class Exchange:
 
     def _start(self) -> bytes:
         self.started = True
-        head = STREAM_HEAD % (b"" if self.keep_alive else CLOSE)
+        head = stream_head(self.reply.keep_alive)
         if not self.chat:
             return head
         role = event(
             self.head + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
             b'"logprobs":null,"finish_reason":null}]}'
         )
-        return head + frame(role)
+        return head + chunk(role)
 
     def flush(self) -> None:
         """Write the tokens generated since the last write as one SSE event."""
         self.dirty = False
         request = self.request
-        if self.done or request is None or self.connection.closed:
+        if self.done or request is None or self.reply.closed:
             return
         produced = request.num_output
         if produced <= self.sent:
             return
         data = self._start() if not self.started else b""
-        data += frame(self._content(output_text(self.sent, produced), b"null"))
+        data += chunk(self._content(output_text(self.sent, produced), b"null"))
         self.sent = produced
-        self.connection.write(data)
+        self.reply.write(data)
 
     def finish(self) -> None:
         """The request finished: write the rest (stream) or the whole answer, then release."""
@@ -133,11 +130,11 @@ class Exchange:
         self.dirty = False
         request = self.request
         assert request is not None
-        connection = self.connection
-        if connection.closed:
+        reply = self.reply
+        if reply.closed:
             return
         if not self.stream:
-            connection.write(response(200, self._body(request), self.keep_alive))
+            reply.end(response(200, self._body(request), reply.keep_alive))
         else:
             data = self._start() if not self.started else b""
             events = self._content(output_text(self.sent, request.num_output), b'"length"')
@@ -151,8 +148,7 @@ class Exchange:
                     + b"}"
                 )
             events += DONE
-            connection.write(data + frame(events) + b"0\r\n\r\n")
-        connection.exchange_done(self)
+            reply.end(data + chunk(events) + LAST_CHUNK)
 
     def abort(self) -> None:
         """The connection is lost: the engine drops the request."""

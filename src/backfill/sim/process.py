@@ -2,7 +2,8 @@
 
 A separate process (not a thread) so the simulator's step loop never competes for the GIL with
 the code under test, exactly like `backfill.testing.process.start_upstream`. Standard library
-only. Startup waits for the child's `READY <port>` line with a deadline.
+only, besides `backfill.metrics.parse`. Startup waits for the child's `READY <port>` line
+with a deadline.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import subprocess
 import sys
 from typing import Any
 
-from backfill.sim.metrics import parse
+from backfill.metrics import parse
 from backfill.testing.child import ChildProcess, spawn_ready
 
 __all__ = ["SimProcess", "start_sim"]

@@ -3,10 +3,11 @@
     python -m backfill.sim --profile llama-3.1-8b-h100 --port 8001 --speedup 10
 
 prints `READY <port>` once it listens. Like `backfill.testing.upstream` it speaks HTTP/1.1 on
-raw asyncio (an `asyncio.Protocol` fed by `httptools`, uvloop when installed; the plumbing is in
-`backfill.sim.http`) so that the server is never what limits a benchmark; unlike it, answers
-come from the engine's step loop and may stream (each request's answer is written by
-`backfill.sim.exchange.Exchange`).
+raw asyncio (an `asyncio.Protocol` fed by `httptools`, uvloop when installed; the plumbing both
+share is `backfill.testing.httpserver`) so that the server is never what limits a benchmark;
+unlike it, answers come from the engine's step loop and may stream (each request's answer is
+written by `backfill.sim.exchange.Exchange` through its `Reply`; a client that goes away
+aborts the request in the engine).
 
 Pacing. One task runs the engine: it computes a step (`Engine.step`, which advances the
 simulated clock by the step's roofline duration), sleeps until the wall-clock instant that
@@ -43,21 +44,48 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
-import sys
 from typing import Any
 
 import orjson
 
 from backfill.sim.engine import FINISHED, Engine, SimRequest
 from backfill.sim.exchange import Exchange
-from backfill.sim.http import Connection, RequestError, response
 from backfill.sim.metrics import render
 from backfill.sim.options import add_arguments
 from backfill.sim.profiles import Profile, get_profile
 from backfill.sim.tokens import Prompt, chat_prompt, completion_prompt
+from backfill.testing.httpserver import (
+    Reply,
+    Request,
+    announce,
+    error_body,
+    listen,
+    port_of,
+    response,
+)
+from backfill.testing.httpserver import run as run_loop
 
-__all__ = ["SimServer", "add_arguments", "main", "run", "serve"]
+__all__ = ["RequestError", "SimServer", "add_arguments", "main", "run", "serve"]
+
+#: request bodies past this get 413
+MAX_BODY = 64 * 1024 * 1024
+
+
+class RequestError(Exception):
+    """An OpenAI-shaped error answer."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, type_, param, code)
 
 
 class SimServer:
@@ -105,10 +133,8 @@ class SimServer:
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 4096) -> None:
-        self._server = await self._loop.create_server(
-            lambda: Connection(self), host, port, backlog=backlog, reuse_address=True
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._server = await listen(self, host, port, max_body=MAX_BODY, backlog=backlog)
+        self.port = port_of(self._server)
         self._task = asyncio.create_task(self._run(), name="sim-engine")
 
     async def aclose(self) -> None:
@@ -171,24 +197,22 @@ class SimServer:
             dirty.clear()
 
     # ---- requests ------------------------------------------------------------------------
-    def handle(
-        self, connection: Connection, method: bytes, url: bytes, body: bytes, keep_alive: bool
-    ) -> bytes | Exchange:
-        path = url.split(b"?", 1)[0]
+    def handle(self, request: Request, reply: Reply) -> None:
+        path = request.url.split(b"?", 1)[0]
+        keep_alive = reply.keep_alive
         try:
-            if method == b"GET":
-                return self._get(path, keep_alive)
-            if method != b"POST":
+            if request.method == b"GET":
+                reply.end(self._get(path, keep_alive))
+            elif request.method != b"POST":
                 raise RequestError(405, "Method not allowed")
-            if path == b"/__too_large__":
-                raise RequestError(413, "Request body too large")
-            if path in (b"/v1/chat/completions", b"/chat/completions"):
-                return self._completion(connection, body, keep_alive, chat=True)
-            if path in (b"/v1/completions", b"/completions"):
-                return self._completion(connection, body, keep_alive, chat=False)
-            raise RequestError(404, f"Unknown path {path.decode(errors='replace')}")
+            elif path in (b"/v1/chat/completions", b"/chat/completions"):
+                self._completion(reply, request.body, chat=True)
+            elif path in (b"/v1/completions", b"/completions"):
+                self._completion(reply, request.body, chat=False)
+            else:
+                raise RequestError(404, f"Unknown path {path.decode(errors='replace')}")
         except RequestError as exc:
-            return response(exc.status, orjson.dumps(exc.payload), keep_alive)
+            reply.end(response(exc.status, exc.body, keep_alive))
 
     def _get(self, path: bytes, keep_alive: bool) -> bytes:
         if path == b"/health":
@@ -248,9 +272,7 @@ class SimServer:
             "requests_aborted": metrics.requests_aborted,
         }
 
-    def _completion(
-        self, connection: Connection, raw: bytes, keep_alive: bool, *, chat: bool
-    ) -> Exchange:
+    def _completion(self, reply: Reply, raw: bytes, *, chat: bool) -> None:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -297,12 +319,11 @@ class SimServer:
         self._ids += 1
         prefix = "chatcmpl-sim" if chat else "cmpl-sim"
         exchange = Exchange(
-            connection,
+            reply,
             self,
             chat=chat,
             stream=stream,
             include_usage=include_usage,
-            keep_alive=keep_alive,
             response_id=f"{prefix}{self._ids}",
             model=self.model_name,
         )
@@ -315,6 +336,7 @@ class SimServer:
             client=exchange,
         )
         exchange.request = request
+        reply.on_abort = exchange.abort
         if self._idle:
             # the clock catches up with the wall clock before the request joins
             mapped = self._sim0 + (self._loop.time() - self._wall0) * self.speedup
@@ -322,7 +344,6 @@ class SimServer:
                 self.engine.now = mapped
         self.engine.add(request)
         self._wake.set()
-        return exchange
 
     def _prompt(self, body: dict[str, Any], chat: bool) -> Prompt:
         block_size = self.profile.block_size
@@ -393,29 +414,15 @@ async def _main(args: argparse.Namespace) -> None:
         model_name=args.model_name,
         stream_interval=args.stream_interval_ms / 1000.0,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    sys.stdout.write(f"READY {server.port}\n")
-    sys.stdout.flush()
     try:
-        await stop.wait()
+        await announce(server.port)
     finally:
         await server.aclose()
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM (used by `backfill sim`)."""
-    if not args.no_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(_main(args))
-            return 0
-    asyncio.run(_main(args))
+    run_loop(_main(args), uvloop=not args.no_uvloop)
     return 0
 
 

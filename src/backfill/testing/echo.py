@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from backfill.testing.httpserver import DONE, error_body, event
+
 __all__ = ["Answer", "UpstreamState", "error", "handle"]
 
 _DIRECTIVE = re.compile(
@@ -65,8 +67,7 @@ class Answer:
 
 
 def error(status: int, message: str, type_: str, param: str | None, code: str | None) -> Answer:
-    payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return Answer(status, orjson.dumps(payload))
+    return Answer(status, error_body(message, type_, param, code))
 
 
 def _text_of(content: Any) -> str:
@@ -305,7 +306,7 @@ def _sse(
     if isinstance(options, dict) and options.get("include_usage") is True:
         kind = "chat.completion.chunk" if chat else "text_completion"
         events.append({**head, "object": kind, "choices": [], "usage": usage})
-    body = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    body = b"".join(event(orjson.dumps(e)) for e in events) + DONE
     return Answer(200, body, delay=delay, content_type=b"text/event-stream")
 
 

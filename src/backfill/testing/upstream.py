@@ -2,11 +2,12 @@
 
     python -m backfill.testing.upstream --host 127.0.0.1 --port 0 [--api-key K] [--latency-ms X]
 
-prints `READY <port>` once it listens. It speaks HTTP/1.1 on raw asyncio (an `asyncio.Protocol`
-fed by the `httptools` parser, on uvloop when installed) rather than on a web framework, because
-benchmarks compare backfill's throughput against it: it must not be the bottleneck, and it
-serves tens of thousands of small requests per second on one core. This module holds that
-connection protocol and the command line; the answers come from `backfill.testing.echo`.
+prints `READY <port>` once it listens. It speaks HTTP/1.1 on raw asyncio (the plumbing of
+`backfill.testing.httpserver`: an `asyncio.Protocol` fed by `httptools`, on uvloop when
+installed) rather than on a web framework, because benchmarks compare backfill's throughput
+against it: it must not be the bottleneck, and it serves tens of thousands of small requests
+per second on one core. This module carries out the answers of `backfill.testing.echo`
+(delays, dropped connections, `x-request-id`) and holds the command line.
 
 Endpoints: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` (echo answers with a
 word-count `usage`), `GET /v1/models`, `GET /stats`, `POST /reset`, `GET /health`.
@@ -27,164 +28,45 @@ failures per request, so a test can mix good and bad lines in one batch:
 - `#deep:N`         a chat answer carrying an object nested N levels deep (pretty-printed)
 
 Keep-alive and pipelining: answers on one connection always go out in request order even when
-a later request finishes first (each request takes a slot in a per-connection queue; the queue
-is flushed from its head). Delays use `loop.call_later`, never a task per request.
+a later request finishes first (`backfill.testing.httpserver.Reply`). Delays use
+`loop.call_later`, never a task per request.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import sys
-from collections import deque
-from typing import cast
 
-import httptools
-
-from backfill.testing.echo import Answer, UpstreamState, error, handle
+from backfill.testing.echo import UpstreamState, handle
+from backfill.testing.httpserver import Reply, Request, announce, listen, port_of, response, run
 from backfill.testing.process import UpstreamProcess, start_upstream
 
-__all__ = ["UpstreamProcess", "UpstreamState", "main", "serve", "start_upstream"]
-
-_REASONS = {
-    200: b"OK",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    429: b"Too Many Requests",
-    500: b"Internal Server Error",
-}
-_HEAD = (
-    b"HTTP/1.1 %d %s\r\n"
-    b"Content-Type: %s\r\n"
-    b"Content-Length: %d\r\n"
-    b"x-request-id: req-%d\r\n"
-    b"%s%s\r\n%s"
-)
+__all__ = ["EchoHandler", "UpstreamProcess", "UpstreamState", "main", "serve", "start_upstream"]
 
 
-class _Slot:
-    __slots__ = ("close", "data", "drop", "ready")
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.ready = False
-        self.close = False
-        self.drop = False
-
-
-class HttpConnection(asyncio.Protocol):
-    """One client connection: parse with httptools, answer in order, keep alive."""
+class EchoHandler:
+    """`backfill.testing.echo` on the shared HTTP plumbing."""
 
     def __init__(self, state: UpstreamState) -> None:
         self.state = state
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.pending: deque[_Slot] = deque()
-        self.url = b""
-        self.auth: bytes | None = None
-        self.body: list[bytes] = []
-        self.closed = False
+        self._loop = asyncio.get_running_loop()
 
-    # asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport, but behave as one
-        self.transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.pending.clear()
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._abort()
-        except httptools.HttpParserError:
-            if self.transport is not None and not self.closed:
-                answer = error(400, "Invalid HTTP request", "invalid_request_error", None, None)
-                self._respond(answer, keep_alive=False)
-
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.auth = None
-        self.body = []
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) == 13 and name.lower() == b"authorization":
-            self.auth = value
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        body = b"".join(self.body)
-        answer = handle(self.state, self.parser.get_method(), self.url, self.auth, body)
-        self._respond(answer, keep_alive=self.parser.should_keep_alive())
-
-    # answering, in order
-    def _respond(self, answer: Answer, *, keep_alive: bool) -> None:
+    def handle(self, request: Request, reply: Reply) -> None:
+        state = self.state
+        answer = handle(state, request.method, request.url, request.authorization, request.body)
         if answer.drop:
-            data = b""
-        else:
-            self.state.answered += 1
-            data = _HEAD % (
-                answer.status,
-                _REASONS.get(answer.status, b"Unknown"),
-                answer.content_type,
-                len(answer.body),
-                self.state.answered,
-                answer.headers,
-                b"" if keep_alive else b"Connection: close\r\n",
-                answer.body,
-            )
-        if answer.delay <= 0 and not self.pending and not answer.drop:
-            assert self.transport is not None
-            self.transport.write(data)
-            if not keep_alive:
-                self._close()
+            if answer.delay > 0:
+                self._loop.call_later(answer.delay, reply.drop)
+            else:
+                reply.drop()
             return
-        slot = _Slot()
-        slot.data = data
-        slot.close = not keep_alive
-        slot.drop = answer.drop
-        self.pending.append(slot)
+        state.answered += 1
+        headers = b"x-request-id: req-%d\r\n%s" % (state.answered, answer.headers)
+        data = response(answer.status, answer.body, reply.keep_alive, answer.content_type, headers)
         if answer.delay > 0:
-            asyncio.get_running_loop().call_later(answer.delay, self._ready, slot)
+            self._loop.call_later(answer.delay, reply.end, data)
         else:
-            self._ready(slot)
-
-    def _ready(self, slot: _Slot) -> None:
-        slot.ready = True
-        pending = self.pending
-        transport = self.transport
-        while pending and pending[0].ready and not self.closed and transport is not None:
-            head = pending.popleft()
-            if head.drop:
-                self._abort()
-                return
-            transport.write(head.data)
-            if head.close:
-                self._close()
-                return
-
-    def _close(self) -> None:
-        self.closed = True
-        self.pending.clear()
-        if self.transport is not None:
-            self.transport.close()
-
-    def _abort(self) -> None:
-        self.closed = True
-        self.pending.clear()
-        if self.transport is not None:
-            self.transport.abort()
+            reply.end(data)
 
 
 async def serve(
@@ -197,24 +79,14 @@ async def serve(
 ) -> tuple[asyncio.Server, UpstreamState]:
     """Start listening on the running loop; returns the server and its shared state."""
     state = UpstreamState(api_key=api_key, latency=latency_ms / 1000.0)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: HttpConnection(state), host, port, backlog=backlog, reuse_address=True
-    )
+    server = await listen(EchoHandler(state), host, port, backlog=backlog)
     return server, state
 
 
 async def _main(args: argparse.Namespace) -> None:
     server, _ = await serve(args.host, args.port, api_key=args.api_key, latency_ms=args.latency_ms)
-    port = server.sockets[0].getsockname()[1]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    sys.stdout.write(f"READY {port}\n")
-    sys.stdout.flush()
     async with server:
-        await stop.wait()
+        await announce(port_of(server))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,15 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay every answer")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     args = parser.parse_args(argv)
-    if not args.no_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(_main(args))
-            return
-    asyncio.run(_main(args))
+    run(_main(args), uvloop=not args.no_uvloop)
 
 
 if __name__ == "__main__":
