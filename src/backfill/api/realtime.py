@@ -18,7 +18,7 @@ exactly as for batches), answered at once instead of through a batch file:
   plus `max_tokens`). Over the limit: 429 `rate_limit_exceeded` with `retry-after` (seconds
   until the bucket holds enough again).
 - Signals for the governor: every request moves the model's `RealtimeStats` (in flight,
-  arrivals) and streamed ones add their TTFT and TPOT as the gateway sees them.
+  arrivals) and streamed ones add their TPOT as the gateway sees them.
 
 Upstream answers are passed through with their status (an upstream 400 stays a 400 with the
 upstream's error body); transport failures become 503 `upstream_unavailable` / 504-like

@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
 def _keys_create(args: argparse.Namespace) -> int:
     from backfill.service import Service
 
-    service = Service(_settings(args).model_copy(update={"models": []}))
+    service = Service(_settings(args).model_copy(update={"models": [], "default_model": False}))
     key = new_api_key()
     service.add_key(key, args.project)
     service.close()
