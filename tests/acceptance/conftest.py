@@ -1,22 +1,18 @@
 """Acceptance tests: the real `backfill` CLI in subprocesses, restarted, killed and configured.
 
 Each test starts its own servers (they are stopped, killed or configured differently), so the
-fixtures here are per test; only the upstream is shared. The SDK helpers are the integration
-suite's (`tests/integration/sdk_helpers.py`), put on the path here rather than copied.
+fixtures here are per test; only the upstream is shared. The SDK helpers and `poll` are shared
+with the integration tier (`tests/support/`, on the path through pytest's `pythonpath`).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from backfill.testing import UpstreamProcess, start_upstream
 from backfill.testing.server import BackfillProcess
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from typing import Any
 
 from openai import OpenAI
 from openai.types import Batch
-from sdk_helpers import chat_line, poll, read_jsonl
+from polling import poll
+from sdk_helpers import chat_line, read_jsonl
 
 from backfill.testing import UpstreamProcess
 

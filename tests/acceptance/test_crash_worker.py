@@ -26,7 +26,8 @@ from durability import (
     wait_progress,
     write_config,
 )
-from sdk_helpers import poll, submit, wait_batch
+from polling import poll
+from sdk_helpers import submit, wait_batch
 
 from backfill.store.sql import SqlStore
 from backfill.testing import UpstreamProcess

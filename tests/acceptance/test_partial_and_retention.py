@@ -22,7 +22,8 @@ import pytest
 from acceptance_settings import FAST_ENV
 from durability import write_config
 from openai import NotFoundError, OpenAI
-from sdk_helpers import chat_line, jsonl, poll, read_jsonl, submit, wait_batch
+from polling import poll
+from sdk_helpers import chat_line, jsonl, read_jsonl, submit, wait_batch
 
 from backfill.testing import UpstreamProcess
 from backfill.testing.server import BackfillProcess

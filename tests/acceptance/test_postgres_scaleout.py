@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from acceptance_settings import FAST_ENV
 from durability import TaggedBatch, assert_exactly_once, client_for, write_config
-from sdk_helpers import poll, submit
+from polling import poll
+from sdk_helpers import submit
 
 from backfill.store.sql import SqlStore
 from backfill.testing import UpstreamProcess

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from acceptance_settings import FAST_ENV
 from openai import OpenAI
-from sdk_helpers import chat_line, poll, read_jsonl, run_batch
+from polling import poll
+from sdk_helpers import chat_line, read_jsonl, run_batch
 
 from backfill.testing import UpstreamProcess
 from backfill.testing.server import BackfillProcess

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from acceptance_settings import FAST_ENV
 from openai import ConflictError, OpenAI
-from sdk_helpers import chat_line, poll, read_jsonl, submit, wait_batch
+from polling import poll
+from sdk_helpers import chat_line, read_jsonl, submit, wait_batch
 
 from backfill.testing import UpstreamProcess
 from backfill.testing.server import BackfillProcess

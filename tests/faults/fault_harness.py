@@ -14,12 +14,11 @@ batch expired or was cancelled.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from polling import poll_async
 
 from backfill.domain.ids import new_batch_id, new_file_id
 from backfill.domain.records import BatchRecord, FileRecord
@@ -207,21 +207,18 @@ class Rig:
 
         return time.time()
 
-    async def until(self, check: Callable[[], bool], timeout: float = 60.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not check():
-            assert loop.time() < deadline, "condition not reached in time"
-            await asyncio.sleep(0.05)
-
     def batch(self, batch_id: str) -> BatchRecord:
         batch = self.store.get_batch(batch_id)
         assert batch is not None
         return batch
 
     async def wait_done(self, batch_id: str, timeout: float = 90.0) -> BatchRecord:
-        await self.until(lambda: self.batch(batch_id).status in TERMINAL, timeout)
-        return self.batch(batch_id)
+        return await poll_async(
+            lambda: self.batch(batch_id),
+            lambda batch: batch.status in TERMINAL,
+            what=f"batch {batch_id} to finish",
+            timeout=timeout,
+        )
 
     async def outcome(self, batch_id: str) -> Outcome:
         batch = self.batch(batch_id)

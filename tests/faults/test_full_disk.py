@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from fault_harness import Rig, chat_line, check_invariant
+from polling import poll_async
 
 from backfill.domain.statuses import BatchStatus
 from backfill.testing import start_upstream
@@ -77,7 +78,7 @@ def test_a_full_disk_delays_checkpoints_and_loses_nothing(tmp_path: Path) -> Non
             batch_id = await rig.submit(lines)
             fill(filler)
             async with rig.service.background():
-                await rig.until(lambda: any("checkpoint" in t for t in seen.texts))
+                await poll_async(lambda: any("checkpoint" in t for t in seen.texts))
                 assert rig.batch(batch_id).status is BatchStatus.IN_PROGRESS
                 filler.unlink()  # space again
                 batch = await rig.wait_done(batch_id)

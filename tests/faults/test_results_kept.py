@@ -26,6 +26,7 @@ from fault_harness import (
     postgres_table_lock,
     sqlite_write_lock,
 )
+from polling import poll_async
 
 from backfill.domain.statuses import BatchStatus
 from backfill.testing import UpstreamProcess, start_upstream
@@ -113,7 +114,7 @@ def test_checkpoints_through_a_real_lock(
         async def main() -> None:
             async with rig.service.background():
                 batch_id = await rig.submit([chat_line(cid, f"{cid} #sleep:100") for cid in ids])
-                await rig.until(lambda: upstream.stats()["requests"] >= 5)
+                await poll_async(lambda: upstream.stats()["requests"] >= 5)
                 await asyncio.to_thread(hold)
                 batch = await rig.wait_done(batch_id)
                 assert batch.status is BatchStatus.COMPLETED
@@ -290,7 +291,7 @@ def test_cancel_stops_sending_at_once(rig_factory: Any, upstream: UpstreamProces
     async def main() -> None:
         async with rig.service.background():
             batch_id = await rig.submit([chat_line(cid, f"{cid} #sleep:2000") for cid in ids])
-            await rig.until(lambda: upstream.stats()["requests"] >= 4)
+            await poll_async(lambda: upstream.stats()["requests"] >= 4)
             sent_at_cancel = upstream.stats()["requests"]
             rig.store.transition(
                 batch_id,

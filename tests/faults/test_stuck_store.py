@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import requests
 from fault_harness import postgres_table_lock, sqlite_write_lock
+from polling import poll
 
 from backfill.domain.records import FileRecord
 from backfill.errors import StoreBusy
@@ -136,13 +137,14 @@ def _create_batch(c: Client, file_id: str) -> requests.Response:
 
 
 def _wait_batch(c: Client, batch_id: str, timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        batch: dict[str, Any] = c.get(f"batches/{batch_id}").json()
-        if batch.get("status") in ("completed", "failed", "expired", "cancelled"):
-            return batch
-        assert time.monotonic() < deadline, f"batch {batch_id} did not finish: {batch}"
-        time.sleep(0.1)
+    batch: dict[str, Any] = poll(
+        lambda: c.get(f"batches/{batch_id}").json(),
+        lambda b: b.get("status") in ("completed", "failed", "expired", "cancelled"),
+        what=f"batch {batch_id} to finish",
+        timeout=timeout,
+        interval=0.1,
+    )
+    return batch
 
 
 def _run_batch(c: Client, tag: str) -> tuple[str, dict[str, Any], str]:
@@ -274,10 +276,13 @@ def _assert_recovered(
 ) -> None:
     """Uploads work again, a whole batch runs, and everything stored is still there."""
     with _client(server) as c:
-        deadline = time.monotonic() + 30
-        while (up := _upload(c, "after-probe")).status_code != 200:
-            assert time.monotonic() < deadline, (up.status_code, up.text)
-            time.sleep(0.2)
+        up = poll(
+            lambda: _upload(c, "after-probe"),
+            lambda r: r.status_code == 200,
+            what="an upload to succeed after the release",
+            timeout=30,
+            interval=0.2,
+        )
         kept[up.json()["id"]] = "after-probe.jsonl"
         after = _run_batch(c, "after")
         kept[after[0]] = "after.jsonl"

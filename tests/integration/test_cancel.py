@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from openai import ConflictError, OpenAI
-from sdk_helpers import chat_line, poll, read_jsonl, run_batch, submit, wait_batch
+from polling import poll
+from sdk_helpers import chat_line, read_jsonl, run_batch, submit, wait_batch
 
 SLOW = "#sleep:30000"  # far longer than the test: these can only end by being cancelled
 

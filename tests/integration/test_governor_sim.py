@@ -9,11 +9,11 @@ back once the burst is over.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from polling import poll_async
 
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.governor import Governor
@@ -32,13 +32,6 @@ CEILING = 400
 def sim() -> Iterator[SimProcess]:
     with start_sim(speedup=10) as s:
         yield s
-
-
-async def until(check: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.05)
 
 
 async def governed(sim: SimProcess, **policy: object) -> tuple[OpenAIEngine, Dispatcher, Governor]:
@@ -119,24 +112,24 @@ def test_governor_yields_to_a_real_time_burst_and_grows_back(sim: SimProcess) ->
 
         workers = [asyncio.create_task(batch_worker(i)) for i in range(CEILING)]
         try:
-            await until(lambda: bool(governor.history) and governor.history[-1][1].idle)
-            await until(lambda: limit() >= 200)
+            await poll_async(lambda: bool(governor.history) and governor.history[-1][1].idle)
+            await poll_async(lambda: limit() >= 200)
             before = limit()
 
             burst_on.set()
             users = [
                 asyncio.create_task(realtime_user(engine, stats, burst_on, i)) for i in range(60)
             ]
-            await until(lambda: limit() < before / 2)
-            await until(lambda: dispatcher.stats.shed > 0)
-            await until(lambda: stats.in_flight >= 30)
+            await poll_async(lambda: limit() < before / 2)
+            await poll_async(lambda: dispatcher.stats.shed > 0)
+            await poll_async(lambda: stats.in_flight >= 30)
             during = limit()
             assert during < before
 
             burst_on.clear()
             await asyncio.gather(*users)
-            await until(lambda: limit() > during)
-            await until(lambda: limit() >= 200)
+            await poll_async(lambda: limit() > during)
+            await poll_async(lambda: limit() >= 200)
         finally:
             await shut_down(stop, loop_task, workers, engine)
         assert outcomes and all(status == 200 for status in outcomes)
@@ -184,19 +177,19 @@ def test_long_prompts_wait_while_real_time_is_active_then_run(sim: SimProcess) -
         users = [
             asyncio.create_task(realtime_user(engine, stats, realtime_on, i)) for i in range(20)
         ]
-        await until(lambda: stats.in_flight >= 10)
+        await poll_async(lambda: stats.in_flight >= 10)
         workers = [asyncio.create_task(batch_worker(i)) for i in range(CEILING)]
         try:
-            await until(lambda: dispatcher.stats.deferred >= 30)
+            await poll_async(lambda: dispatcher.stats.deferred >= 30)
             long_sends = sum(sends)
             short_done = sum(1 for long, _ in outcomes if not long)
-            await until(lambda: sum(1 for long, _ in outcomes if not long) >= short_done + 200)
+            await poll_async(lambda: sum(1 for long, _ in outcomes if not long) >= short_done + 200)
             assert sum(sends) == long_sends  # no long prompt went while short ones waited
 
             realtime_on.clear()
             await asyncio.gather(*users)
-            await until(lambda: bool(governor.history) and governor.history[-1][1].idle)
-            await until(lambda: sum(1 for long, _ in outcomes if long) >= 40)
+            await poll_async(lambda: bool(governor.history) and governor.history[-1][1].idle)
+            await poll_async(lambda: sum(1 for long, _ in outcomes if long) >= 40)
             assert sum(sends) > long_sends
         finally:
             await shut_down(stop, loop_task, workers, engine)

@@ -23,6 +23,7 @@ import orjson
 import pytest
 import requests
 from openai import OpenAI
+from polling import poll
 
 from backfill.testing import UpstreamProcess
 from backfill.testing.server import BackfillProcess
@@ -256,10 +257,9 @@ def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(
 
     with concurrent.futures.ThreadPoolExecutor(MAX_CONNECTIONS) as pool:
         busy = [pool.submit(slow, text) for text in texts]
-        deadline = time.monotonic() + 20
-        while arrived() < MAX_CONNECTIONS:
-            assert time.monotonic() < deadline, "the busy requests did not all arrive"
-            time.sleep(0.05)
+        poll(
+            arrived, lambda n: n >= MAX_CONNECTIONS, what="the busy requests to arrive", timeout=20
+        )
         start = time.monotonic()
         refused = requests.get(f"{root(limited_server)}/health", timeout=SERVED_WITHIN)
         assert time.monotonic() - start < SERVED_WITHIN
@@ -349,10 +349,10 @@ def test_readiness_fails_while_the_blob_store_cannot_be_written(
 
 def wait_for_status(url: str, status: int, timeout: float = 15.0) -> requests.Response:
     """Poll until `url` answers `status` (readiness is cached for a second)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        resp = requests.get(url, timeout=30)
-        if resp.status_code == status or time.monotonic() > deadline:
-            assert resp.status_code == status, resp.text
-            return resp
-        time.sleep(0.1)
+    return poll(
+        lambda: requests.get(url, timeout=30),
+        lambda resp: resp.status_code == status,
+        what=f"{url} to answer {status}",
+        timeout=timeout,
+        interval=0.1,
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 from openai import OpenAI
+from polling import poll
 
 from backfill.sim import SimProcess, start_sim
 from backfill.sim.metrics import parse as parse_metrics
@@ -244,10 +244,11 @@ def test_priority_is_sent_only_to_priority_capable_models(server, keys, upstream
     batch = sdk.batches.create(
         input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    deadline = time.monotonic() + 60
-    while sdk.batches.retrieve(batch.id).status != "completed":
-        assert time.monotonic() < deadline, "batch did not complete"
-        time.sleep(0.1)
+    poll(
+        lambda: sdk.batches.retrieve(batch.id).status == "completed",
+        what="the batch to complete",
+        interval=0.1,
+    )
     assert last_priority(upstream) == 10
 
 
@@ -271,14 +272,18 @@ def test_real_time_does_not_wait_behind_a_full_batch_window(server, keys, upstre
     batch = sdk.batches.create(
         input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    deadline = time.monotonic() + 30
-    while True:
+
+    def seen() -> dict[str, int]:
         with urllib.request.urlopen(upstream.base + "/stats", timeout=5) as resp:
-            seen = json.loads(resp.read())["by_text"]
-        if all(text in seen for text in texts):
-            break
-        assert time.monotonic() < deadline, "the batch requests never reached the upstream"
-        time.sleep(0.05)
+            by_text: dict[str, int] = json.loads(resp.read())["by_text"]
+        return by_text
+
+    poll(
+        seen,
+        lambda by_text: all(text in by_text for text in texts),
+        what="the batch requests to reach the upstream",
+        timeout=30,
+    )
     quick = client(server, keys, "narrow").with_options(timeout=20)
     answer = quick.chat.completions.create(
         model="echo-narrow", messages=[{"role": "user", "content": "real time"}]

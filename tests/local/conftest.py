@@ -10,15 +10,11 @@ Nothing downloads anything: the tiny model is built from a tokenizer trained on 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from local_tiny_model import build_tiny_llama
 
 from backfill.testing.server import BackfillProcess

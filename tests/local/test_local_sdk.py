@@ -17,6 +17,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from openai import OpenAI
+from polling import poll
 
 from backfill.testing.server import BackfillProcess
 
@@ -52,11 +53,12 @@ def submit(client: OpenAI, lines: list[dict[str, Any]], endpoint: str) -> str:
 
 
 def finish(client: OpenAI, batch_id: str, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while (batch := client.batches.retrieve(batch_id)).status not in TERMINAL:
-        assert time.monotonic() < deadline, f"batch stuck: {batch}"
-        time.sleep(0.05)
-    return batch
+    return poll(
+        lambda: client.batches.retrieve(batch_id),
+        lambda batch: batch.status in TERMINAL,
+        what=f"batch {batch_id} to finish",
+        timeout=timeout,
+    )
 
 
 def results(client: OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:

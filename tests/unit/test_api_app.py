@@ -14,11 +14,6 @@ from backfill.errors import RateLimited, StoreError
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.parametrize(
     ("headers", "code"),
     [

@@ -23,11 +23,6 @@ ZERO_USAGE = {
 }
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def body_for(api: Api, **changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "input_file_id": await api.file_id(),

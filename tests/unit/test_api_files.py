@@ -13,11 +13,6 @@ pytestmark = pytest.mark.anyio
 LINES = b"".join(b'{"custom_id": "r%d", "n": %d}\n' % (i, i) for i in range(50))
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "bf-BOUNDARY") -> bytes:
     out = b""
     for name, filename, value in parts:

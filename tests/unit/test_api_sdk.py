@@ -20,11 +20,6 @@ LINES = (
 )
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_sdk_files_and_batches(tmp_path: Path) -> None:
     async with api_harness(tmp_path) as api:
         transport = httpx.ASGITransport(app=api.app)

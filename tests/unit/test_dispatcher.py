@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
+from polling import poll_async
 
 from backfill.dispatch import Dispatcher, Outcome, Window
 from backfill.dispatch.policy import Decision
@@ -21,15 +21,6 @@ CHAT = "/v1/chat/completions"
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout=10))
-
-
-async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None:
-    """Let the loop run until `condition()` holds; fail at the deadline."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0)
 
 
 class FakeEngine:
@@ -161,26 +152,26 @@ def test_set_limit_grows_and_shrinks() -> None:
 
     async def scenario() -> None:
         tasks = [asyncio.create_task(dispatcher.run(CHAT, {"id": str(i)})) for i in range(20)]
-        await eventually(lambda: engine.active == 4)
+        await poll_async(lambda: engine.active == 4, timeout=2, interval=0)
         for _ in range(5):
             await asyncio.sleep(0)
         assert engine.active == 4  # nobody else gets in
 
         dispatcher.set_limit(8)
-        await eventually(lambda: engine.active == 8)
+        await poll_async(lambda: engine.active == 8, timeout=2, interval=0)
         assert dispatcher.limit == 8
 
         dispatcher.set_limit(2)  # running requests keep their slots
         assert engine.active == 8
         engine.release(6)
-        await eventually(lambda: engine.active == 2)
+        await poll_async(lambda: engine.active == 2, timeout=2, interval=0)
         for _ in range(5):
             await asyncio.sleep(0)
         assert engine.active == 2  # finished ones were not replaced above the new limit
         assert len(engine.calls) == 8
 
         engine.release(1)  # one finishes: exactly one more is admitted
-        await eventually(lambda: len(engine.calls) == 9)
+        await poll_async(lambda: len(engine.calls) == 9, timeout=2, interval=0)
         assert engine.active == 2
 
         dispatcher.set_limit(100)
@@ -267,7 +258,9 @@ def test_backoff_sleep_does_not_hold_a_slot() -> None:
 
         dispatcher, _ = make(engine, limit=1, sleep=sleep)
         first = asyncio.create_task(dispatcher.run(CHAT, {"id": "a", "script": [503, 200]}))
-        await eventually(lambda: engine.calls == ["a"] and dispatcher.in_flight == 0)
+        await poll_async(
+            lambda: engine.calls == ["a"] and dispatcher.in_flight == 0, timeout=2, interval=0
+        )
         # "a" is sleeping before its retry; with limit 1, "b" must still get through.
         second = await dispatcher.run(CHAT, {"id": "b"})
         assert second.status == 200
@@ -283,7 +276,7 @@ def test_window_cancelled_waiter_does_not_leak_a_slot() -> None:
         window = Window(1)
         await window.acquire()
         waiter = asyncio.create_task(window.acquire())
-        await eventually(lambda: window.waiting == 1)
+        await poll_async(lambda: window.waiting == 1, timeout=2, interval=0)
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
@@ -301,7 +294,7 @@ def test_window_cancelled_after_handoff_passes_slot_on() -> None:
         await window.acquire()
         first = asyncio.create_task(window.acquire())
         second = asyncio.create_task(window.acquire())
-        await eventually(lambda: window.waiting == 2)
+        await poll_async(lambda: window.waiting == 2, timeout=2, interval=0)
         window.release()  # handed to `first`...
         first.cancel()  # ...which is cancelled before it runs
         with pytest.raises(asyncio.CancelledError):
@@ -326,20 +319,20 @@ def test_long_prompts_wait_while_short_ones_do_and_never_starve() -> None:
         bodies += [long_prompt("long1", 200), long_prompt("short3", 10)]
         bodies += [long_prompt("long2", 200), long_prompt("short4", 10)]
         tasks = [asyncio.create_task(dispatcher.run(CHAT, body)) for body in bodies]
-        await eventually(lambda: engine.active == 2)
+        await poll_async(lambda: engine.active == 2, timeout=2, interval=0)
         assert engine.calls == ["short1", "short2"]  # the long ones hold no slot
         assert dispatcher.stats.deferred == 2
         engine.release(2)
-        await eventually(lambda: len(engine.calls) == 4)
+        await poll_async(lambda: len(engine.calls) == 4, timeout=2, interval=0)
         assert engine.calls[2:] == ["short3", "short4"]
         engine.release(1)  # room and nobody else waiting: the oldest long one goes
-        await eventually(lambda: len(engine.calls) == 5)
+        await poll_async(lambda: len(engine.calls) == 5, timeout=2, interval=0)
         assert engine.calls[4] == "long1"
         for _ in range(5):
             await asyncio.sleep(0)
         assert engine.active == 2 and dispatcher.stats.deferred == 1  # not above the limit
         engine.release(2)
-        await eventually(lambda: len(engine.calls) == 6)
+        await poll_async(lambda: len(engine.calls) == 6, timeout=2, interval=0)
         engine.release(1)
         outcomes = await asyncio.gather(*tasks)
         assert [o.status for o in outcomes] == [200] * 6
@@ -362,10 +355,10 @@ def test_turning_deferral_off_lets_every_long_prompt_go() -> None:
         ]
         # one request of a batch past the middle of its window does not wait
         urgent = asyncio.create_task(dispatcher.run(CHAT, long_prompt("u", 99), defer_until=0.0))
-        await eventually(lambda: engine.active == 4)
+        await poll_async(lambda: engine.active == 4, timeout=2, interval=0)
         assert dispatcher.stats.deferred == 3
         engine.release(3)
-        await eventually(lambda: len(engine.calls) == 7)
+        await poll_async(lambda: len(engine.calls) == 7, timeout=2, interval=0)
         assert set(engine.calls[4:7]) == {"s4", "s5", "u"}
         assert dispatcher.stats.deferred == 3
         dispatcher.set_defer(None)  # real time went quiet
@@ -385,7 +378,9 @@ def test_a_cancelled_long_prompt_leaves_the_queue() -> None:
     async def scenario() -> None:
         short = asyncio.create_task(dispatcher.run(CHAT, long_prompt("s", 5)))
         parked = asyncio.create_task(dispatcher.run(CHAT, long_prompt("l", 99)))
-        await eventually(lambda: engine.active == 1 and dispatcher.stats.deferred == 1)
+        await poll_async(
+            lambda: engine.active == 1 and dispatcher.stats.deferred == 1, timeout=2, interval=0
+        )
         parked.cancel()
         with pytest.raises(asyncio.CancelledError):
             await parked
@@ -393,7 +388,8 @@ def test_a_cancelled_long_prompt_leaves_the_queue() -> None:
         engine.release(1)
         assert (await short).status == 200
         later = asyncio.create_task(dispatcher.run(CHAT, long_prompt("l2", 99)))
-        await eventually(lambda: engine.active == 1)  # room, nobody waiting: it goes
+        # room, nobody waiting: it goes
+        await poll_async(lambda: engine.active == 1, timeout=2, interval=0)
         engine.release(1)
         assert (await later).status == 200
         assert engine.calls == ["s", "l2"]
@@ -411,19 +407,19 @@ def test_a_deferred_long_prompt_stops_waiting_at_its_deadline() -> None:
         shorts = [
             asyncio.create_task(dispatcher.run(CHAT, long_prompt(f"s{i}", 5))) for i in range(3)
         ]
-        await eventually(lambda: engine.active == 1)
+        await poll_async(lambda: engine.active == 1, timeout=2, interval=0)
         late = asyncio.create_task(dispatcher.run(CHAT, long_prompt("l", 99), defer_until=1010.0))
-        await eventually(lambda: dispatcher.stats.deferred == 1)
+        await poll_async(lambda: dispatcher.stats.deferred == 1, timeout=2, interval=0)
         engine.release(1)
-        await eventually(lambda: engine.calls == ["s0", "s1"])
+        await poll_async(lambda: engine.calls == ["s0", "s1"], timeout=2, interval=0)
         assert dispatcher.stats.deferred == 1  # short ones still wait: it waits too
         now[0] = 1010.0  # its batch reached the middle of its window
         engine.release(1)
-        await eventually(lambda: len(engine.calls) == 3)
+        await poll_async(lambda: len(engine.calls) == 3, timeout=2, interval=0)
         assert dispatcher.stats.deferred == 0
         assert engine.calls == ["s0", "s1", "s2"]  # in the window's queue now, first come first
         engine.release(1)
-        await eventually(lambda: engine.calls[-1] == "l")
+        await poll_async(lambda: engine.calls[-1] == "l", timeout=2, interval=0)
         engine.release(1)
         assert all(o.status == 200 for o in await asyncio.gather(*shorts, late))
 
@@ -436,9 +432,11 @@ def test_shed_requests_go_again_without_using_an_attempt() -> None:
 
     async def scenario() -> None:
         tasks = [asyncio.create_task(dispatcher.run(CHAT, {"id": f"r{i}"})) for i in range(3)]
-        await eventually(lambda: engine.active == 3)
+        await poll_async(lambda: engine.active == 3, timeout=2, interval=0)
         dispatcher.apply(Decision(limit=1, shed=2))  # the governor's one call
-        await eventually(lambda: dispatcher.stats.shed == 2 and engine.active == 1)
+        await poll_async(
+            lambda: dispatcher.stats.shed == 2 and engine.active == 1, timeout=2, interval=0
+        )
         assert dispatcher.limit == 1 and dispatcher.waiting == 2
         await release_until_done(engine, tasks)
         outcomes = [t.result() for t in tasks]
@@ -456,7 +454,7 @@ def test_a_shed_request_cancelled_by_someone_else_too_gives_up() -> None:
 
     async def scenario() -> None:
         task = asyncio.create_task(dispatcher.run(CHAT, {"id": "a"}))
-        await eventually(lambda: engine.active == 1)
+        await poll_async(lambda: engine.active == 1, timeout=2, interval=0)
         assert dispatcher.shed(5) == 1
         task.cancel()  # a batch cancel at the same moment
         with pytest.raises(asyncio.CancelledError):

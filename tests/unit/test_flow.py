@@ -1,7 +1,8 @@
 """The batch flow in one process, with no sockets: memory store, memory blobs, a deterministic
-fake engine and a fake clock. Covers what the scheduler and workers do between them:
-validation -> shards -> results -> finalize, cancel with partial results, expiry, and the
-fencing that stops a worker which lost its lease from committing anything.
+fake engine (a `FunctionEngine` over `Harness.answer`) and a fake clock. Covers what the
+scheduler and workers do between them: validation -> shards -> results -> finalize, cancel with
+partial results, expiry, and the fencing that stops a worker which lost its lease from
+committing anything.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from polling import poll_async
 
 from backfill.blobs import open_blobs
 from backfill.blobs.base import Blobs
@@ -25,6 +27,7 @@ from backfill.engines.base import EngineReply
 from backfill.scheduler.scheduler import Scheduler, delete_expired_files
 from backfill.settings import Settings
 from backfill.store.memory import MemoryStore
+from backfill.testing.engine import FunctionEngine, Reply
 from backfill.worker.shard_run import ShardRun
 from backfill.worker.worker import Worker
 
@@ -38,39 +41,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class FakeEngine:
-    """Answers `echo: <content>`; content `fail` gives a 400; `hold` waits for a release."""
-
-    model = "m"
-    endpoints = frozenset({CHAT})
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.release = asyncio.Event()
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def send(
-        self, endpoint: str, body: dict[str, Any], *, timeout: float | None = None
-    ) -> EngineReply:
-        text = body["messages"][0]["content"]
-        self.calls.append(text)
-        if text.startswith("hold"):
-            await self.release.wait()
-        if text == "fail":
-            return EngineReply(400, orjson.dumps({"error": {"message": "bad", "code": "x"}}))
-        reply = {
-            "object": "chat.completion",
-            "choices": [{"message": {"role": "assistant", "content": "echo: " + text}}],
-            "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
-        }
-        return EngineReply(200, orjson.dumps(reply), request_id="req-" + text)
 
 
 def line(cid: str, content: str) -> bytes:
@@ -93,8 +63,27 @@ class Harness:
         self.store = MemoryStore()
         self.blobs: Blobs = open_blobs("memory://", tmp)
         self.clock = Clock()
-        self.engine = FakeEngine()
+        self.release = asyncio.Event()  # `hold...` requests wait for it
+        self.engine = FunctionEngine(self.answer, model="m", endpoints={CHAT})
         self.project = self.store.ensure_project("p")
+
+    async def answer(self, endpoint: str, body: dict[str, Any]) -> Reply:
+        """`echo: <content>`; content `fail` gives a 400; `hold...` waits for `release`."""
+        text = body["messages"][0]["content"]
+        if text.startswith("hold"):
+            await self.release.wait()
+        if text == "fail":
+            return 400, {"error": {"message": "bad", "code": "x"}}
+        reply = {
+            "object": "chat.completion",
+            "choices": [{"message": {"role": "assistant", "content": "echo: " + text}}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+        }
+        return EngineReply(200, orjson.dumps(reply), request_id="req-" + text)
+
+    def sent(self) -> list[str]:
+        """The texts the engine was sent, in order."""
+        return [body["messages"][0]["content"] for _, body in self.engine.calls]
 
     def dispatchers(self, max_concurrency: int = 8) -> dict[str, Dispatcher]:
         policy = RetryPolicy(attempts=1)
@@ -118,20 +107,6 @@ class Harness:
             expires_at=now + 86400,
         )
         return self.store.insert_batch(batch)
-
-    async def until(
-        self, check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            result = check()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            assert loop.time() < deadline, "condition not reached in time"
-            await asyncio.sleep(0.005)
 
     def status(self) -> BatchStatus:
         batch = self.store.get_batch("batch_1")
@@ -160,7 +135,7 @@ def test_full_flow_in_input_order(tmp_path: Path) -> None:
         sched = Scheduler(h.settings, h.store, h.blobs, SERVED, clock=h.clock)
         worker = Worker(h.settings, h.store, h.blobs, h.dispatchers(), clock=h.clock)
         tasks = [asyncio.create_task(sched.run(stop)), asyncio.create_task(worker.run(stop))]
-        await h.until(lambda: h.status() is BatchStatus.COMPLETED)
+        await poll_async(lambda: h.status() is BatchStatus.COMPLETED, timeout=10, interval=0.005)
         batch = h.store.get_batch("batch_1")
         assert batch is not None
         assert (batch.total, batch.completed, batch.failed) == (7, 6, 1)
@@ -177,7 +152,7 @@ def test_full_flow_in_input_order(tmp_path: Path) -> None:
         async def gone() -> bool:
             return not await h.blobs.exists(path)
 
-        await h.until(gone)
+        await poll_async(gone, timeout=10, interval=0.005)
         stop.set()
         await asyncio.gather(*tasks)
 
@@ -197,11 +172,11 @@ def test_cancel_keeps_finished_results(tmp_path: Path) -> None:
             b = h.store.get_batch("batch_1")
             return b is not None and b.completed == 3
 
-        await h.until(three_done)
+        await poll_async(three_done, timeout=10, interval=0.005)
         h.store.transition(
             "batch_1", [BatchStatus.IN_PROGRESS], BatchStatus.CANCELLING, cancelling_at=1
         )
-        await h.until(lambda: h.status() is BatchStatus.CANCELLED)
+        await poll_async(lambda: h.status() is BatchStatus.CANCELLED, timeout=10, interval=0.005)
         stop.set()
         await asyncio.gather(*tasks)
         batch = h.store.get_batch("batch_1")
@@ -238,11 +213,15 @@ def test_requests_in_hand_are_twice_the_window_only_when_long_prompts_may_wait(
         tasks = [asyncio.create_task(sched.run(stop)), asyncio.create_task(worker.run(stop))]
         dispatcher = dispatchers["m"]
         expected = 20 if may_defer else 0
-        await h.until(lambda: dispatcher.in_flight == 20 and dispatcher.waiting == expected)
+        await poll_async(
+            lambda: dispatcher.in_flight == 20 and dispatcher.waiting == expected,
+            timeout=10,
+            interval=0.005,
+        )
         await asyncio.sleep(0.05)  # and no more are started
         assert dispatcher.waiting == expected
-        h.engine.release.set()
-        await h.until(lambda: h.status() is BatchStatus.COMPLETED)
+        h.release.set()
+        await poll_async(lambda: h.status() is BatchStatus.COMPLETED, timeout=10, interval=0.005)
         stop.set()
         await asyncio.gather(*tasks)
 
@@ -262,9 +241,9 @@ def test_expiry_gives_batch_expired(tmp_path: Path) -> None:
             b = h.store.get_batch("batch_1")
             return b is not None and b.completed == 2
 
-        await h.until(two_done)
+        await poll_async(two_done, timeout=10, interval=0.005)
         h.clock.now += 86401  # the window passes
-        await h.until(lambda: h.status() is BatchStatus.EXPIRED)
+        await poll_async(lambda: h.status() is BatchStatus.EXPIRED, timeout=10, interval=0.005)
         stop.set()
         await asyncio.gather(*tasks)
         batch = h.store.get_batch("batch_1")
@@ -288,7 +267,7 @@ def test_worker_that_lost_its_lease_commits_nothing(tmp_path: Path) -> None:
         batch = await h.submit(["hold1", "hold2", "a"])
         sched = Scheduler(h.settings, h.store, h.blobs, SERVED, clock=h.clock)
         await sched.tick()
-        await h.until(lambda: h.status() is BatchStatus.IN_PROGRESS)
+        await poll_async(lambda: h.status() is BatchStatus.IN_PROGRESS, timeout=10, interval=0.005)
         shard = h.store.lease_shard("w1", "tok1", h.clock(), 5.0)
         assert shard is not None
         old = ShardRun(
@@ -301,12 +280,12 @@ def test_worker_that_lost_its_lease_commits_nothing(tmp_path: Path) -> None:
             clock=h.clock,
         )
         old_task = asyncio.create_task(old.run())
-        await h.until(lambda: "a" in h.engine.calls)
+        await poll_async(lambda: "a" in h.sent(), timeout=10, interval=0.005)
         # The first worker stalls; its lease expires and a second worker takes the shard.
         h.clock.now += 10
         shard2 = h.store.lease_shard("w2", "tok2", h.clock(), 5.0)
         assert shard2 is not None and shard2.index == shard.index
-        h.engine.release.set()  # the old worker's held requests now finish
+        h.release.set()  # the old worker's held requests now finish
         await asyncio.wait_for(old_task, 10)
         assert h.store.segments(batch.id) == []  # nothing recorded under the lost lease
         new = ShardRun(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import poll_async
 
 from backfill.blobs import open_blobs
 from backfill.domain.records import BatchRecord, FileRecord
@@ -138,12 +139,13 @@ def _run_until(loop: Callable[[asyncio.Event], Any], done: Callable[[], bool]) -
     async def main() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(loop(stop))
-        deadline = time.monotonic() + 20
+
+        def reached(value: bool) -> bool:
+            assert value or not task.done(), task  # the loop must not end by itself
+            return value
+
         try:
-            while not done():
-                assert time.monotonic() < deadline, "condition not reached in time"
-                assert not task.done(), task
-                await asyncio.sleep(0.01)
+            await poll_async(done, reached, timeout=20)
         finally:
             stop.set()
             await task

@@ -1,20 +1,20 @@
-"""Small helpers for driving a real `backfill serve` with the official `openai` SDK.
+"""Small helpers for driving a real `backfill serve` with the official `openai` SDK, shared by
+the integration and acceptance tiers.
 
 Input lines are built as dicts and serialized here so every test states only what differs.
-Waiting always polls with a deadline; a timeout names what it waited for and the last state.
+Waiting goes through `polling.poll`: a deadline, and a timeout names what it waited for and the
+last state.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterable
-from typing import Any, Final, TypeVar
+from collections.abc import Iterable
+from typing import Any, Final
 
 from openai import OpenAI
 from openai.types import Batch, FileObject
-
-T = TypeVar("T")
+from polling import poll
 
 CHAT: Final = "/v1/chat/completions"
 COMPLETIONS: Final = "/v1/completions"
@@ -78,27 +78,6 @@ def submit(
         completion_window="24h",
         **create,
     )
-
-
-def poll(
-    probe: Callable[[], T],
-    done: Callable[[T], bool],
-    *,
-    timeout: float = 30.0,
-    interval: float = 0.05,
-    what: str = "condition",
-) -> T:
-    """Call `probe` until `done(result)`; fail after `timeout` seconds with the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout:g}s waiting for {what}; last: {value!r}"
-            )
-        time.sleep(interval)
 
 
 def wait_batch(
