@@ -20,16 +20,23 @@ metrics for the simulator, whose histograms are counted in plain lists as the en
 Parsing. `parse` reads the text with `prometheus_client.parser` into the flat
 `{sample name, or name{labels}: value}` dict the governor looks names up in
 (`dispatch/governor.py`): every sample is kept under its own name (`x_bucket`, `x_sum`,
-`x_count`, `x_created`, summaries' `{quantile=...}` samples), labels other than `drop_labels`
-stay in the key as `k="v"` pairs in the order the text gives them (escaped as in the text), and
-samples that differ only in dropped labels are summed. By default only `model_name` is
-dropped: vLLM labels every series with the served model's name. Two known edges: vLLM releases
-that also label each series `engine="0"` give keys such as
-`vllm:num_requests_running{engine="0"}`, which the governor's plain-name lookups miss
-(`tests/unit/test_metrics.py` shows it);
-and a counter whose `# TYPE` name lacks `_total` (not vLLM's, which always has it) is read
-under `name_total`, as prometheus_client's parser names it. Text that is not the format raises
-`ValueError`.
+`x_count`, `x_created`, summaries' `{quantile=...}` samples), the labels kept stay in the key as
+`k="v"` pairs in the order the text gives them (escaped as in the text), and samples that
+differ only in folded labels are combined: summed, or averaged for the ratios in `mean`
+(`RATIOS` by default: KV usage is a fraction of each engine's own cache, so two engines at 0.5
+are a server at 0.5, not 1.0). Folded by default: `PLACEMENT_LABELS`, the labels that say where
+a series ran rather than what it measures (vLLM's `model_name` and, since its data-parallel
+engines, `engine="0"`, `engine="1"`; SGLang's `tp_rank`/`pp_rank`/`dp_rank`); `keep_labels`
+instead names the only labels to keep (the load path keeps none). A counter whose `# TYPE`
+name lacks `_total` (not vLLM's, which always has it) is read under `name_total`, as
+prometheus_client's parser names it. Text that is not the format raises `ValueError`.
+
+Load names. The governor reads four figures from whatever engine serves the model; `RUNNING`,
+`WAITING`, `KV_USAGE` and `TPOT` list each figure's names by engine family, first found wins:
+vLLM (current and older names), SGLang, llama.cpp (`llama-server --metrics`, no labels; its
+TPOT is the generation-time and generated-token counters, whose deltas give seconds a token as
+a histogram's `_sum`/`_count` do). `LOAD_SAMPLES` is every one of those names, the `only` of
+the governor's scrapes.
 
 Cost. prometheus_client is slower than the hand-written renderer and parser it replaced (~35 us
 a parsed line against ~2; a render of the simulator's 145 lines ~0.8-1.7 ms against ~0.07).
@@ -57,6 +64,13 @@ from prometheus_client.registry import CollectorRegistry
 
 __all__ = [
     "CONTENT_TYPE",
+    "KV_USAGE",
+    "LOAD_SAMPLES",
+    "PLACEMENT_LABELS",
+    "RATIOS",
+    "RUNNING",
+    "TPOT",
+    "WAITING",
     "Exposition",
     "Family",
     "Kind",
@@ -67,6 +81,39 @@ __all__ = [
     "histogram",
     "parse",
 ]
+
+#: labels that say where a series ran, not what it measures: folded by `parse` by default
+PLACEMENT_LABELS = ("model_name", "engine", "tp_rank", "pp_rank", "dp_rank")
+#: gauges that are ratios (0..1 of each engine's own cache): averaged when series are folded
+RATIOS = frozenset(
+    {
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+        "sglang:token_usage",
+        "llamacpp:kv_cache_usage_ratio",
+    }
+)
+#: requests in the engine's running batch, by engine family (first found wins)
+RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs", "llamacpp:requests_processing")
+#: requests queued at the engine
+WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "llamacpp:requests_deferred")
+#: KV-cache usage, 0..1
+KV_USAGE = (
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",  # vLLM before 0.10
+    "sglang:token_usage",
+    "llamacpp:kv_cache_usage_ratio",  # llama.cpp builds before the unified KV cache
+)
+#: (seconds, tokens) counters whose deltas give the mean inter-token latency
+TPOT = (
+    ("vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count"),
+    ("vllm:time_per_output_token_seconds_sum", "vllm:time_per_output_token_seconds_count"),
+    ("sglang:inter_token_latency_seconds_sum", "sglang:inter_token_latency_seconds_count"),
+    ("sglang:time_per_output_token_seconds_sum", "sglang:time_per_output_token_seconds_count"),
+    ("llamacpp:tokens_predicted_seconds_total", "llamacpp:tokens_predicted_total"),
+)
+#: every sample the governor reads, the `only` of its scrapes
+LOAD_SAMPLES = RUNNING + WAITING + KV_USAGE + tuple(name for pair in TPOT for name in pair)
 
 #: the content type of `Exposition.render()`'s text (what `generate_latest` writes)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -174,34 +221,50 @@ def _only(text: str, prefixes: tuple[str, ...]) -> str:
 def parse(
     text: str,
     *,
-    drop_labels: Collection[str] = ("model_name",),
+    drop_labels: Collection[str] = PLACEMENT_LABELS,
+    keep_labels: Collection[str] | None = None,
+    mean: Collection[str] = RATIOS,
     only: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Prometheus text -> `{name or name{labels}: value}`, without the labels in `drop_labels`.
+    """Prometheus text -> `{name or name{labels}: value}`, with the labels in `drop_labels`
+    folded (or, when `keep_labels` is given, every label but those).
 
     `parse(text)["vllm:num_requests_running"]`,
     `parse(text)['vllm:time_to_first_token_seconds_bucket{le="0.1"}']`. Samples that differ
-    only in dropped labels are summed. `only`: sample-name prefixes to read (say
-    `"vllm:time_per_output_token_seconds_sum"`); every other line is skipped before parsing,
-    and the samples read keep the keys a full parse gives them. prometheus_client's parser
-    takes ~35 us a line, ~18 ms for a vLLM page of ~500 lines, so a caller that scrapes
-    often and reads a few figures passes `only`. Raises `ValueError` for text that is not
-    the format.
+    only in folded labels are summed, or averaged when their name is in `mean`. `only`:
+    sample-name prefixes to read (say `"vllm:inter_token_latency_seconds_sum"`); every other
+    line is skipped before parsing, and the samples read keep the keys a full parse gives them.
+    prometheus_client's parser takes ~20-35 us a line, ~10-18 ms for a vLLM page of ~500
+    lines, so a caller that scrapes often and reads a few figures passes `only`. Raises
+    `ValueError` for text that is not the format.
     """
     if only is not None:
         text = _only(text, tuple(only))
     out: dict[str, float] = {}
+    seen: dict[str, int] = {}  # series folded into each key averaged (names in `mean`)
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 key = sample.name
-                kept = [
-                    f'{k}="{_escape(v)}"' for k, v in sample.labels.items() if k not in drop_labels
-                ]
+                if keep_labels is None:
+                    kept = [
+                        f'{k}="{_escape(v)}"'
+                        for k, v in sample.labels.items()
+                        if k not in drop_labels
+                    ]
+                else:
+                    kept = [
+                        f'{k}="{_escape(v)}"' for k, v in sample.labels.items() if k in keep_labels
+                    ]
                 if kept:
                     key = key + "{" + ",".join(kept) + "}"
                 out[key] = out.get(key, 0.0) + float(sample.value)
+                if sample.name in mean:
+                    seen[key] = seen.get(key, 0) + 1
     except (IndexError, KeyError, TypeError) as exc:
         # only ValueError came out of 20,000 mutated vLLM pages; callers catch that one type
         raise ValueError(f"not Prometheus text: {exc!r}") from exc
+    for key, series in seen.items():
+        if series > 1:
+            out[key] /= series
     return out

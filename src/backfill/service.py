@@ -166,6 +166,17 @@ class Service:
         """Per-model figures for `GET /metrics`, read at every scrape (`backfill.metrics`)."""
         d, r = self.dispatchers, self.realtime_stats
         g = {name: gov.history[-1][1] for name, gov in self.governors.items() if gov.history}
+        # what each governor last read from its engine (no series while unknown)
+        e = {name: gov.engine_load for name, gov in self.governors.items() if gov.engine_load}
+        ew = {
+            name: x for name, x in e.items() if "waiting" not in self.governors[name].engine_missing
+        }
+        ek = {
+            name: x
+            for name, x in e.items()
+            if "kv_usage" not in self.governors[name].engine_missing
+        }
+        on = {name: gov.engine_load is not None for name, gov in self.governors.items()}
         rows: list[tuple[str, Kind, str, Callable[[Any], float], dict[str, Any]]] = [
             ("batch_limit", "gauge", "batch requests allowed at once", lambda x: x.limit, d),
             ("batch_in_flight", "gauge", "batch at the engine", lambda x: x.stats.in_flight, d),
@@ -189,6 +200,15 @@ class Service:
             ("governor_knee", "gauge", "sequences doubling the step time", lambda x: x.knee, g),
             ("governor_trim", "gauge", "model correction (0.25..1)", lambda x: x.trim, g),
             ("governor_idle", "gauge", "1: no real time, at the ceiling", lambda x: x.idle, g),
+            ("governor_engine_metrics", "gauge",
+             "1: governing on the engine's metrics, 0: on the gateway's latencies alone",
+             lambda x: x, on),
+            ("engine_requests_running", "gauge", "running at the engine, as last read",
+             lambda x: x.running, e),
+            ("engine_requests_waiting", "gauge", "queued at the engine, as last read",
+             lambda x: x.waiting, ew),
+            ("engine_kv_cache_usage", "gauge", "engine KV-cache usage (0..1), as last read",
+             lambda x: x.kv_usage, ek),
         ]  # fmt: skip
         return [
             Family(f"backfill_{name}", kind, text, {m: float(get(x)) for m, x in source.items()})

@@ -194,7 +194,7 @@ def test_metrics_use_vllm_names_with_plausible_values(sim: SimProcess) -> None:
         "vllm:prompt_tokens_total",
         "vllm:generation_tokens_total",
         "vllm:time_to_first_token_seconds_bucket",
-        "vllm:time_per_output_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
     ):
         assert name in text
     assert f'model_name="{MODEL}"' in text

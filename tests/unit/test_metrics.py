@@ -95,21 +95,27 @@ def test_parse_escapes_label_values_as_the_text_does() -> None:
     assert parse(text) == {'m{path="a\\"b\\\\c\\nd"}': 1.0}
 
 
-def test_parse_engine_label_is_kept_so_plain_names_miss() -> None:
-    # Issue 13: vLLM releases that also label each series `engine="0"` (one per data-parallel
-    # engine). Only `model_name` is dropped, so the governor's lookups of plain names
-    # ("vllm:num_requests_running") find nothing and the upstream counts as serving no metrics.
+def test_parse_folds_the_engine_label_summing_counts_and_averaging_kv_usage() -> None:
+    # Issue 13: vLLM 0.32 labels every series `engine="0"` (one per data-parallel engine) as
+    # well as `model_name`. Until it was folded too, the governor's plain-name lookups
+    # ("vllm:num_requests_running") found nothing and it governed blind.
     text = VLLM.replace('model_name="meta-llama/Llama-3.1-8B"', 'engine="0",model_name="m"')
     values = parse(text)
-    assert "vllm:num_requests_running" in values  # only the "other" model's unlabelled series
-    assert values["vllm:num_requests_running"] == 2.0
-    assert values['vllm:num_requests_running{engine="0"}'] == 3.0
-    assert "vllm:time_per_output_token_seconds_sum" not in values
-    assert values['vllm:time_per_output_token_seconds_sum{engine="0"}'] == 0.15
-    # dropping `engine` too folds the engines (summed), which is not right for every gauge
-    folded = parse(text, drop_labels=("model_name", "engine"))
-    assert folded["vllm:num_requests_running"] == 5.0
-    assert folded["vllm:time_per_output_token_seconds_sum"] == 0.15
+    assert values["vllm:num_requests_running"] == 5.0  # engine 0 of "m" + "other"
+    assert not any("engine=" in key for key in values)
+    assert values["vllm:time_per_output_token_seconds_sum"] == 0.15
+    two = text + text.replace('engine="0"', 'engine="1"').replace(
+        'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.25',
+        'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75',
+    )
+    two = "\n".join(line for line in two.splitlines() if 'model_name="other"' not in line)
+    values = parse(two, only=LOAD_SAMPLES)
+    assert values["vllm:num_requests_running"] == 6.0  # 3 + 3: counts are summed
+    assert values["vllm:time_per_output_token_seconds_count"] == 20.0
+    assert values["vllm:kv_cache_usage_perc"] == 0.5  # (0.25 + 0.75) / 2: a ratio is averaged
+    # the engine label is kept when asked
+    kept = parse(two, drop_labels=("model_name",))
+    assert kept['vllm:num_requests_running{engine="1"}'] == 3.0
 
 
 def test_parse_reads_a_counter_typed_without_total_as_prometheus_client_names_it() -> None:
@@ -305,11 +311,13 @@ def test_sim_render_reads_back_with_vllm_types() -> None:
     kinds = {m.name: m.type for m in text_string_to_metric_families(text)}
     assert kinds["vllm:num_requests_running"] == "gauge"
     assert kinds["vllm:prompt_tokens"] == "counter"
-    assert kinds["vllm:time_per_output_token_seconds"] == "histogram"
+    assert kinds["vllm:inter_token_latency_seconds"] == "histogram"
+    assert "vllm:time_per_output_token_seconds" not in kinds  # as vLLM 0.32: gone
+    assert 'vllm:num_requests_running{engine="0",model_name="m"} 1.0' in text  # vLLM 0.32's
     values = parse(text)
-    assert values['vllm:time_per_output_token_seconds_bucket{le="0.025"}'] == 4
-    assert values['vllm:time_per_output_token_seconds_bucket{le="80.0"}'] == 4
-    assert values['vllm:time_per_output_token_seconds_bucket{le="+Inf"}'] == 5
-    assert values["vllm:time_per_output_token_seconds_count"] == 5
-    assert values["vllm:time_per_output_token_seconds_sum"] == pytest.approx(100.08)
+    assert values['vllm:inter_token_latency_seconds_bucket{le="0.025"}'] == 4
+    assert values['vllm:inter_token_latency_seconds_bucket{le="80.0"}'] == 4
+    assert values['vllm:inter_token_latency_seconds_bucket{le="+Inf"}'] == 5
+    assert values["vllm:inter_token_latency_seconds_count"] == 5
+    assert values["vllm:inter_token_latency_seconds_sum"] == pytest.approx(100.08)
     assert values['vllm:request_success_total{finished_reason="length"}'] == 0

@@ -1,15 +1,18 @@
 """`Governor`: the I/O around `GovernorPolicy` for one model.
 
-Every `interval` (100 ms by default) it gathers the signals - the upstream's vLLM metrics
+Every `interval` (100 ms by default) it gathers the signals - the upstream's metrics
 (`engine.load_metrics()`: running, waiting, KV usage, and the TPOT histogram's sum and count,
-whose deltas give the mean inter-token latency since the last scrape), the gateway's
+whose deltas give the mean inter-token latency since the last scrape, under vLLM's, SGLang's
+or llama.cpp's names, `backfill.metrics.RUNNING` etc., first found wins), the gateway's
 `RealtimeStats` (real-time requests in flight, arrivals, streamed TTFT/TPOT) and the
 dispatcher's counters (batch requests in flight, 429/503 answers) - asks the policy, and hands
 the decision to the dispatcher in one call, `dispatcher.apply(decision)` (limit, pacing,
 deferral, shedding). All the thinking is in `policy.py`; this module only measures and acts.
 
 An upstream without metrics still works: the policy then learns from the gateway's latencies
-and the dispatcher's errors alone. A scrape that fails counts as "no metrics" for that tick.
+and the dispatcher's errors alone. A scrape that fails, or a page without a running count
+under a known name, counts as "no metrics" for that tick. `engine_load` keeps the last tick's
+`EngineLoad` (None: no engine metrics), for `/metrics`; a change between the two is logged.
 
 The last decisions are kept in `history` (time, decision) for logs, tests and benches.
 """
@@ -27,12 +30,18 @@ from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.policy import Decision, GovernorPolicy, PolicyConfig
 from backfill.dispatch.signals import EngineLoad, RealtimeStats, Signals
 from backfill.engines.base import Engine, MetricsSource
+from backfill.metrics import KV_USAGE, RUNNING, TPOT, WAITING
 from backfill.settings import ModelConfig, Settings
 
 log = logging.getLogger("backfill.governor")
 
-_TPOT = ("vllm:time_per_output_token_seconds", "vllm:inter_token_latency_seconds")
-_KV = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
+    for name in names:
+        value = metrics.get(name)
+        if value is not None:
+            return value
+    return None
 
 
 def policy_config(settings: Settings, config: ModelConfig) -> PolicyConfig:
@@ -69,36 +78,62 @@ class Governor:
         self._throttled = dispatcher.stats.throttled
         self._tpot_sum: float | None = None
         self._tpot_count: float | None = None
+        self._tpot_name: str | None = None
+        #: the last tick's engine figures; None: the governor runs on the gateway's alone
+        self.engine_load: EngineLoad | None = None
+        #: the `EngineLoad` fields the engine did not serve at the last tick (read as 0)
+        self.engine_missing: frozenset[str] = frozenset()
+        self._on_engine: bool | None = None  # logged when it changes
 
     async def load(self) -> EngineLoad | None:
         engine = self.engine
         if not isinstance(engine, MetricsSource):
             return None
         metrics = await engine.load_metrics()
-        if not metrics or "vllm:num_requests_running" not in metrics:
+        if not metrics:
+            return None
+        running = _first(metrics, RUNNING)
+        if running is None:
             return None
         tpot: float | None = None
-        for name in _TPOT:
-            total = metrics.get(name + "_sum")
-            count = metrics.get(name + "_count")
+        for sum_name, count_name in TPOT:
+            total = metrics.get(sum_name)
+            count = metrics.get(count_name)
             if total is None or count is None:
                 continue
+            if sum_name != self._tpot_name:  # first scrape, or another family: a new baseline
+                self._tpot_name, self._tpot_sum, self._tpot_count = sum_name, None, None
             if self._tpot_count is not None and self._tpot_sum is not None:
                 tokens = count - self._tpot_count
                 if tokens > 0:
                     tpot = (total - self._tpot_sum) / tokens
             self._tpot_sum, self._tpot_count = total, count
             break
-        kv = next((metrics[n] for n in _KV if n in metrics), 0.0)
+        waiting = _first(metrics, WAITING)
+        kv_usage = _first(metrics, KV_USAGE)
+        self.engine_missing = frozenset(
+            name for name, value in (("waiting", waiting), ("kv_usage", kv_usage)) if value is None
+        )
         return EngineLoad(
-            running=metrics["vllm:num_requests_running"],
-            waiting=metrics.get("vllm:num_requests_waiting", 0.0),
-            kv_usage=kv,
+            running=running,
+            waiting=waiting or 0.0,
+            kv_usage=kv_usage or 0.0,
             tpot=tpot,
         )
 
     async def tick(self) -> Decision:
         engine_load = await self.load()
+        self.engine_load = engine_load
+        on_engine = engine_load is not None
+        if on_engine != self._on_engine:
+            self._on_engine = on_engine
+            log.info(
+                "governor for %s: %s",
+                self.engine.model,
+                "on the engine's metrics"
+                if on_engine
+                else "on the gateway's latencies alone (no engine metrics read)",
+            )
         stats = self.stats
         dstats = self.dispatcher.stats
         tpot = stats.drain_tpots()

@@ -48,11 +48,12 @@ class RealtimeStats:
 
 @dataclass(frozen=True, slots=True)
 class EngineLoad:
-    """What the upstream's metrics say (vLLM names), at one scrape."""
+    """What the upstream's metrics say, at one scrape (vLLM's names, or SGLang's or llama.cpp's:
+    `backfill.metrics.RUNNING` etc.; several engines behind one server summed, KV averaged)."""
 
     running: float  # vllm:num_requests_running
-    waiting: float  # vllm:num_requests_waiting
-    kv_usage: float  # vllm:kv_cache_usage_perc, 0..1
+    waiting: float  # vllm:num_requests_waiting (0 when not served)
+    kv_usage: float  # vllm:kv_cache_usage_perc, 0..1 (0 when not served)
     #: mean inter-token latency of every token generated since the previous scrape (engine's
     #: clock), None when no token was generated
     tpot: float | None = None

@@ -31,13 +31,14 @@ upstream writes them. Leaving the context early closes the connection, which is 
 that the client went away and aborts the request.
 
 Load (`load_metrics`): `GET <root>/metrics` (the URL without its `/v1`), parsed from Prometheus
-text by `backfill.metrics.parse`, and only its `LOAD_SAMPLES` are returned. The governor scrapes
-every 100 ms, on the loop that also relays real-time streams, and prometheus_client's parser
-needs ~18 ms for a whole vLLM page, ~0.5 ms for those samples alone; so only the first page
-(and the first after a failed scrape) is parsed whole, which refuses text that is not
-Prometheus', and later pages only their load samples (`parse_load`). An upstream that answers
-anything else than 200, or such text, is remembered as having no metrics and asked again only
-every `METRICS_RETRY_SECONDS`.
+text by `backfill.metrics.parse`, and only its `LOAD_SAMPLES` are returned (vLLM's, SGLang's
+and llama.cpp's names, every label folded: engines summed, KV-usage ratios averaged). The
+governor scrapes every 100 ms, on the loop that also relays real-time streams, and
+prometheus_client's parser needs ~18 ms for a whole vLLM page, ~0.5 ms for those samples
+alone; so only the first page (and the first after a failed scrape) is parsed whole, which
+refuses text that is not Prometheus', and later pages only their load samples (`parse_load`).
+An upstream that answers anything else than 200, or such text, is remembered as having no
+metrics and asked again only every `METRICS_RETRY_SECONDS`.
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from backfill import metrics
 from backfill.domain import exact_json
 from backfill.domain.retry import parse_retry_after
 from backfill.engines.base import EngineReply, StreamReply
 from backfill.errors import EngineUnavailable, InvalidRequest
-from backfill.metrics import parse as parse_metrics
 from backfill.settings import ModelConfig
 
 #: seconds an idle upstream connection is kept for reuse
@@ -68,18 +69,9 @@ METRICS_RETRY_SECONDS = 30.0
 #: budget of one metrics scrape
 METRICS_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 #: the samples `load_metrics` returns (by name prefix): the load figures the governor reads
-#: (`dispatch/governor.py`): running, waiting, KV usage and the TPOT histogram's sum and count,
-#: under vLLM's current and older names
-LOAD_SAMPLES = (
-    "vllm:num_requests_running",
-    "vllm:num_requests_waiting",
-    "vllm:kv_cache_usage_perc",
-    "vllm:gpu_cache_usage_perc",
-    "vllm:time_per_output_token_seconds_sum",
-    "vllm:time_per_output_token_seconds_count",
-    "vllm:inter_token_latency_seconds_sum",
-    "vllm:inter_token_latency_seconds_count",
-)
+#: (`dispatch/governor.py`): running, waiting, KV usage and the TPOT sum and count, under the
+#: names of vLLM (current and older), SGLang and llama.cpp (`backfill.metrics.LOAD_SAMPLES`)
+LOAD_SAMPLES = metrics.LOAD_SAMPLES
 
 
 def join_url(base: str, endpoint: str) -> str:
@@ -256,8 +248,8 @@ class OpenAIEngine:
                 resp.close()  # the client left early: drop the connection (vLLM aborts)
 
     async def load_metrics(self) -> dict[str, float] | None:
-        """The upstream's `/metrics` (its `LOAD_SAMPLES`, vLLM names), or None when it serves
-        none."""
+        """The upstream's `/metrics` (its `LOAD_SAMPLES`, every label folded: see `parse_load`),
+        or None when it serves none."""
         session = self._session
         now = time.monotonic()
         if session is None or now < self._no_metrics_until:
@@ -280,9 +272,14 @@ class OpenAIEngine:
 
     def parse_load(self, text: str) -> dict[str, float]:
         """The `LOAD_SAMPLES` of one `/metrics` page; `ValueError` if it is not Prometheus text
-        (checked on the first page, and on the first after a failure: see the module doc)."""
+        (checked on the first page, and on the first after a failure: see the module doc).
+
+        Every label is folded (none of the load samples has a dimension of its own): the
+        series of several engines behind one server (vLLM's `engine="0"`, `engine="1"`,
+        SGLang's `dp_rank`) and of several served models are summed, and the KV-usage ratios
+        averaged (`backfill.metrics.RATIOS`)."""
         if self._metrics_read:
-            return parse_metrics(text, only=LOAD_SAMPLES)
-        figures = parse_metrics(text)
+            return metrics.parse(text, keep_labels=(), only=LOAD_SAMPLES)
+        figures = metrics.parse(text, keep_labels=())
         self._metrics_read = True
         return {k: v for k, v in figures.items() if k.startswith(LOAD_SAMPLES)}

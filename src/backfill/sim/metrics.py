@@ -2,8 +2,10 @@
 
 The engine updates plain attributes of `EngineMetrics` in its step loop (no locks, no
 per-token objects, no prometheus_client objects: `Histogram.observe` is one bisect and three
-adds). Only a scrape builds metrics from them: `families` names them as vLLM v1 does, with a
-`model_name` label, so a scraper written for a real vLLM server reads the simulator unchanged,
+adds). Only a scrape builds metrics from them: `families` names and labels them as vLLM 0.32
+does, every series with `model_name` and `engine="0"` (the data-parallel engine's index; the
+simulator is one engine), so a scraper written for a real vLLM server reads the simulator
+unchanged, and one that misses the `engine` label fails against it as against vLLM,
 and `render` writes them through `backfill.metrics` (prometheus_client), the same exposition
 backfill's own `/metrics` uses (slower than the hand-written renderer it replaced, ~1 ms a
 scrape against ~0.07, and not seen in the step loop at the governor's 10 scrapes a second; see
@@ -13,12 +15,13 @@ benches that read a simulator's `/metrics`.
 Served (all times are *simulated* seconds):
 
 - gauges `vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`
-  (0..1; also under the older name `vllm:gpu_cache_usage_perc`),
+  (0..1; not under the older `vllm:gpu_cache_usage_perc`, gone from vLLM 0.32),
 - counters `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`,
   `vllm:num_preemptions_total`, `vllm:prefix_cache_queries_total`,
   `vllm:prefix_cache_hits_total` (both in tokens), `vllm:request_success_total`,
-- histograms `vllm:time_to_first_token_seconds`, `vllm:time_per_output_token_seconds` (one
-  observation per output token after the first: its inter-token latency, as vLLM v1 does),
+- histograms `vllm:time_to_first_token_seconds`, `vllm:inter_token_latency_seconds` (one
+  observation per output token after the first, as vLLM does; vLLM 0.32 serves no
+  `vllm:time_per_output_token_seconds`),
   `vllm:e2e_request_latency_seconds`, `vllm:request_queue_time_seconds`,
 - simulator extras `backfill_sim_time_seconds` (the simulated clock),
   `backfill_sim_busy_seconds_total` (simulated time spent in steps), `backfill_sim_steps_total`,
@@ -96,8 +99,8 @@ def families(
     sim_time: float,
     lag_s: float = 0.0,
 ) -> list[Metric]:
-    """The engine's state and metrics under vLLM v1's names, one `model_name` series each."""
-    label = {"model_name": model}
+    """The engine's state and metrics under vLLM 0.32's names and labels, one series each."""
+    label = {"model_name": model, "engine": "0"}
 
     def hist(name: str, help_text: str, h: Histogram) -> Metric:
         return histogram(name, help_text, label, h.bounds, h.counts, h.sum)
@@ -107,8 +110,6 @@ def families(
         gauge("vllm:num_requests_running", "Requests in model execution batches.", label, running),
         gauge("vllm:num_requests_waiting", "Requests waiting to be processed.", label, waiting),
         gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent.", label, kv_usage),
-        gauge("vllm:gpu_cache_usage_perc", "Deprecated alias of kv_cache_usage_perc.", label,
-              kv_usage),
         counter("vllm:num_preemptions_total", "Cumulative preemptions.", label, m.preemptions),
         counter("vllm:prompt_tokens_total", "Prefill tokens processed.", label, m.prompt_tokens),
         counter("vllm:generation_tokens_total", "Generation tokens processed.", label,
@@ -120,7 +121,7 @@ def families(
         counter("vllm:request_success_total", "Successfully finished requests.",
                 {**label, "finished_reason": "length"}, m.requests_finished),
         hist("vllm:time_to_first_token_seconds", "Time to first token (sim s).", m.ttft),
-        hist("vllm:time_per_output_token_seconds", "Inter-token latency (sim s).", m.tpot),
+        hist("vllm:inter_token_latency_seconds", "Inter-token latency (sim s).", m.tpot),
         hist("vllm:e2e_request_latency_seconds", "End-to-end latency (sim s).", m.e2e),
         hist("vllm:request_queue_time_seconds", "Time in the waiting queue (sim s).", m.queue),
         gauge("backfill_sim_time_seconds", "Simulated clock.", label, sim_time),
