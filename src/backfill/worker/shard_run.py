@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,8 @@ from backfill.domain.records import BatchRecord, Segment, Shard, Usage
 from backfill.domain.results import ResultKind, segment_record
 from backfill.domain.segments import index_records, iter_lines
 from backfill.domain.statuses import BatchStatus
-from backfill.errors import BackfillError, LeaseLost
+from backfill.errors import LeaseLost
+from backfill.outages import outage_of
 from backfill.settings import Settings
 from backfill.store.base import Store
 from backfill.worker.outcomes import run_request
@@ -78,7 +79,6 @@ class _Pending:
     completed: int
     failed: int
     usage: Usage
-    count: int
 
 
 class ShardRun:
@@ -115,7 +115,6 @@ class ShardRun:
         self._max_buffered = max(4 * settings.flush_every_requests, 64)
         #: line numbers given an outcome by this run (each exactly once)
         self._accounted: set[int] = set()
-        self._flush_failures = 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -146,9 +145,12 @@ class ShardRun:
                 if self._stop.is_set() or missing
                 else self._store.finish_shard
             )
-            await self._retrying(
-                "end the lease", lambda: end(shard.batch_id, shard.index, self._token)
-            )
+
+            async def end_lease() -> None:
+                if not await asyncio.to_thread(end, shard.batch_id, shard.index, self._token):
+                    raise LeaseLost(f"lease on {shard.batch_id}/{shard.index} lost")
+
+            await self._until_done("end of the lease", end_lease)
         except LeaseLost:
             log.warning("lost the lease on %s/%d; stopping", shard.batch_id, shard.index)
         finally:
@@ -296,39 +298,7 @@ class ShardRun:
     async def _flush_until_recorded(self) -> None:
         """Checkpoint; on failure keep the results and try again with backoff until it is
         recorded, or the lease is lost (`LeaseLost`: the next owner re-runs them)."""
-        delay = 0.1
-        while True:
-            try:
-                await self._flush()
-            except LeaseLost:
-                raise
-            except Exception as exc:
-                self._flush_failed(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_FLUSH_BACKOFF, self._settings.lease_seconds / 4)
-                continue
-            if self._flush_failures:
-                log.warning(
-                    "checkpoints of %s/%d recorded again after %d failed attempts",
-                    self.shard.batch_id,
-                    self.shard.index,
-                    self._flush_failures,
-                )
-                self._flush_failures = 0
-            return
-
-    def _flush_failed(self, exc: Exception) -> None:
-        """Log the first failure of an episode with its traceback, then only count."""
-        self._flush_failures += 1
-        if self._flush_failures == 1:
-            log.warning(
-                "checkpoint of %s/%d failed (%s: %s); results kept, retrying with backoff",
-                self.shard.batch_id,
-                self.shard.index,
-                type(exc).__name__,
-                exc,
-                exc_info=None if isinstance(exc, BackfillError) else exc,  # a bug: show where
-            )
+        await self._until_done("checkpoint (results kept)", self._flush)
 
     def _cut(self) -> _Pending:
         """Move the buffer into a new pending segment."""
@@ -349,7 +319,6 @@ class ShardRun:
             completed=completed,
             failed=len(results) - completed,
             usage=usage,
-            count=len(results),
         )
         self._seq += 1
         return pending
@@ -383,29 +352,46 @@ class ShardRun:
                 raise LeaseLost(f"lease on {shard.batch_id}/{shard.index} lost")
             self._pending = None
 
-    async def _retrying(self, what: str, fn: Callable[[], bool]) -> None:
-        """A fenced store write, retried with backoff while the store fails; `LeaseLost` when
-        the fence says the lease is gone."""
+    async def _until_done(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+        """Run `attempt` until it succeeds, with backoff while the store or the blob store
+        fails (locked, refused, disk full); `LeaseLost` ends it. The first failure of an
+        episode is logged, the recovery once with the count of failed attempts. Any other
+        exception is a bug: logged with its traceback and raised, so the run ends and the
+        lease runs out (the next owner re-runs what was not recorded) instead of retrying
+        forever."""
         delay = 0.1
         failures = 0
+        shard = self.shard
         while True:
             try:
-                ok = await asyncio.to_thread(fn)
+                await attempt()
+            except LeaseLost:
+                raise
             except Exception as exc:
+                if outage_of(exc) is None:
+                    log.exception("%s/%d: %s failed", shard.batch_id, shard.index, what)
+                    raise
                 failures += 1
                 if failures == 1:
                     log.warning(
-                        "%s/%d: could not %s (%s); retrying",
-                        self.shard.batch_id,
-                        self.shard.index,
+                        "%s/%d: %s failed (%s: %s); retrying with backoff",
+                        shard.batch_id,
+                        shard.index,
                         what,
+                        type(exc).__name__,
                         exc,
                     )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_FLUSH_BACKOFF, self._settings.lease_seconds / 4)
                 continue
-            if not ok:
-                raise LeaseLost(f"lease on {self.shard.batch_id}/{self.shard.index} lost")
+            if failures:
+                log.warning(
+                    "%s/%d: %s succeeded after %d failed attempts",
+                    shard.batch_id,
+                    shard.index,
+                    what,
+                    failures,
+                )
             return
 
     async def _heartbeat(self) -> None:
@@ -444,8 +430,11 @@ class ShardRun:
                         self._stop.set()
             except Exception as exc:
                 # the store is failing: keep trying; if the lease runs out meanwhile, the
-                # fenced writes will say so
-                log.debug("heartbeat of %s/%d failed: %s", shard.batch_id, shard.index, exc)
+                # fenced writes will say so. Anything else is a bug: shown, and tried again.
+                if outage_of(exc) is None:
+                    log.exception("heartbeat of %s/%d failed", shard.batch_id, shard.index)
+                else:
+                    log.debug("heartbeat of %s/%d failed: %s", shard.batch_id, shard.index, exc)
 
 
 async def _first(*aws: Any) -> None:
