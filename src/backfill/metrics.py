@@ -40,11 +40,13 @@ the governor's scrapes.
 
 Cost. prometheus_client is slower than the hand-written renderer and parser it replaced (~35 us
 a parsed line against ~2; a render of the simulator's 145 lines ~0.8-1.7 ms against ~0.07).
-Renders happen once a scrape; in the simulator's step loop, with 192 streams at `--speedup 10`,
-10 scrapes a second left no lag, 100 a second 0.16 s in 15 s (0.06 s by hand). A whole vLLM
-page (~500 lines) takes ~18 ms to parse, too much for the governor's 10 scrapes a second on the
-loop that relays real-time streams: `parse(only=...)` skips the lines of the samples the caller
-does not read before the parser sees them (`engines/openai.py` reads ~10 lines, ~0.5 ms a page).
+Figures here were measured ad hoc when this module was written (no bench script repeats
+them). Renders happen once a scrape; in the simulator's step loop, with 192 streams at
+`--speedup 10`, 10 scrapes a second left no lag, 100 a second 0.16 s in 15 s (0.06 s by
+hand). A whole vLLM page (~500 lines) takes ~18 ms to parse, too much for the governor's 10
+scrapes a second on the loop that relays real-time streams: `parse(only=...)` skips the lines
+of the samples the caller does not read before the parser sees them (`engines/openai.py` reads
+~10 lines, ~0.5 ms a page).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from polling import poll_async
 from test_store import started
 from test_store_keys_debris import finished
 
@@ -109,10 +110,12 @@ def test_crash_debris_is_collected_and_work_in_progress_kept(store: Store, tmp_p
 
         upload = asyncio.create_task(slow_upload())
         folder = tmp_path / "blobs" / "files"
-        for _ in range(1500):  # a deadline of 30 s
-            if [f for f in folder.glob("file-here#*") if f.stat().st_size >= 5 * MIB]:
-                break
-            await asyncio.sleep(0.02)
+        await poll_async(
+            lambda: [f for f in folder.glob("file-here#*") if f.stat().st_size >= 5 * MIB],
+            what="the staging file of the upload in progress",
+            timeout=30,
+            interval=0.02,
+        )
 
         counts = await collect_debris(store, blobs, time.time(), grace_seconds=GRACE)
         assert (counts.staging_files, counts.staging_bytes) == (1, stale_size)

@@ -16,6 +16,7 @@ final file or a snapshot.
 """
 
 # No `from __future__ import annotations`: FastAPI evaluates the handler annotations.
+import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from backfill.domain.records import Project, Segment
 from backfill.domain.results import ERROR, OUTPUT, ResultKind
 from backfill.domain.segments import index_shard, shard_lines
 from backfill.errors import BlobNotFound, InvalidRequest
+
+log = logging.getLogger("backfill.api")
 
 _CHUNK = 1 << 20
 
@@ -75,7 +78,10 @@ async def _recorded_lines(
             async for chunk in shard_lines(blobs, paths, index, wanted):
                 yield chunk
         except BlobNotFound:
-            return  # finalized meanwhile: the final file has it all
+            # finalized meanwhile (its segments deleted): the final file has it all. The
+            # snapshot may end inside this shard; it holds whole lines only
+            log.debug("partial output of shard %d ended: the batch was finalized", shard)
+            return
 
 
 def _results_response(results: Results) -> Response:

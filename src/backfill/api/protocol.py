@@ -327,8 +327,8 @@ def fit_connections(max_connections: int) -> int:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as exc:
+            log.debug("setrlimit(NOFILE, %d) refused: %s", target, exc)  # told below
     if soft == resource.RLIM_INFINITY or soft >= wanted:
         return max_connections
     fitted = max(16, (soft - FD_RESERVE) // 2, soft // 4)

@@ -195,7 +195,7 @@ def _key_store(args: argparse.Namespace) -> Store:
 
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.database_url)
+    store = open_store(settings.database_url, busy_timeout=settings.store_busy_timeout)
     store.migrate()
     return store
 

@@ -1,5 +1,5 @@
-"""Pure pieces of finalization: deterministic result-file ids, merging a shard's records, and
-the requests of a shard that never ran.
+"""Pure pieces of finalization: deterministic result-file ids and the requests of a shard that
+never ran.
 
 Result files get ids derived from the batch id, so a finalization that crashed half-way and is
 run again writes the same files instead of leaving orphans behind. The merge itself streams
@@ -13,7 +13,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Container
 
 import orjson
 
-from backfill.domain.validation import BOM
+from backfill.domain.inputs import numbered_lines
 
 
 def result_file_id(batch_id: str, kind: str) -> str:
@@ -25,12 +25,7 @@ async def unrun_requests(
     lines: AsyncIterable[bytes], first_line: int, done: Container[int]
 ) -> AsyncIterator[tuple[int, str]]:
     """(line_no, custom_id) of each request of a shard's input lines (streamed one at a time,
-    numbered from `first_line`, blank ones counted but skipped as validation counted them)
-    whose line number is not in `done`."""
-    line_no = first_line
-    async for raw in lines:
-        if line_no == first_line and raw.startswith(BOM):
-            raw = raw[3:]
-        if line_no not in done and raw.strip():
+    numbered as the worker numbers them) whose line number is not in `done`."""
+    async for line_no, raw in numbered_lines(lines, first_line):
+        if line_no not in done:
             yield line_no, orjson.loads(raw)["custom_id"]
-        line_no += 1

@@ -89,7 +89,9 @@ async def collect_debris(
         if of is not None and of not in finished:
             seen.add(of)
     orphans = 0
-    for batch_id in sorted(seen)[:limit]:
+    for batch_id in sorted(seen):  # live batches are skipped, not counted against `limit`
+        if orphans >= limit:
+            break
         batch = await asyncio.to_thread(store.get_batch, batch_id)
         if batch is not None and batch.status in TERMINAL:
             await blobs.delete_prefix(paths.batch_prefix(batch_id))
@@ -111,7 +113,7 @@ async def run_collector(
         counts = await collect_debris(
             store, blobs, now, grace_seconds=settings.debris_grace_seconds
         )
-    except (StoreError, BlobError) as exc:  # an outage: the scheduler's back-off says more
+    except (StoreError, BlobError) as exc:  # an outage: one line, no traceback
         log.warning("debris collection failed (%s); it runs again later", exc.message)
         return None
     except Exception:

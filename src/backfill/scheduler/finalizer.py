@@ -91,11 +91,11 @@ async def finalize(
             segs = by_shard.get(shard.index, [])
             if not first and shard.index not in lacking and not _recorded(segs, kind):
                 continue
-            paths = [seg.blob_path for seg in segs]
+            seg_paths = [seg.blob_path for seg in segs]
             if shard.index in kept and shard.index not in lacking:
                 index = ShardIndex(unpack_places(kept.pop(shard.index), kind))
             else:
-                index = await index_shard(blobs, paths)
+                index = await index_shard(blobs, seg_paths)
             if first and len(index.places) < shard.count:
                 lacking[shard.index] = shard.count - len(index.places)
             if first and kind == OUTPUT and shard.index not in lacking and _recorded(segs, ERROR):
@@ -109,7 +109,7 @@ async def finalize(
                     continue  # this file is not kept: only find every incomplete shard
             elif kind == ERROR and shard.index in lacking and input_path:
                 extra = _unrun_lines(blobs, input_path, shard, index.places, reason)
-            async for chunk in shard_lines(blobs, paths, index, kind, extra):
+            async for chunk in shard_lines(blobs, seg_paths, index, kind, extra):
                 yield chunk
         indexed = True
         if final is BatchStatus.COMPLETED and lacking:
