@@ -4,7 +4,7 @@ with it and the packaged MiniLM.
 torch, transformers and the packaged model are imported inside the fixtures only; each test
 module calls `pytest.importorskip` first, so the suite skips cleanly without `backfill[local]`.
 Nothing downloads anything: the tiny model is built from a tokenizer trained on a few sentences
-(see `local_tiny_model.py`) and random weights, and MiniLM comes from site-packages.
+(see `tests/support/local_tiny_model.py`) and random weights, and MiniLM comes from site-packages.
 """
 
 from __future__ import annotations
