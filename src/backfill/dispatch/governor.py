@@ -10,9 +10,17 @@ the decision to the dispatcher in one call, `dispatcher.apply(decision)` (limit,
 deferral, shedding). All the thinking is in `policy.py`; this module only measures and acts.
 
 An upstream without metrics still works: the policy then learns from the gateway's latencies
-and the dispatcher's errors alone. A scrape that fails, or a page without a running count
-under a known name, counts as "no metrics" for that tick. `engine_load` keeps the last tick's
-`EngineLoad` (None: no engine metrics), for `/metrics`; a change between the two is logged.
+(TPOT and TTFT) and the dispatcher's errors alone, and stays dormant (the ceiling) until the
+first real-time request passes the gateway. A scrape that fails, or a page without a running
+count under a known name, counts as "no metrics" for that tick, and the next scrapes back off:
+after n such ticks in a row the next scrape waits `interval` x 2^(n-1), at most `RESCRAPE_SECONDS`
+(60 s) for an upstream that never served metrics (llama-cpp-python's `/metrics` is a 404; the
+engine itself asks again only every 30 s after a non-200, but a page without a known running
+count, TGI's say, would otherwise be fetched and parsed 10 times a second for nothing), and at
+most `RESCRAPE_AFTER_METRICS` (5 s) for one that did (a vLLM whose scrape timed out is read
+again soon). `engine_load` keeps the last tick's `EngineLoad` (None: no engine metrics), for
+`/metrics`; a change between the two is logged, once per change, and so is the policy waking
+from dormancy.
 
 The last decisions are kept in `history` (time, decision) for logs, tests and benches.
 """
@@ -34,6 +42,11 @@ from backfill.metrics import KV_USAGE, RUNNING, TPOT, WAITING
 from backfill.settings import ModelConfig, Settings
 
 log = logging.getLogger("backfill.governor")
+
+#: longest pause between two scrapes of an upstream that never served metrics (seconds)
+RESCRAPE_SECONDS = 60.0
+#: longest pause between two scrapes of an upstream that served metrics before (seconds)
+RESCRAPE_AFTER_METRICS = 5.0
 
 
 def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
@@ -84,6 +97,9 @@ class Governor:
         #: the `EngineLoad` fields the engine did not serve at the last tick (read as 0)
         self.engine_missing: frozenset[str] = frozenset()
         self._on_engine: bool | None = None  # logged when it changes
+        self._misses = 0  # scrapes in a row without engine figures
+        self._next_scrape = -float("inf")
+        self._metrics_seen = False
 
     async def load(self) -> EngineLoad | None:
         engine = self.engine
@@ -121,34 +137,75 @@ class Governor:
             tpot=tpot,
         )
 
-    async def tick(self) -> Decision:
+    async def scrape(self) -> EngineLoad | None:
+        """`load()`, unless the last scrapes read nothing and the back-off says not yet (see
+        the module doc)."""
+        now = self._clock()
+        if now < self._next_scrape:
+            return None
         engine_load = await self.load()
+        if engine_load is not None:
+            self._misses = 0
+            self._metrics_seen = True
+            self._next_scrape = -float("inf")
+            return engine_load
+        self._misses += 1
+        cap = RESCRAPE_AFTER_METRICS if self._metrics_seen else RESCRAPE_SECONDS
+        pause = min(cap, self.interval * 2.0 ** min(self._misses - 1, 30))
+        self._next_scrape = now + pause
+        return None
+
+    async def tick(self) -> Decision:
+        engine_load = await self.scrape()
         self.engine_load = engine_load
         on_engine = engine_load is not None
+        model = self.engine.model
         if on_engine != self._on_engine:
             self._on_engine = on_engine
-            log.info(
-                "governor for %s: %s",
-                self.engine.model,
-                "on the engine's metrics"
-                if on_engine
-                else "on the gateway's latencies alone (no engine metrics read)",
-            )
+            if on_engine:
+                log.info("governor for %s: on the engine's metrics", model)
+            elif not isinstance(self.engine, MetricsSource):
+                log.info("governor for %s: on the gateway's latencies alone", model)
+            else:
+                log.info(
+                    "governor for %s: on the gateway's latencies alone (no engine metrics "
+                    "read; asked again at growing intervals, up to %g s)",
+                    model,
+                    RESCRAPE_AFTER_METRICS if self._metrics_seen else RESCRAPE_SECONDS,
+                )
         stats = self.stats
         dstats = self.dispatcher.stats
-        tpot = stats.drain_tpots()
+        awaiting, waited = stats.awaiting()
         signals = Signals(
             now=self._clock(),
             rt_in_flight=stats.in_flight,
             rt_arrivals=stats.arrivals - self._arrivals,
             batch_in_flight=dstats.in_flight,
             batch_throttled=dstats.throttled - self._throttled,
-            rt_tpot=tuple(tpot),
+            rt_tpot=tuple(stats.drain_tpots()),
+            rt_ttft=tuple(stats.drain_ttfts()),
+            rt_awaiting=awaiting,
+            rt_waited=waited,
             engine=engine_load,
         )
         self._arrivals = stats.arrivals
         self._throttled = dstats.throttled
         decision = self.policy.decide(signals)
+        before = self.history[-1][1] if self.history else None
+        if decision.dormant and before is None:
+            log.info(
+                "governor for %s: dormant, batch at its ceiling (%d) until the first real-time "
+                "request through the gateway",
+                model,
+                decision.limit,
+            )
+        elif before is not None and before.dormant and not decision.dormant:
+            log.info(
+                "governor for %s: awake (%s), limit %d",
+                model,
+                "engine metrics read" if on_engine else "first real-time request",
+                decision.limit,
+            )
         self.dispatcher.apply(decision)
         self.history.append((signals.now, decision))
         return decision

@@ -13,6 +13,13 @@ from the arrival rate's lower bound. It yields in one tick (shedding the excess)
 `growth` per tick; 429/503 halve the limit, a nearly full KV cache stops growth. While real
 time is active it also turns on prefill pacing and long-prompt deferral.
 
+Without engine metrics the policy is dormant (the ceiling, nothing paced, deferred or shed)
+until the first real-time request passes the gateway: with no real time there is nothing to
+protect, and with metrics it may bypass the gateway, so then the policy runs from the start.
+Without metrics it also watches real-time TTFT (`TtftGuard`): at an engine that runs few
+requests at once, real time queues behind batch requests, which the step-time model cannot
+see; the guard caps the batch at the level where TTFT stays near what it is at the floor.
+
 The model, the formula and the measurements behind each choice: `docs/governor.md`.
 """
 
@@ -48,6 +55,12 @@ class PolicyConfig:
     pace: float | None = 1.2  # prefill pacing while real time is active (None: off)
     burst: float = 1024.0  # prompt tokens the pacing lets through at once
     defer_over: float | None = None  # while real time is active, longer prompts go last
+    #: without engine metrics: real-time TTFT above this many times its level with the batch at
+    #: the floor means real time queues behind batch requests at the engine (`TtftGuard`)
+    ttft_alarm: float = 2.0
+    ttft_slack: float = 4.0  # ... plus this many real-time TPOTs (a few engine steps)
+    ttft_jitter: float = 0.025  # ... and at least this many seconds (clocks, network)
+    ttft_probe: int = 3  # TTFTs within the alarm at the guard's cap before it is raised
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +78,10 @@ class Decision:
     burst: float = 0.0
     #: batch requests with more estimated prompt tokens wait while others do (None: no limit)
     defer_over: float | None = None
+    #: no engine metrics and no real-time request seen yet: the ceiling, nothing else
+    dormant: bool = False
+    #: the batch level real-time TTFT allows (`TtftGuard`; None: not watching TTFT)
+    ttft_cap: int | None = None
 
 
 class KneeFit:
@@ -100,6 +117,122 @@ class KneeFit:
         return mean_t / (1 + mean_n / prior), prior
 
 
+class TtftGuard:
+    """Without engine metrics: keeps real time from queueing behind batch requests at the engine.
+
+    An engine that runs one request at a time (llama-cpp-python's server), or a few
+    (llama-server's slots), queues what it cannot run: a real-time request then waits for batch
+    requests to finish before its first token, while its TPOT does not move, so the step-time
+    model (fitted on TPOT) sees nothing. The guard compares each streamed real-time TTFT with
+    `ttft_alarm` x `base` (the median TTFT while the batch was at the floor) + `ttft_slack` x
+    the median real-time TPOT, at least `ttft_jitter` (a TTFT of a few milliseconds doubles by
+    waiting for the engine step in progress, or by a hiccup of the host, which is not
+    queueing: waiting for a batch request ahead costs a good part of its whole duration), and
+    keeps a cap on the batch:
+
+    - until `base` is known (`ttft_probe` samples at the floor) the cap is the floor: without
+      engine metrics nothing else says how many requests the engine runs at once;
+    - a TTFT over that alarm (or a stream still waiting for its first bytes that long), of a
+      request that arrived after the last cut, halves the batch level it waited
+      under (the mean batch in flight over its wait, at most the cap), down to the floor;
+    - TTFTs within the alarm, of requests that arrived after the last change and waited with
+      the batch near the cap, raise the cap by half (at least one): `ttft_probe` of them at
+      first; each cut doubles that count (up to 64) and each raise that held (the next change
+      a raise too) halves it, so that an engine whose TTFT is only good at the floor is probed
+      rarely, not every few requests.
+
+    A cut returns True: the caller sheds every batch request over the new limit at once.
+    """
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self.cap: float | None = None  # None: no streamed real-time request seen yet
+        self._base: deque[float] = deque(maxlen=16)
+        self._tpot: deque[float] = deque(maxlen=32)
+        self._batch: deque[tuple[float, int]] = deque()  # (tick, batch in flight)
+        self._cut_at = -math.inf  # evidence of requests that arrived before is not counted
+        self._changed_at = -math.inf
+        self._good = 0
+        self._need = config.ttft_probe  # good TTFTs at the cap before it is raised
+        self._raised = False  # the last change was a raise
+
+    def base(self) -> float | None:
+        """The median TTFT with the batch at the floor (None: too few samples yet)."""
+        if len(self._base) < self.config.ttft_probe:
+            return None
+        ordered = sorted(self._base)
+        return ordered[len(ordered) // 2]
+
+    def alarm(self) -> float | None:
+        """The TTFT above which real time queued behind the batch (None: no `base` yet)."""
+        base = self.base()
+        if base is None:
+            return None
+        c = self.config
+        step = sorted(self._tpot)[len(self._tpot) // 2] if self._tpot else 0.0
+        return c.ttft_alarm * base + max(c.ttft_jitter, c.ttft_slack * step)
+
+    def _mean_batch(self, since: float) -> float:
+        """Mean batch in flight over the ticks since `since` (the last tick if none)."""
+        values = [n for t, n in self._batch if t >= since] or [self._batch[-1][1]]
+        return sum(values) / len(values)
+
+    def update(self, s: Signals) -> bool:
+        """One tick's TTFTs and waiting streams; True when the cap was cut."""
+        c = self.config
+        self._batch.append((s.now, s.batch_in_flight))
+        while self._batch[0][0] < s.now - c.window:
+            self._batch.popleft()
+        self._tpot.extend(s.rt_tpot)
+        if self.cap is None:
+            if not s.rt_ttft and s.rt_awaiting == 0:
+                return False
+            self.cap = float(c.floor)  # a streamed real-time request: watch its TTFT
+            self._changed_at = self._cut_at = s.now
+        cut = False
+        for ttft in s.rt_ttft:
+            cut = self._judge(s.now, s.now - ttft, ttft) or cut
+        if s.rt_awaiting > 0:
+            alarm = self.alarm()
+            if alarm is not None and s.rt_waited > alarm:
+                cut = self._judge(s.now, s.now - s.rt_waited, s.rt_waited, pending=True) or cut
+        return cut
+
+    def _judge(self, now: float, arrived: float, ttft: float, *, pending: bool = False) -> bool:
+        c = self.config
+        cap = self.cap
+        assert cap is not None
+        batch = self._mean_batch(arrived)
+        if batch <= c.floor + 0.5 and not pending:
+            self._base.append(ttft)
+        alarm = self.alarm()
+        if alarm is None:
+            return False
+        if ttft > alarm:
+            if arrived < self._cut_at:
+                return False  # it waited under a higher level, already cut for
+            self._good = 0
+            self._cut_at = now  # (a batch already at the floor restarts the count, too)
+            lower = max(float(c.floor), math.floor(min(cap, batch) / 2))
+            if lower >= cap:
+                return False
+            self.cap = lower
+            self._changed_at = now
+            self._need = min(64, 2 * self._need)  # a failed probe: the next one later
+            self._raised = False
+            return True
+        if arrived >= self._changed_at and batch >= cap - 0.5:
+            self._good += 1
+            if self._good >= self._need:
+                self.cap = min(float(c.ceiling), cap + max(1.0, cap / 2))
+                self._changed_at = now
+                self._good = 0
+                if self._raised:
+                    self._need = max(c.ttft_probe, self._need // 2)
+                self._raised = True
+        return False
+
+
 class GovernorPolicy:
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
@@ -113,6 +246,10 @@ class GovernorPolicy:
         self._arrivals: deque[tuple[float, int]] = deque()
         self._little_load = 0.0  # running sums for Little's law: load = rate x duration
         self._little_arrivals = 0.0
+        self.guard = TtftGuard(config)
+        #: no engine metrics and no real-time request yet (see `_dormant`)
+        self.dormant = True
+        self._metrics_seen = False
 
     # -- pieces ---------------------------------------------------------------------------------
     def realtime_load(self, s: Signals) -> int:
@@ -180,8 +317,30 @@ class GovernorPolicy:
         return None
 
     # -- the decision ---------------------------------------------------------------------------
+    def _dormant(self, s: Signals) -> Decision | None:
+        """The decision while dormant: nothing to protect yet (None: awake now, for good).
+
+        Without engine metrics the gateway sees all the real time there is: until its first
+        request, the batch has the ceiling and is neither paced, deferred nor shed. Engine
+        metrics wake the policy at once (real time may reach the engine past the gateway)."""
+        if s.engine is None and s.rt_arrivals == 0 and s.rt_in_flight == 0:
+            self.limit = self.config.ceiling
+            self._last_activity = -math.inf  # woken by metrics alone: idle already
+            return Decision(
+                self.limit,
+                knee=self.config.knee_prior,
+                trim=self.trim,
+                idle=True,
+                burst=self.config.burst,
+                dormant=True,
+            )
+        self.dormant = False
+        return None
+
     def decide(self, s: Signals) -> Decision:
         c = self.config
+        if self.dormant and (asleep := self._dormant(s)) is not None:
+            return asleep
         load = self.realtime_load(s)
         if self._last_activity is None or s.rt_arrivals > 0 or load > 0:
             self._last_activity = s.now  # (the first tick counts: idle only after idle_after)
@@ -223,6 +382,16 @@ class GovernorPolicy:
         if s.batch_throttled > 0:
             target = min(target, self.limit / 2)
             self._pause_until = s.now + c.throttle_pause
+        # never any engine metrics: no queueing behind batch requests at the engine (TTFT);
+        # once read, the engine's waiting count shows that (a failed scrape changes nothing)
+        self._metrics_seen = self._metrics_seen or s.engine is not None
+        cut = capped = False
+        cap = None
+        if not self._metrics_seen:
+            cut = self.guard.update(s)
+            cap = self.guard.cap
+            if cap is not None and not idle and cap < target:
+                target, capped = cap, True
 
         limit: float = self.limit
         if target < limit:
@@ -234,12 +403,16 @@ class GovernorPolicy:
         shed = 0
         if c.abort and not idle:
             excess = s.batch_in_flight - self.limit
-            if excess > max(4.0, 0.1 * self.limit):
+            # under the TTFT cap real time waits behind every one of these: shed them all
+            if excess > max(4.0, 0.1 * self.limit) or ((cut or capped) and excess > 0):
                 shed = excess
+        # no pacing under the TTFT guard: its rate comes from batch latencies that include
+        # queueing at the engine (measured at a higher limit, it starved the batch at a lower
+        # one), and a handful of requests is no lump of prefills
         return Decision(
             self.limit,
             shed,
-            pace=None if idle else c.pace,
+            pace=None if idle or cap is not None else c.pace,
             burst=c.burst,
             defer_over=None if idle else c.defer_over,
             target_total=target_total,
@@ -247,4 +420,5 @@ class GovernorPolicy:
             knee=knee,
             trim=self.trim,
             idle=idle,
+            ttft_cap=None if cap is None else int(cap),
         )

@@ -2,21 +2,36 @@
 
 `RealtimeStats` (one per model) is written by the gateway on every real-time request and read
 by the governor on every tick: plain attributes and lists, no locks (one event loop), no
-per-request objects kept beyond the latency samples not yet read. The governor is the only
-reader: `drain_tpots()` hands over the samples gathered since its last tick.
+per-request objects kept beyond the latency samples not yet read and the streams still waiting
+for their first bytes. The governor is the only reader: `drain_tpots()` / `drain_ttfts()` hand
+over the samples gathered since its last tick.
 
 TPOT is wall seconds as the gateway sees them, `(last bytes - first bytes) / (tokens - 1)` of a
 streamed answer, with the token count read from the stream's usage chunk when present, else the
 number of SSE events (an upper bound on TPOT when an upstream packs several tokens into one
-event). Time to first token is not collected: the policy plans TTFT from the engine model and
-the real-time load, not from samples (`docs/governor.md`).
+event).
+
+TTFT is wall seconds from the gateway's call to the upstream to the stream's first body bytes
+(not its headers: vLLM's and SGLang's servers send those before the first token), measured by
+`timed_streams`, the engine as the gateway sees it (`service.Service.api_app` wraps each
+streaming engine in it). `awaiting()` also says how long the oldest stream still without its
+first bytes has waited, so the governor sees a real-time request queued at the engine before
+it is served. Without engine metrics that is how the governor sees real time queueing behind
+batch requests at an engine that runs few requests at once (`docs/governor.md`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
+
+from backfill.engines.base import Engine, EngineReply, StreamingEngine, StreamReply
+
+#: latency samples kept between two governor ticks at most (a tick drains them)
+MAX_SAMPLES = 65536
 
 
 class RealtimeStats:
@@ -25,6 +40,11 @@ class RealtimeStats:
         self.in_flight = 0
         self.arrivals = 0  # cumulative
         self._tpot: list[float] = []
+        self._ttft: list[float] = []
+        #: streams waiting for their first bytes: key -> when the gateway called the upstream
+        #: (dicts keep insertion order: the first is the oldest)
+        self._awaiting: dict[int, float] = {}
+        self._keys = 0
 
     def now(self) -> float:
         return self._clock()
@@ -37,13 +57,111 @@ class RealtimeStats:
     def ended(self, tpot: float | None = None) -> None:
         """A real-time request finished; `tpot`: its streamed answer's TPOT, if measured."""
         self.in_flight -= 1
-        if tpot is not None and len(self._tpot) < 65536:
+        if tpot is not None and len(self._tpot) < MAX_SAMPLES:
             self._tpot.append(tpot)
 
     def drain_tpots(self) -> list[float]:
         """TPOTs recorded since the last call."""
         tpot, self._tpot = self._tpot, []
         return tpot
+
+    # -- time to first token (`timed_streams`) ----------------------------------------------
+    def stream_opened(self) -> int:
+        """A stream was asked of the upstream; returns its key for `first_bytes`/`closed`."""
+        self._keys += 1
+        self._awaiting[self._keys] = self._clock()
+        return self._keys
+
+    def first_bytes(self, key: int) -> None:
+        """The stream's first body bytes arrived: its TTFT is recorded."""
+        opened = self._awaiting.pop(key, None)
+        if opened is not None and len(self._ttft) < MAX_SAMPLES:
+            self._ttft.append(self._clock() - opened)
+
+    def closed(self, key: int) -> None:
+        """The stream ended or failed (no TTFT if it never sent a byte: an error, a drop)."""
+        self._awaiting.pop(key, None)
+
+    def awaiting(self) -> tuple[int, float]:
+        """Streams still waiting for their first bytes, and how long the oldest has waited."""
+        awaiting = self._awaiting
+        if not awaiting:
+            return 0, 0.0
+        return len(awaiting), self._clock() - next(iter(awaiting.values()))
+
+    def drain_ttfts(self) -> list[float]:
+        """TTFTs recorded since the last call."""
+        ttft, self._ttft = self._ttft, []
+        return ttft
+
+
+class _TimedStreams:
+    """A streaming engine as the gateway sees it: `stream` also reports each answer's time to
+    its first body bytes to `stats`. Everything else is the engine's."""
+
+    def __init__(self, engine: Any, stats: RealtimeStats) -> None:
+        self.inner = engine
+        self.stats = stats
+        self.model: str = engine.model
+        self.endpoints: frozenset[str] = engine.endpoints
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def send(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (a per-request budget)
+    ) -> EngineReply:
+        reply: EngineReply = await self.inner.send(endpoint, body, timeout=timeout)
+        return reply
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (a per-request budget)
+    ) -> AsyncIterator[StreamReply]:
+        stats = self.stats
+        key = stats.stream_opened()
+        chunks: AsyncIterator[bytes] | None = None
+        try:
+            async with self.inner.stream(endpoint, body, timeout=timeout) as reply:
+                if reply.status != 200:  # an error answer: no first token to time
+                    stats.closed(key)
+                    yield reply
+                    return
+                chunks = self._timed(reply.chunks, key)
+                yield StreamReply(reply.status, reply.headers, chunks)
+        finally:
+            stats.closed(key)
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _timed(self, chunks: AsyncIterator[bytes], key: int) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            if chunk:
+                self.stats.first_bytes(key)
+                yield chunk
+                break
+        async for chunk in chunks:
+            yield chunk
+
+
+def timed_streams(engine: Engine, stats: RealtimeStats) -> Engine:
+    """`engine` for the gateway: a streaming one reports its streams' TTFT to `stats`; any
+    other is returned as it is (the gateway serves it without streaming)."""
+    if isinstance(engine, StreamingEngine):
+        return _TimedStreams(engine, stats)
+    return engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,4 +187,9 @@ class Signals:
     batch_in_flight: int  # batch requests at the engine
     batch_throttled: int = 0  # batch answers 429/503 since the previous tick
     rt_tpot: tuple[float, ...] = ()  # real-time TPOTs since the previous tick (wall seconds)
+    #: real-time TTFTs (gateway to first bytes) of streams whose first bytes came since the
+    #: previous tick (wall seconds)
+    rt_ttft: tuple[float, ...] = ()
+    rt_awaiting: int = 0  # real-time streams still waiting for their first bytes
+    rt_waited: float = 0.0  # seconds the oldest of those has waited so far
     engine: EngineLoad | None = None  # None: the upstream serves no metrics

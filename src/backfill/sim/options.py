@@ -35,3 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stream-interval-ms", type=float, default=20.0, help="flush streams this often"
     )
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="answer 404 to /metrics, as an engine without metrics (llama-cpp-python's server)",
+    )

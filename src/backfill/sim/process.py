@@ -64,6 +64,7 @@ def start_sim(
     num_gpu_blocks: int | None = None,
     stream_interval_ms: float | None = None,
     uvloop: bool = True,
+    metrics: bool = True,
     startup_timeout: float = 15.0,
 ) -> SimProcess:
     """Start `python -m backfill.sim` and wait (with a deadline) until it listens."""
@@ -82,5 +83,7 @@ def start_sim(
             cmd += [flag, str(value)]
     if not uvloop:
         cmd.append("--no-uvloop")
+    if not metrics:
+        cmd.append("--no-metrics")
     proc, bound = spawn_ready(cmd, what="sim", startup_timeout=startup_timeout)
     return SimProcess(proc, host, bound, model_name)

@@ -33,6 +33,10 @@ body, and in the last content chunk and the usage chunk of a stream) with simula
 `preemptions` and `cached_tokens`. The openai SDK keeps unknown fields: `response.sim` /
 `chunk.model_extra["sim"]`.
 
+`--no-metrics` answers 404 to `/metrics`, as an engine without metrics does (llama-cpp-python's
+server; llama-server without `--metrics`); with `--max-num-seqs 1` the engine runs one request
+at a time and queues the others in arrival order (by `priority` first), as those servers do.
+
 Request fields read: `model` (must be the served name when given), `messages` / `prompt`,
 `max_completion_tokens` or `max_tokens` (default 16; exactly that many tokens are generated,
 `finish_reason` is `length`), `stream`, `stream_options.include_usage`, `priority` (vLLM's: an
@@ -99,6 +103,7 @@ class SimServer:
         model_name: str | None = None,
         stream_interval: float = 0.02,
         max_lag: float = 0.05,
+        metrics: bool = True,
     ) -> None:
         if speedup <= 0:
             raise ValueError("speedup must be positive")
@@ -108,6 +113,7 @@ class SimServer:
         self.model_name = model_name or profile.model
         self.stream_interval = stream_interval
         self.max_lag = max_lag
+        self.serves_metrics = metrics
         self.lag_s = 0.0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -227,7 +233,7 @@ class SimServer:
                 "max_model_len": self.engine.max_len,
             }
             return response(200, orjson.dumps({"object": "list", "data": [model]}), keep_alive)
-        if path == b"/metrics":
+        if path == b"/metrics" and self.serves_metrics:
             text = self.metrics_text().encode()
             return response(200, text, keep_alive, b"text/plain; version=0.0.4; charset=utf-8")
         if path == b"/sim/stats":
@@ -385,12 +391,17 @@ async def serve(
     speedup: float = 1.0,
     model_name: str | None = None,
     stream_interval: float = 0.02,
+    metrics: bool = True,
 ) -> SimServer:
     """Start a simulator on the running loop; `await server.aclose()` to stop it."""
     if isinstance(profile, str):
         profile = get_profile(profile)
     server = SimServer(
-        profile, speedup=speedup, model_name=model_name, stream_interval=stream_interval
+        profile,
+        speedup=speedup,
+        model_name=model_name,
+        stream_interval=stream_interval,
+        metrics=metrics,
     )
     await server.start(host, port)
     return server
@@ -413,6 +424,7 @@ async def _main(args: argparse.Namespace) -> None:
         speedup=args.speedup,
         model_name=args.model_name,
         stream_interval=args.stream_interval_ms / 1000.0,
+        metrics=not args.no_metrics,
     )
     try:
         await announce(server.port)
