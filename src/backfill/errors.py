@@ -29,7 +29,9 @@ replies and the error objects put in result lines all build it here.
 
 Exceptions kept outside the tree are private control flow of one module: `api/protocol.py`'s
 `_Refused` (stops the HTTP parser; the refusal is sent by the protocol itself) and
-`cli/run.py`'s `InvalidFile` (`backfill run` prints the problems and exits 2; no HTTP answer).
+`cli/run.py`'s `InvalidFile` (`backfill run` prints the problems and exits 2; no HTTP answer)
+and `engines/smollm2.py`'s `FetchFailed` (a default chat model that could not be fetched is
+logged and left out; the server starts without it).
 The tools (`sim/`, `testing/`) keep their own.
 """
 

@@ -12,8 +12,12 @@ An entry point is loaded only when a model asks for its kind, so a deployment th
 to HTTP upstreams never imports the in-process engines (and those import torch and transformers
 only in `start()`).
 
-`default_models()` is what a server with no configured model serves: the packaged
-all-MiniLM-L6-v2 as `all-MiniLM-L6-v2` when it (and torch) is installed, else nothing.
+`default_models()` is what a server with no configured model serves, with `backfill[local]`:
+the packaged all-MiniLM-L6-v2 as `all-MiniLM-L6-v2` for embeddings, and SmolLM2-135M-Instruct
+as `SmolLM2-135M-Instruct` for chat and completions on the `transformers` engine (fetched and
+converted once into a cache at the first start, see `engines/smollm2.py`; when that fails the
+server starts without it). Without the extra: nothing. A settings object with a
+`default_chat_model = False` field keeps the chat model out (embeddings only).
 """
 
 from __future__ import annotations
@@ -46,19 +50,28 @@ def engine_factory(kind: str) -> EngineFactory | None:
 
 
 def with_default_models(settings: Settings) -> Settings:
-    """`settings`, serving the packaged model when none is configured (and that is on)."""
+    """`settings`, serving the default models when none is configured (and that is on)."""
     if settings.models or not settings.default_model:
         return settings
-    return settings.model_copy(update={"models": default_models()})
+    chat = settings.default_chat_model
+    return settings.model_copy(update={"models": default_models(chat=chat)})
 
 
-def default_models() -> list[ModelConfig]:
-    """The packaged embeddings model, when installed; no network, no GPU needed."""
+def default_models(*, chat: bool = True) -> list[ModelConfig]:
+    """The packaged embeddings model and the default chat model, those that are available;
+    no GPU, no model hub. The chat model is fetched and converted here at its first use."""
     from backfill.engines.embeddings import PACKAGED_NAME, default_models_available
 
-    if not default_models_available():
-        return []
-    return [ModelConfig(name=PACKAGED_NAME, kind="embeddings")]
+    models = []
+    if default_models_available():
+        models.append(ModelConfig(name=PACKAGED_NAME, kind="embeddings"))
+    if chat:
+        from backfill.engines.smollm2 import default_chat_model
+
+        config = default_chat_model()
+        if config is not None:
+            models.append(config)
+    return models
 
 
 def build_engine(config: ModelConfig) -> Engine:

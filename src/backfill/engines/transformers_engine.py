@@ -24,7 +24,9 @@ Supported: `max_tokens` / `max_completion_tokens`, `temperature` (0..2), `top_p`
 `unsupported_parameter`): `logprobs`, `best_of` > 1, `echo`, non-zero presence/frequency
 penalties, `logit_bias`. Tools and response formats are ignored (passed to the chat template).
 
-Options (`ModelConfig.options`): `dtype` (default float32 on CPU, bfloat16 on GPU), `device`,
+Options (`ModelConfig.options`): `default_temperature` and `default_top_p` (what a request that
+gives none gets; default 1.0 as OpenAI's; a small model answers better cooler, as its model card
+often says), `dtype` (default float32 on CPU, bfloat16 on GPU), `device`,
 `max_model_len` (default: the model's `max_position_embeddings`), `max_n`, `page_size`,
 `num_blocks`, `max_batch_tokens`, `max_requests_per_batch` (continuous-batching cache sizing;
 transformers infers them from accelerator memory when unset; on a CPU the defaults are pages of
@@ -87,8 +89,16 @@ def _int(body: dict[str, Any], key: str) -> int | None:
     return value
 
 
-def parse_sampling(body: dict[str, Any], endpoint: str, max_n: int) -> Sampling:
-    """The sampling parameters of one request, checked (raises `InvalidRequest`)."""
+def parse_sampling(
+    body: dict[str, Any],
+    endpoint: str,
+    max_n: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> Sampling:
+    """The sampling parameters of one request, checked (raises `InvalidRequest`);
+    `temperature` and `top_p` are what a request that gives none gets."""
     for key in ("logprobs", "top_logprobs", "echo", "logit_bias"):
         if body.get(key) not in (None, False, 0, {}):
             raise InvalidRequest(
@@ -133,8 +143,8 @@ def parse_sampling(body: dict[str, Any], endpoint: str, max_n: int) -> Sampling:
         )
     return Sampling(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
+        temperature=_number(body, "temperature", temperature, 0.0, 2.0),
+        top_p=_number(body, "top_p", top_p, 0.0, 1.0) or 1.0,
         seed=seed,
         stop=[s for s in stops if s],
         n=n,
@@ -245,6 +255,8 @@ class TransformersEngine:
         self.endpoints = frozenset(config.endpoints) & {CHAT, COMPLETIONS}
         opts = config.options
         self.max_n = int(opts.get("max_n", 16))
+        self.default_temperature = float(opts.get("default_temperature", 1.0))
+        self.default_top_p = float(opts.get("default_top_p", 1.0))
         self._opts = opts
         self._manager: Any = None
         self._tokenizer: Any = None
@@ -339,7 +351,13 @@ class TransformersEngine:
         if endpoint not in self.endpoints:
             return error_reply(404, f"{endpoint} is not served by {self.model!r}.")
         try:
-            sampling = parse_sampling(body, endpoint, self.max_n)
+            sampling = parse_sampling(
+                body,
+                endpoint,
+                self.max_n,
+                temperature=self.default_temperature,
+                top_p=self.default_top_p,
+            )
             if endpoint == CHAT:
                 prompts: list[list[int]] = [self._chat_ids(body)]
             else:
