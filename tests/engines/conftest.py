@@ -70,7 +70,21 @@ def vllm(
         ],
     )
     server.start(timeout=float(os.environ.get("BACKFILL_VLLM_START_TIMEOUT", "600")))
+    _running.append(server)
     try:
         yield server
     finally:
         server.stop()
+
+
+#: the tier's vLLM while it runs (for the hook below)
+_running: list[VllmProcess] = []
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop vLLM as soon as the tier's last test is done, not at the end of the session: even
+    idle, vLLM's CPU worker keeps spinning and would slow every later tier."""
+    here = Path(__file__).parent
+    if _running and (nextitem is None or here not in nextitem.path.parents):
+        while _running:
+            _running.pop().stop()

@@ -273,6 +273,55 @@ def test_an_upstream_without_metrics_is_asked_rarely_and_logged_once(
     assert sum("awake (first real-time request)" in m for m in messages) == 1
 
 
+class FlakyMetrics(NoMetrics):
+    """An engine with vLLM's figures whose scrapes sometimes fail (a busy vLLM answering its
+    `/metrics` late: the scrape times out), and that can stop serving them altogether."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: set[int] = set()  # scrape numbers that fail
+        self.gone = False
+
+    async def load_metrics(self) -> dict[str, float] | None:
+        self.scrapes += 1
+        if self.gone or self.scrapes in self.failing:
+            return None
+        return {"vllm:num_requests_running": 3.0, "vllm:num_requests_waiting": 1.0}
+
+
+def test_a_missed_scrape_keeps_the_last_reading_and_is_not_a_switch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = [0.0]
+    fake = FlakyMetrics()
+    fake.failing = {n for n in range(2, 400) if n % 7 == 0}  # one scrape in seven times out
+    dispatcher = Dispatcher.from_config(fake, ModelConfig(name="m", url="x", max_concurrency=64))  # type: ignore[arg-type]
+    gov = Governor(
+        dispatcher,
+        RealtimeStats(clock=lambda: clock[0]),
+        GovernorPolicy(PolicyConfig(ceiling=64)),
+        clock=lambda: clock[0],
+    )
+
+    async def ticks(n: int) -> list[EngineLoad | None]:
+        out = []
+        for _ in range(n):
+            clock[0] += 0.1
+            await gov.tick()
+            out.append(gov.engine_load)
+        return out
+
+    with caplog.at_level(logging.INFO, logger="backfill.governor"):
+        held = asyncio.run(ticks(300))
+        assert all(load is not None and load.running == 3.0 for load in held)
+        fake.gone = True  # the metrics are gone for good: after the hold, the gateway's alone
+        after = asyncio.run(ticks(50))
+    assert after[0] is not None and after[-1] is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("on the engine's metrics" in m for m in messages) == 1, messages
+    assert sum("on the gateway's latencies alone" in m for m in messages) == 1, messages
+
+
 # -- the gateway's TTFT ----------------------------------------------------------------------
 
 

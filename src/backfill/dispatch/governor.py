@@ -18,9 +18,12 @@ after n such ticks in a row the next scrape waits `interval` x 2^(n-1), at most 
 engine itself asks again only every 30 s after a non-200, but a page without a known running
 count, TGI's say, would otherwise be fetched and parsed 10 times a second for nothing), and at
 most `RESCRAPE_AFTER_METRICS` (5 s) for one that did (a vLLM whose scrape timed out is read
-again soon). `engine_load` keeps the last tick's `EngineLoad` (None: no engine metrics), for
-`/metrics`; a change between the two is logged, once per change, and so is the policy waking
-from dormancy.
+again soon). A scrape missed within `HOLD_READING_SECONDS` (2 s) of the last good one keeps that
+reading (without TPOT): a vLLM too busy to answer one scrape in time is not a switch to the
+gateway's latencies and back (on a starved 2-core machine that flipped the source, and its log
+line, every few seconds). `engine_load` keeps the last tick's `EngineLoad` (None: no engine
+metrics), for `/metrics`; a change between the two is logged, once per change, and so is the
+policy waking from dormancy.
 
 The last decisions are kept in `history` (time, decision) for logs, tests and benches.
 """
@@ -47,6 +50,9 @@ log = logging.getLogger("backfill.governor")
 RESCRAPE_SECONDS = 60.0
 #: longest pause between two scrapes of an upstream that served metrics before (seconds)
 RESCRAPE_AFTER_METRICS = 5.0
+#: a missed scrape within this many seconds of the last good one keeps that reading (its
+#: running/waiting/KV; no TPOT): one slow or failed scrape is not a switch of signal source
+HOLD_READING_SECONDS = 2.0
 
 
 def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
@@ -100,6 +106,7 @@ class Governor:
         self._misses = 0  # scrapes in a row without engine figures
         self._next_scrape = -float("inf")
         self._metrics_seen = False
+        self._last_good: tuple[float, EngineLoad] | None = None  # (when, what) last read
 
     async def load(self) -> EngineLoad | None:
         engine = self.engine
@@ -142,18 +149,26 @@ class Governor:
         the module doc)."""
         now = self._clock()
         if now < self._next_scrape:
-            return None
+            return self._held(now)
         engine_load = await self.load()
         if engine_load is not None:
             self._misses = 0
             self._metrics_seen = True
             self._next_scrape = -float("inf")
+            self._last_good = (now, engine_load)
             return engine_load
         self._misses += 1
         cap = RESCRAPE_AFTER_METRICS if self._metrics_seen else RESCRAPE_SECONDS
         pause = min(cap, self.interval * 2.0 ** min(self._misses - 1, 30))
         self._next_scrape = now + pause
-        return None
+        return self._held(now)
+
+    def _held(self, now: float) -> EngineLoad | None:
+        """The last good reading, without its TPOT, while it is recent enough; else None."""
+        if self._last_good is None or now - self._last_good[0] > HOLD_READING_SECONDS:
+            return None
+        held = self._last_good[1]
+        return EngineLoad(held.running, held.waiting, held.kv_usage, tpot=None)
 
     async def tick(self) -> Decision:
         engine_load = await self.scrape()
