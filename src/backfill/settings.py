@@ -106,8 +106,13 @@ class Settings(BaseSettings):
     run_worker: bool = True
     run_scheduler: bool = True
 
-    max_upload_bytes: int = 100 * MB
+    max_upload_bytes: int = 200 * MB  # OpenAI's limit for batch files
     max_requests_per_batch: int = 50_000
+    #: inputs over all lines of one `/v1/embeddings` batch (OpenAI's limit)
+    max_embedding_inputs_per_batch: int = 50_000
+    #: uploads with purpose "batch" and no `expires_after` expire this long after upload, as
+    #: at OpenAI (30 days); 0 or None: kept until deleted
+    batch_file_expiry_seconds: int | None = 30 * 86400
     max_validation_errors: int = 100
     min_completion_window: int = 3600
     max_completion_window: int = 7 * 86400

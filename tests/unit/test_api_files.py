@@ -49,7 +49,7 @@ async def test_upload_returns_file_object_and_stores_bytes(tmp_path: Path) -> No
             "object": "file",
             "bytes": len(LINES),
             "created_at": T0,
-            "expires_at": None,
+            "expires_at": T0 + 30 * 86400,  # batch files expire after 30 days by default
             "filename": "requests.jsonl",
             "purpose": "batch",
             "status": "processed",

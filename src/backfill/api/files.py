@@ -78,11 +78,21 @@ def _check_purpose(purpose: str | None) -> str:
     return purpose
 
 
-def _expires_at(fields: dict[str, str], now: int) -> int | None:
+def _expires_at(fields: dict[str, str], now: int, *, complete: bool = True) -> int | None:
+    """`now` + `expires_after[seconds]`, or None without `expires_after`. Both parts are
+    required, as at OpenAI; `complete=False` checks the fields read so far (before the file),
+    where a missing anchor may still come after it."""
     anchor = fields.get("expires_after[anchor]")
     seconds_text = fields.get("expires_after[seconds]")
     if anchor is None and seconds_text is None:
         return None
+    if anchor is None and complete:
+        raise InvalidRequest(
+            "Missing required parameter: 'expires_after[anchor]' (it must be 'created_at' "
+            "when 'expires_after[seconds]' is given).",
+            param="expires_after",
+            code="missing_required_parameter",
+        )
     if anchor is not None and anchor != "created_at":
         raise InvalidRequest(
             f"Invalid value for 'expires_after[anchor]': {anchor!r}. Supported values are: "
@@ -132,7 +142,7 @@ async def store_upload(ctx: ApiContext, project: Project, upload: MultipartUploa
     if "purpose" in upload.fields:
         _check_purpose(upload.fields["purpose"])
     if "expires_after[seconds]" in upload.fields:
-        _expires_at(upload.fields, 0)
+        _expires_at(upload.fields, 0, complete=False)
     file_id = new_file_id()
     path = paths.file_path(file_id)
     size = await ctx.blobs.put_stream(path, upload.file_chunks())
@@ -140,6 +150,10 @@ async def store_upload(ctx: ApiContext, project: Project, upload: MultipartUploa
         await upload.read_rest()
         purpose = _check_purpose(upload.fields.get("purpose"))
         now = ctx.now()
+        expires_at = _expires_at(upload.fields, now)
+        default_expiry = ctx.settings.batch_file_expiry_seconds
+        if expires_at is None and purpose == "batch" and default_expiry:
+            expires_at = now + default_expiry  # as OpenAI: batch files expire after 30 days
         record = FileRecord(
             id=file_id,
             project_id=project.id,
@@ -148,7 +162,7 @@ async def store_upload(ctx: ApiContext, project: Project, upload: MultipartUploa
             bytes=size,
             created_at=now,
             blob_path=path,
-            expires_at=_expires_at(upload.fields, now),
+            expires_at=expires_at,
             status="processed",
         )
         await call(ctx.store.insert_file, record)

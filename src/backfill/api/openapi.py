@@ -397,7 +397,10 @@ def _extra_schemas() -> dict[str, Any]:
                 "maximum": MAX_EXPIRES_AFTER,
             },
         },
-        "dependentRequired": {"expires_after[anchor]": ["expires_after[seconds]"]},
+        "dependentRequired": {
+            "expires_after[anchor]": ["expires_after[seconds]"],
+            "expires_after[seconds]": ["expires_after[anchor]"],
+        },
     }
     schemas["RealtimeRequest"] = {
         "type": "object",

@@ -26,6 +26,9 @@ BOM = b"\xef\xbb\xbf"
 @dataclass(frozen=True, slots=True)
 class ValidationLimits:
     max_requests: int = 50_000
+    #: inputs over all lines of an `/v1/embeddings` batch (see `embedding_inputs`); None: no
+    #: cap (`backfill run`, which has no per-batch limits; the service passes its setting)
+    max_embedding_inputs: int | None = None
     max_errors: int = 100
     max_line_bytes: int = 8 * 1024 * 1024
     shard_size: int = 2000
@@ -40,6 +43,7 @@ class ValidationResult:
     errors: list[BatchError] = field(default_factory=list)
     shards: list[Shard] = field(default_factory=list)
     estimated_tokens: int = 0
+    embedding_inputs: int = 0  # `/v1/embeddings` batches only
 
     @property
     def ok(self) -> bool:
@@ -68,6 +72,7 @@ class InputValidator:
         self._offset = 0  # file offset of the next byte fed
         self._line_no = 0
         self._too_many_reported = False
+        self._too_many_inputs_reported = False
         self._overflow = False
         # shard under construction
         self._shard_first_line = 0
@@ -212,6 +217,19 @@ class InputValidator:
                     None,
                 )
             return
+        cap = self._limits.max_embedding_inputs
+        if cap is not None and self._endpoint == EMBEDDINGS:
+            r.embedding_inputs += embedding_inputs(body.get("input"))
+            if r.embedding_inputs > cap:
+                if not self._too_many_inputs_reported:
+                    self._too_many_inputs_reported = True
+                    self._error(
+                        "too_many_tasks",
+                        f"The embedding inputs of the file add up to more than {cap} (at "
+                        f"this line: {r.embedding_inputs}), the limit per /v1/embeddings batch.",
+                        "body.input",
+                    )
+                return
         r.total += 1
         r.estimated_tokens += _estimate_tokens(raw, body)
         self._add_to_shard(line_start, line_end)
@@ -252,6 +270,21 @@ class InputValidator:
                     line=self._line_no if line == -1 else line,
                 )
             )
+
+
+EMBEDDINGS = "/v1/embeddings"
+
+
+def embedding_inputs(value: Any) -> int:
+    """How many inputs an embeddings request's `input` holds, as OpenAI counts them for its
+    per-batch limit: a string or one token array (a list of integers) is 1 input; a list of
+    strings or of token arrays is one input an element. Anything else counts 1 (the engine
+    rejects it later)."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return 1
+        return len(value)
+    return 1
 
 
 def _check_envelope(obj: dict[str, Any], endpoint: str) -> tuple[str, str, str] | None:

@@ -76,6 +76,7 @@ class Scheduler:
         )
         self._limits = ValidationLimits(
             max_requests=settings.max_requests_per_batch,
+            max_embedding_inputs=settings.max_embedding_inputs_per_batch,
             max_errors=settings.max_validation_errors,
             max_line_bytes=settings.max_line_bytes,
             shard_size=settings.shard_size,
