@@ -1,4 +1,9 @@
-"""`backfill` command line entry point (argparse: no extra dependency)."""
+"""`backfill` command line entry point.
+
+The server commands (serve, worker, run, keys, sim) are on argparse; the client commands
+(submit, batches, files, retry) and `--version` are on typer in `cli/client.py`, which `main`
+hands its argv to.
+"""
 
 from __future__ import annotations
 
@@ -34,9 +39,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
+# the client commands, in `cli/client.py` (kept here so the server commands need not import it)
+_CLIENT_COMMANDS = frozenset({"submit", "batches", "files", "retry"})
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="backfill", description="Self-hosted OpenAI-compatible Batch API."
+        prog="backfill",
+        description="Self-hosted OpenAI-compatible Batch API.",
+        epilog="client commands (any OpenAI-compatible API; `backfill COMMAND --help`): "
+        "submit, batches list|get|cancel|results|watch, files upload|list|get|download|delete, "
+        "retry; --version",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -243,6 +256,11 @@ def _sim(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and (argv[0] in _CLIENT_COMMANDS or argv[0] == "--version"):
+        from backfill.cli.client import run as run_client  # typer, rich, openai: client only
+
+        return run_client(argv)
     args = _parser().parse_args(argv)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.basicConfig(
