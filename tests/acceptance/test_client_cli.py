@@ -140,3 +140,27 @@ def test_errors_and_version(server: BackfillProcess, tmp_path: Path) -> None:
     bad_key = cli(server, tmp_path, "files", "list", "--api-key", "sk-wrong", check=False)
     assert bad_key.returncode == 1 and "HTTP 401" in bad_key.stderr
     assert client.COMMANDS == main._CLIENT_COMMANDS
+
+
+def test_submit_wait_against_the_simulator(tmp_path: Path) -> None:
+    """The same `submit --wait` with `backfill sim` (a simulated vLLM: streaming, metrics, the
+    governor reading them) as the model's upstream."""
+    from backfill.sim.process import start_sim
+
+    with start_sim(speedup=50.0, model_name="sim-llama") as sim:
+        proc = BackfillProcess(
+            tmp_path / "data", api_keys=[KEY], models=[f"sim-llama={sim.url}"]
+        ).start()
+        try:
+            lines = [chat_line(f"s{i}", f"question {i}", model="sim-llama") for i in range(20)]
+            path = write_input(tmp_path / "sim.jsonl", lines)
+            out = cli(proc, tmp_path, "submit", str(path), "--wait", "--interval", "0.2")
+            batch_id = out.stdout.strip()
+            rows = read_lines(tmp_path / f"{batch_id}.output.jsonl")
+            assert sorted(r["custom_id"] for r in rows) == sorted(f"s{i}" for i in range(20))
+            for row in rows:
+                body = row["response"]["body"]
+                assert body["usage"]["completion_tokens"] > 0
+                assert "sim" in body  # the simulator's own answer, with its simulated latencies
+        finally:
+            proc.stop()
