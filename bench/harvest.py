@@ -206,6 +206,25 @@ timeout = 3600
     return path
 
 
+def cancel_and_collect(client: OpenAI, batch_id: str) -> list[tuple[float, int, int]]:
+    """Cancel the batch, wait until it ends, and return (simulated finish, total tokens, prompt
+    tokens) of every request it finished."""
+    client.batches.cancel(batch_id)
+    deadline = time.monotonic() + 120
+    terminal = ("cancelled", "completed", "failed", "expired")
+    while (b := client.batches.retrieve(batch_id)).status not in terminal:
+        if time.monotonic() > deadline:
+            raise TimeoutError("batch did not cancel")
+        time.sleep(0.3)
+    out: list[tuple[float, int, int]] = []
+    if b.output_file_id:
+        for line in client.files.content(b.output_file_id).text.splitlines():
+            body = json.loads(line)["response"]["body"]
+            usage = body["usage"]
+            out.append((body["sim"]["finish_s"], usage["total_tokens"], usage["prompt_tokens"]))
+    return out
+
+
 def run_phase(
     name: str,
     sim: SimProcess,
@@ -257,24 +276,7 @@ def run_phase(
             metrics = parse(resp.read().decode(), drop_labels=("model",))
         phase.deferred = metrics.get("backfill_batch_deferred", 0.0)
         if batch_id is not None:
-            client.batches.cancel(batch_id)
-            deadline = time.monotonic() + 120
-            while (b := client.batches.retrieve(batch_id)).status not in (
-                "cancelled",
-                "completed",
-                "failed",
-                "expired",
-            ):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("batch did not cancel")
-                time.sleep(0.3)
-            if b.output_file_id:
-                for line in client.files.content(b.output_file_id).text.splitlines():
-                    body = json.loads(line)["response"]["body"]
-                    usage = body["usage"]
-                    phase.batch.append(
-                        (body["sim"]["finish_s"], usage["total_tokens"], usage["prompt_tokens"])
-                    )
+            phase.batch.extend(cancel_and_collect(client, batch_id))
     phase.wall_s = time.monotonic() - wall0
     return phase
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from backfill.sim.metrics import parse
 from backfill.sim.offline import Distribution
 from backfill.sim.process import SimProcess, start_sim
 from backfill.testing.server import BackfillProcess
-from harvest import KEY, PROFILE, Phase, batch_file, replay
+from harvest import KEY, PROFILE, Phase, batch_file, cancel_and_collect, replay
 
 RT_PROMPT, RT_OUT = 64, 32  # tokens of each real-time request
 BATCH_PROMPT, BATCH_OUT = 200, 128  # tokens of each batch request
@@ -141,24 +140,7 @@ def run_phase(
                 "backfill_batch_shed_total", 0.0
             )
         if batch_id is not None:
-            client.batches.cancel(batch_id)
-            deadline = time.monotonic() + 120
-            while (b := client.batches.retrieve(batch_id)).status not in (
-                "cancelled",
-                "completed",
-                "failed",
-                "expired",
-            ):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("batch did not cancel")
-                time.sleep(0.3)
-            if b.output_file_id:
-                for line in client.files.content(b.output_file_id).text.splitlines():
-                    body = json.loads(line)["response"]["body"]
-                    usage = body["usage"]
-                    phase.batch.append(
-                        (body["sim"]["finish_s"], usage["total_tokens"], usage["prompt_tokens"])
-                    )
+            phase.batch.extend(cancel_and_collect(client, batch_id))
     phase.wall_s = time.monotonic() - wall0
     return phase, shed
 

@@ -60,14 +60,6 @@ def test_non_streaming_through_the_gateway(server: BackfillProcess) -> None:
     assert answer.system_fingerprint is not None and answer.system_fingerprint.startswith("vllm")
 
 
-def _counter(vllm: VllmProcess, name: str, label: str = "") -> float:
-    total = 0.0
-    for line in vllm.metrics_text().splitlines():
-        if line.startswith(name + "{") and label in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_client_disconnect_aborts_the_request_at_vllm(
     server: BackfillProcess, vllm: VllmProcess
 ) -> None:
@@ -79,8 +71,8 @@ def test_client_disconnect_aborts_the_request_at_vllm(
         "stream": True,
         "ignore_eos": True,
     }
-    finished_before = _counter(vllm, "vllm:request_success_total")
-    generated_before = _counter(vllm, "vllm:generation_tokens_total")
+    finished_before = vllm.gauge("vllm:request_success_total")
+    generated_before = vllm.gauge("vllm:generation_tokens_total")
     with (
         httpx.Client(timeout=60) as http,
         http.stream(
@@ -103,6 +95,6 @@ def test_client_disconnect_aborts_the_request_at_vllm(
     # request in request_success_total, whatever its finished_reason label offers: what shows
     # an abort is a request that left the running set without finishing, and its few tokens.)
     poll(lambda: vllm.gauge("vllm:num_requests_running") == 0, what="vLLM to run nothing")
-    assert _counter(vllm, "vllm:request_success_total") == finished_before  # not run to its end
-    generated = _counter(vllm, "vllm:generation_tokens_total") - generated_before
+    assert vllm.gauge("vllm:request_success_total") == finished_before  # not run to its end
+    generated = vllm.gauge("vllm:generation_tokens_total") - generated_before
     assert generated < (MAX_MODEL_LEN - 32) // 4, generated
