@@ -19,7 +19,7 @@ needs no inference server. `BACKFILL_DEFAULT_MODEL=false` turns both off,
 `BACKFILL_DEFAULT_CHAT_MODEL=false` the chat model alone.
 
 Real time and batch share each model's engine. Per model, one `RealtimeStats` is written by the
-real-time gateway (its streams timed by `dispatch.signals.timed_streams`) and read by the
+real-time gateway (its streams' TTFT and TPOT included) and read by the
 model's `Governor`, which moves the batch dispatcher's limit. A governor runs (with the worker)
 for every model unless `governor = false` (those keep their fixed `max_concurrency`). On an
 upstream without metrics it stays dormant, the batch at `max_concurrency`, until the first
@@ -41,7 +41,7 @@ from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.governor import Governor, policy_config
 from backfill.dispatch.policy import GovernorPolicy
-from backfill.dispatch.signals import RealtimeStats, timed_streams
+from backfill.dispatch.signals import RealtimeStats
 from backfill.engines.base import Engine
 from backfill.engines.registry import build_engine, build_engines, with_default_models
 from backfill.metrics import Family, Kind
@@ -231,7 +231,7 @@ class Service:
         realtime = {
             m.name: RealtimeModel(
                 m.name,
-                timed_streams(self.engines[m.name], self.realtime_stats[m.name]),
+                self.engines[m.name],
                 m.priority,
                 self.realtime_stats[m.name],
             )

@@ -14,7 +14,7 @@ at all); the TTFT tests fail as HEAD's `Signals` takes no TTFT (it never measure
 policy on the same `OneAtATime` engine without TTFT holds a limit of 6 and a real-time TTFT of
 5.6 s, against 0.6 s here); the service test fails as HEAD started no governor for an upstream
 without metrics or `priority` (`set() == {'plain'}`); the others fail on what HEAD did not
-have (`Decision.dormant`, `Signals.rt_ttft`, `timed_streams`); of those,
+have (`Decision.dormant`, `Signals.rt_ttft`, the relay's TTFT); of those,
 `test_with_engine_metrics_it_governs_from_the_first_tick_as_before` and
 `test_with_engine_metrics_ttft_is_left_to_the_engine_figures` keep HEAD's behaviour with
 metrics in place.
@@ -32,11 +32,13 @@ from typing import Any
 
 import pytest
 
+from backfill.api.context import RealtimeModel
+from backfill.api.realtime import Answer, Relay, _open_stream
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.governor import RESCRAPE_SECONDS, Governor
 from backfill.dispatch.policy import Decision, GovernorPolicy, PolicyConfig
-from backfill.dispatch.signals import EngineLoad, RealtimeStats, Signals, timed_streams
-from backfill.engines.base import EngineReply, StreamingEngine, StreamReply
+from backfill.dispatch.signals import EngineLoad, RealtimeStats, Signals
+from backfill.engines.base import EngineReply, StreamReply
 from backfill.service import Service
 from backfill.settings import ModelConfig, Settings
 
@@ -355,14 +357,17 @@ class Streams:
 def test_the_gateway_times_each_streams_first_bytes() -> None:
     clock = [0.0]
     stats = RealtimeStats(clock=lambda: clock[0])
-    engine = timed_streams(Streams(clock), stats)  # type: ignore[arg-type]
-    assert isinstance(engine, StreamingEngine)
+    target = RealtimeModel("m", Streams(clock), stats=stats)  # type: ignore[arg-type]
 
     async def one(status: int = 200) -> None:
-        async with engine.stream("/v1/chat/completions", {"status": status}) as reply:
-            assert stats.awaiting() == ((1, 0.0) if status == 200 else (0, 0.0))
-            async for _ in reply.chunks:
+        answer = await _open_stream(target, "/v1/chat/completions", {"status": status})
+        if status == 200:
+            assert isinstance(answer, Relay)
+            assert stats.awaiting() == (1, 0.0)
+            async for _ in answer.chunks:
                 assert stats.awaiting()[0] == 0
+        else:
+            assert isinstance(answer, Answer)
 
     asyncio.run(one())
     assert stats.drain_ttfts() == [0.25]  # not the 1.25 s the stream lasted

@@ -275,7 +275,9 @@ async def _open_stream(
         )
     stats = target.stats
     stats.started()
+    key = stats.stream_opened()  # TTFT runs from here to the first body bytes
     stack = contextlib.AsyncExitStack()
+    stack.callback(stats.closed, key)
     try:
         reply = await stack.enter_async_context(engine.stream(endpoint, body))
     except BaseException:
@@ -290,16 +292,18 @@ async def _open_stream(
             stats.ended()
             await stack.aclose()
         return Answer(reply.status, data, media_type)
-    return Relay(reply.status, media_type, _timed(reply.chunks, stack, stats))
+    return Relay(reply.status, media_type, _timed(reply.chunks, stack, stats, key))
 
 
 async def _timed(
     chunks: AsyncIterator[bytes],
     upstream: contextlib.AsyncExitStack,
     stats: RealtimeStats,
+    key: int,
 ) -> AsyncIterator[bytes]:
-    """Yield `chunks`; at the end (or when closed) close `upstream` and report the stream's
-    TPOT (from the usage in its last bytes, else its count of events)."""
+    """Yield `chunks`; report the stream's TTFT at its first bytes (`key`: from
+    `stats.stream_opened()`); at the end (or when closed) close `upstream` and report its TPOT
+    (from the usage in its last bytes, else its count of events)."""
     first = last = 0.0
     events = 0
     tail = b""
@@ -307,8 +311,9 @@ async def _timed(
     try:
         async for chunk in chunks:
             now = clock()
-            if not first:
+            if not first and chunk:
                 first = now
+                stats.first_bytes(key)
             last = now
             events += chunk.count(b"data:")
             tail = (tail + chunk)[-_TAIL:]

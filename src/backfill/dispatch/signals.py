@@ -12,23 +12,19 @@ number of SSE events (an upper bound on TPOT when an upstream packs several toke
 event).
 
 TTFT is wall seconds from the gateway's call to the upstream to the stream's first body bytes
-(not its headers: vLLM's and SGLang's servers send those before the first token), measured by
-`timed_streams`, the engine as the gateway sees it (`service.Service.api_app` wraps each
-streaming engine in it). `awaiting()` also says how long the oldest stream still without its
-first bytes has waited, so the governor sees a real-time request queued at the engine before
-it is served. Without engine metrics that is how the governor sees real time queueing behind
-batch requests at an engine that runs few requests at once (`docs/governor.md`).
+(not its headers: vLLM's and SGLang's servers send those before the first token), reported by
+the gateway's relay (`api/realtime.py`: `stream_opened`, `first_bytes`, `closed`).
+`awaiting()` also says how long the oldest stream still without its first bytes has waited, so
+the governor sees a real-time request queued at the engine before it is served. Without engine
+metrics that is how the governor sees real time queueing behind batch requests at an engine
+that runs few requests at once (`docs/governor.md`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from backfill.engines.base import Engine, EngineReply, StreamingEngine, StreamReply
 
 #: latency samples kept between two governor ticks at most (a tick drains them)
 MAX_SAMPLES = 65536
@@ -65,7 +61,7 @@ class RealtimeStats:
         tpot, self._tpot = self._tpot, []
         return tpot
 
-    # -- time to first token (`timed_streams`) ----------------------------------------------
+    # -- time to first token (the gateway's relay) ------------------------------------------
     def stream_opened(self) -> int:
         """A stream was asked of the upstream; returns its key for `first_bytes`/`closed`."""
         self._keys += 1
@@ -93,75 +89,6 @@ class RealtimeStats:
         """TTFTs recorded since the last call."""
         ttft, self._ttft = self._ttft, []
         return ttft
-
-
-class _TimedStreams:
-    """A streaming engine as the gateway sees it: `stream` also reports each answer's time to
-    its first body bytes to `stats`. Everything else is the engine's."""
-
-    def __init__(self, engine: Any, stats: RealtimeStats) -> None:
-        self.inner = engine
-        self.stats = stats
-        self.model: str = engine.model
-        self.endpoints: frozenset[str] = engine.endpoints
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def send(
-        self,
-        endpoint: str,
-        body: dict[str, Any],
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 (a per-request budget)
-    ) -> EngineReply:
-        reply: EngineReply = await self.inner.send(endpoint, body, timeout=timeout)
-        return reply
-
-    @contextlib.asynccontextmanager
-    async def stream(
-        self,
-        endpoint: str,
-        body: dict[str, Any],
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 (a per-request budget)
-    ) -> AsyncIterator[StreamReply]:
-        stats = self.stats
-        key = stats.stream_opened()
-        chunks: AsyncIterator[bytes] | None = None
-        try:
-            async with self.inner.stream(endpoint, body, timeout=timeout) as reply:
-                if reply.status != 200:  # an error answer: no first token to time
-                    stats.closed(key)
-                    yield reply
-                    return
-                chunks = self._timed(reply.chunks, key)
-                yield StreamReply(reply.status, reply.headers, chunks)
-        finally:
-            stats.closed(key)
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    async def _timed(self, chunks: AsyncIterator[bytes], key: int) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            if chunk:
-                self.stats.first_bytes(key)
-                yield chunk
-                break
-        async for chunk in chunks:
-            yield chunk
-
-
-def timed_streams(engine: Engine, stats: RealtimeStats) -> Engine:
-    """`engine` for the gateway: a streaming one reports its streams' TTFT to `stats`; any
-    other is returned as it is (the gateway serves it without streaming)."""
-    if isinstance(engine, StreamingEngine):
-        return _TimedStreams(engine, stats)
-    return engine
 
 
 @dataclass(frozen=True, slots=True)
