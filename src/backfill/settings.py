@@ -47,9 +47,21 @@ from backfill.errors import InvalidRequest
 MB = 1024 * 1024
 
 
-#: endpoints each in-process engine kind serves when the config does not list them
+#: every endpoint a model may declare in `endpoints` (the batch endpoints OpenAI accepts)
+KNOWN_ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+)
+#: what an upstream (kind `openai`) serves when the config does not list its endpoints; an
+#: upstream that serves `/v1/moderations` says so (`endpoints = [..., "/v1/moderations"]`)
+UPSTREAM_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
+#: endpoints each in-process engine kind serves when the config does not list them; chat
+#: engines serve `/v1/responses` translated to chat (`domain/responses_api.py`)
 IN_PROCESS_ENDPOINTS: dict[str, list[str]] = {
-    "transformers": ["/v1/chat/completions", "/v1/completions"],
+    "transformers": ["/v1/chat/completions", "/v1/completions", "/v1/responses"],
     "embeddings": ["/v1/embeddings"],
 }
 
@@ -72,12 +84,16 @@ class ModelConfig(BaseModel):
     #: default, is on). Without engine metrics it is dormant, the batch at `max_concurrency`,
     #: until the first real-time request for the model passes backfill's gateway
     governor: bool | None = None
-    endpoints: list[str] = Field(
-        default_factory=lambda: ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
-    )
+    endpoints: list[str] = Field(default_factory=lambda: list(UPSTREAM_ENDPOINTS))
 
     @model_validator(mode="after")
     def _kind_defaults(self) -> ModelConfig:
+        unknown = [e for e in self.endpoints if e not in KNOWN_ENDPOINTS]
+        if unknown:
+            raise ValueError(
+                f"model {self.name!r}: unknown endpoints {unknown} (known: "
+                f"{', '.join(KNOWN_ENDPOINTS)})"
+            )
         if self.kind in IN_PROCESS_ENDPOINTS and "endpoints" not in self.model_fields_set:
             self.endpoints = list(IN_PROCESS_ENDPOINTS[self.kind])
         if self.kind == "embeddings" and "max_concurrency" not in self.model_fields_set:
@@ -86,6 +102,22 @@ class ModelConfig(BaseModel):
         if self.kind == "openai" and not self.url:
             raise ValueError(f"model {self.name!r}: kind 'openai' needs a url")
         return self
+
+
+class WebhookConfig(BaseModel):
+    """An endpoint from the config file's `[[webhooks]]` (`url`, `secret`, `project`,
+    `events`): kept in the store while the file lists it (`webhooks/endpoints.py`)."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+
+    url: str
+    secret: str  # whsec_...: `backfill webhooks secret` makes one
+    project: str = "default"
+    events: list[str] = Field(
+        default_factory=lambda: ["batch.completed", "batch.failed", "batch.expired",
+                                 "batch.cancelled"]
+    )  # fmt: skip
+    name: str = ""
 
 
 class Settings(BaseSettings):
@@ -181,6 +213,19 @@ class Settings(BaseSettings):
     #: one debris collection per this long, across every process sharing the store
     debris_interval_seconds: float = 600.0
 
+    # webhooks (`webhooks/`): OpenAI's batch events, signed the Standard Webhooks way, from an
+    # outbox in the store, at least once; endpoints come from `backfill webhooks add`, the API
+    # (`/v1/webhook_endpoints`) and the config file's `[[webhooks]]`
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    webhook_retry_first_seconds: float = 5.0  # after the first failed attempt; doubling
+    webhook_retry_max_seconds: float = 3600.0  # the longest wait between attempts
+    webhook_give_up_seconds: float = 72 * 3600.0  # an event this old is not tried again
+    webhook_timeout_seconds: float = 15.0  # one attempt, connect to answer
+    webhook_interval: float = 1.0  # seconds between looks at the outbox
+    webhook_concurrency: int = 16  # attempts in flight per process
+    #: delivered and failed deliveries are kept this long (`backfill webhooks list` shows them)
+    webhook_retention_seconds: float = 7 * 86400.0
+
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{(self.data_dir / 'backfill.db').resolve()}"
@@ -216,6 +261,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         out["models"] = [ModelConfig(name=n, **opts) for n, opts in models.items()]
     elif isinstance(models, list):
         out["models"] = [ModelConfig(**m) for m in models]
+    if "webhooks" in raw:
+        out["webhooks"] = [WebhookConfig(**w) for w in raw["webhooks"]]
     return out
 
 

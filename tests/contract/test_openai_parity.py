@@ -1,9 +1,12 @@
 """OpenAI parity (issue 14): the 200 MB upload default, batch files expiring after 30 days by
-default (and being deleted then), `expires_after` needing its anchor, and the 50,000-input
-cap of `/v1/embeddings` batches.
+default (and being deleted then), `expires_after` needing its anchor, the 50,000-input
+cap of `/v1/embeddings` batches, and the `/v1/responses` and `/v1/moderations` batch endpoints.
 
 The real app (`create_app`) and the real scheduler over each store of the contract suite,
-driven in-process over HTTP with a settable clock.
+driven in-process over HTTP with a settable clock. The batch endpoints' round trips run a real
+`backfill serve` (its own SQLite store) against the echo upstream and the simulator, through the
+official `openai` SDK; `tests/local/test_local_responses.py` does the same for the in-process
+chat engine.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from typing import Any
 import httpx2 as httpx
 import orjson
 import pytest
+from openai import OpenAI
+from openai.types import ModerationCreateResponse
+from openai.types.responses import Response
+from sdk_helpers import read_jsonl, run_batch
 
 from backfill.api.app import create_app
 from backfill.api.context import ApiContext
@@ -25,7 +32,10 @@ from backfill.blobs import open_blobs
 from backfill.blobs.base import Blobs
 from backfill.scheduler.scheduler import Scheduler, delete_expired_files
 from backfill.settings import Settings
+from backfill.sim.process import SimProcess, start_sim
 from backfill.store import Store
+from backfill.testing import UpstreamProcess, start_upstream
+from backfill.testing.server import BackfillProcess
 
 KEY = "sk-contract-parity-0123456789"
 HEADERS = {"authorization": f"Bearer {KEY}"}
@@ -53,14 +63,19 @@ class Env:
 
 
 def run(
-    store: Store, tmp_path: Path, use: Callable[[Env], Awaitable[None]], **overrides: Any
+    store: Store,
+    tmp_path: Path,
+    use: Callable[[Env], Awaitable[None]],
+    *,
+    models: dict[str, frozenset[str]] = MODELS,
+    **overrides: Any,
 ) -> None:
     project = store.ensure_project("alpha")
     store.add_api_key(project.id, hashlib.sha256(KEY.encode()).hexdigest(), 1)
     settings = Settings(data_dir=tmp_path, **overrides)
     clock = Clock()
     blobs = open_blobs("memory://", tmp_path)
-    ctx = ApiContext(settings=settings, store=store, blobs=blobs, models=MODELS, clock=clock)
+    ctx = ApiContext(settings=settings, store=store, blobs=blobs, models=models, clock=clock)
 
     async def scenario() -> None:
         transport = httpx.ASGITransport(app=create_app(ctx))
@@ -265,3 +280,208 @@ def test_embeddings_batch_over_50000_inputs_fails_validation(store: Store, tmp_p
         assert "50000" in error["message"] and "embedding inputs" in error["message"], error
 
     run(store, tmp_path, use)
+
+
+# -- 5. /v1/responses and /v1/moderations batches -----------------------------------------------
+
+RESPONSES = "/v1/responses"
+MODERATIONS = "/v1/moderations"
+SERVER_ENV = {
+    "BACKFILL_SHARD_SIZE": "3",
+    "BACKFILL_FLUSH_EVERY_SECONDS": "0.1",
+    "BACKFILL_SCHEDULER_INTERVAL": "0.1",
+}
+
+
+def test_moderations_batch_without_a_model_serving_it_is_a_400(
+    store: Store, tmp_path: Path
+) -> None:
+    async def use(env: Env) -> None:
+        file = await upload(env, b'{"custom_id": "a"}\n')
+        body = {
+            "input_file_id": file.json()["id"],
+            "endpoint": MODERATIONS,
+            "completion_window": "24h",
+        }
+        r = await env.client.post("/v1/batches", headers=HEADERS, json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["param"], error["code"]) == (
+            "invalid_request_error",
+            "endpoint",
+            "unsupported_endpoint",
+        )
+        assert "No model configured on this server serves /v1/moderations" in error["message"]
+
+    run(store, tmp_path, use)
+
+
+def test_responses_batch_is_accepted_where_a_model_serves_it(store: Store, tmp_path: Path) -> None:
+    async def use(env: Env) -> None:
+        file = await upload(env, b'{"custom_id": "a"}\n')
+        body = {
+            "input_file_id": file.json()["id"],
+            "endpoint": RESPONSES,
+            "completion_window": "24h",
+        }
+        r = await env.client.post("/v1/batches", headers=HEADERS, json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["endpoint"] == RESPONSES
+
+    run(store, tmp_path, use, models={**MODELS, "up": frozenset({RESPONSES})})
+
+
+@dataclass
+class Servers:
+    client: OpenAI
+    upstream: UpstreamProcess
+    sim: SimProcess
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`backfill serve` with three upstream models: `m` on the echo upstream (the default
+    endpoints, `/v1/responses` among them), `mod` on the echo upstream declaring only
+    `/v1/moderations`, and `s` on the simulator."""
+    data = tmp_path_factory.mktemp("parity-serve")
+    with start_upstream() as upstream, start_sim(speedup=50, model_name="s") as sim:
+        config = data / "backfill.toml"
+        config.write_text(
+            f'[models.m]\nurl = "{upstream.url}"\n'
+            f'[models.mod]\nurl = "{upstream.url}"\nendpoints = ["{MODERATIONS}"]\n'
+            f'[models.s]\nurl = "{sim.url}"\n'
+        )
+        with BackfillProcess(
+            data, api_keys=[KEY], extra_args=["--config", str(config)], env=SERVER_ENV
+        ) as server:
+            client = OpenAI(base_url=server.base_url, api_key=KEY, max_retries=1, timeout=15.0)
+            yield Servers(client, upstream, sim)
+
+
+def responses_line(custom_id: str, model: str, **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": RESPONSES,
+        "body": {"model": model, **body},
+    }
+
+
+def test_responses_batch_to_an_upstream_through_the_sdk(servers: Servers) -> None:
+    lines = [
+        responses_line("text", "m", input="one two three"),
+        responses_line(
+            "items",
+            "m",
+            instructions="Be brief.",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "four five"}]}],
+            max_output_tokens=50,
+        ),
+        # the echo upstream serves text only: its 400 goes to the error file as it came
+        responses_line("tools", "m", input="x", tools=[{"type": "web_search"}]),
+    ]
+    batch = run_batch(servers.client, lines, endpoint=RESPONSES)
+    assert batch.status == "completed", batch
+    assert batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 1)
+    assert batch.output_file_id is not None and batch.error_file_id is not None
+    out = {r["custom_id"]: r for r in read_jsonl(servers.client, batch.output_file_id)}
+    assert set(out) == {"text", "items"}
+    bodies = {cid: r["response"]["body"] for cid, r in out.items()}
+    for body in bodies.values():
+        assert body["object"] == "response" and body["id"].startswith("resp_")
+        assert body["status"] == "completed"
+        Response.model_validate(body)
+    assert Response.model_validate(bodies["text"]).output_text == "echo: one two three"
+    assert Response.model_validate(bodies["items"]).output_text == "echo: four five"
+    assert bodies["text"]["usage"]["input_tokens"] == 3
+    assert bodies["text"]["usage"]["output_tokens"] == 4
+    # the batch's usage sums the lines' Responses usage (input/output tokens)
+    usage = batch.usage
+    assert usage is not None
+    want_in = sum(b["usage"]["input_tokens"] for b in bodies.values())
+    want_out = sum(b["usage"]["output_tokens"] for b in bodies.values())
+    assert (usage.input_tokens, usage.output_tokens) == (want_in, want_out)
+    assert usage.total_tokens == want_in + want_out and want_in > 0
+    errors = read_jsonl(servers.client, batch.error_file_id)
+    assert [e["custom_id"] for e in errors] == ["tools"]
+    assert errors[0]["response"]["status_code"] == 400
+    assert errors[0]["response"]["body"]["error"]["param"] == "tools"
+
+
+def test_responses_batch_to_the_simulator(servers: Servers) -> None:
+    lines = [
+        responses_line(f"r{i}", "s", input=f"question {i}", max_output_tokens=5) for i in range(4)
+    ]
+    batch = run_batch(servers.client, lines, endpoint=RESPONSES)
+    assert batch.status == "completed", batch
+    assert batch.output_file_id is not None and batch.error_file_id is None
+    bodies = [r["response"]["body"] for r in read_jsonl(servers.client, batch.output_file_id)]
+    assert len(bodies) == 4
+    for body in bodies:
+        assert body["object"] == "response"
+        # the simulator always generates max_output_tokens tokens: cut at the limit
+        assert body["status"] == "incomplete"
+        assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+        assert body["usage"]["output_tokens"] == 5
+        Response.model_validate(body)
+    assert batch.usage is not None and batch.usage.output_tokens == 20
+    assert batch.usage.input_tokens == sum(b["usage"]["input_tokens"] for b in bodies)
+
+
+def test_moderations_batch_to_an_upstream_that_serves_it(servers: Servers) -> None:
+    lines = [
+        {
+            "custom_id": "one",
+            "method": "POST",
+            "url": MODERATIONS,
+            "body": {"model": "mod", "input": "hello"},
+        },
+        {
+            "custom_id": "two",
+            "method": "POST",
+            "url": MODERATIONS,
+            "body": {"model": "mod", "input": ["fine", "bad #flag"]},
+        },
+    ]
+    batch = run_batch(servers.client, lines, endpoint=MODERATIONS)
+    assert batch.status == "completed", batch
+    assert batch.output_file_id is not None and batch.error_file_id is None
+    out = {
+        r["custom_id"]: r["response"]["body"]
+        for r in read_jsonl(servers.client, batch.output_file_id)
+    }
+    one = ModerationCreateResponse.model_validate(out["one"])
+    two = ModerationCreateResponse.model_validate(out["two"])
+    assert one.model == "mod" and [r.flagged for r in one.results] == [False]
+    assert [r.flagged for r in two.results] == [False, True]
+
+
+def test_moderations_batch_for_a_model_that_does_not_serve_it_fails(servers: Servers) -> None:
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": MODERATIONS,
+        "body": {"model": "m", "input": "x"},
+    }
+    batch = run_batch(servers.client, [line], endpoint=MODERATIONS)
+    assert batch.status == "failed", batch
+    assert batch.errors is not None and batch.errors.data is not None
+    error = batch.errors.data[0]
+    assert (error.code, error.line, error.param) == ("model_not_found", 1, "body.model")
+    assert error.message == "The model 'm' does not serve /v1/moderations."
+
+
+def test_responses_line_without_input_fails_validation(servers: Servers) -> None:
+    batch = run_batch(servers.client, [responses_line("a", "m")], endpoint=RESPONSES)
+    assert batch.status == "failed", batch
+    assert batch.errors is not None and batch.errors.data is not None
+    error = batch.errors.data[0]
+    assert (error.code, error.param) == ("missing_required_parameter", "body.input")
+
+
+def test_real_time_gateway_relays_responses_to_an_upstream(servers: Servers) -> None:
+    answer = servers.client.responses.create(model="m", input="six seven")
+    assert answer.object == "response" and answer.output_text == "echo: six seven"
+    assert answer.usage is not None and answer.usage.input_tokens == 2

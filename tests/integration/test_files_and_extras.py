@@ -241,9 +241,9 @@ def test_bad_requests_are_synchronous_400_or_404(client: OpenAI) -> None:
             endpoint="/v1/unknown",  # type: ignore[arg-type]
             completion_window="24h",
         )
-    with pytest.raises(BadRequestError) as info:
+    with pytest.raises(BadRequestError) as info:  # no model here declares it
         client.batches.create(
-            input_file_id=file.id, endpoint="/v1/responses", completion_window="24h"
+            input_file_id=file.id, endpoint="/v1/moderations", completion_window="24h"
         )
     assert info.value.response.json()["error"]["message"]
     output = upload(client, CONTENT, purpose="fine-tune")

@@ -272,7 +272,7 @@ def test_a_failed_fetch_serves_the_other_default_models(
     settings = with_default_models(Settings(data_dir=tmp_path / "data"))
     chat = next(m for m in settings.models if m.name == smollm2.NAME)
     assert chat.kind == "transformers" and chat.path == str(folder)
-    assert chat.endpoints == ["/v1/chat/completions", "/v1/completions"]
+    assert chat.endpoints == ["/v1/chat/completions", "/v1/completions", "/v1/responses"]
     assert chat.options == {"default_temperature": 0.2, "default_top_p": 0.9, "num_blocks": 256}
     shutil.rmtree(folder)
 

@@ -193,6 +193,7 @@ async def test_input_file_with_wrong_purpose(tmp_path: Path) -> None:
     [
         ("/v1/embeddings", 200, None),
         ("/v1/completions", 200, None),
+        # accepted endpoints that no model of the harness serves
         ("/v1/responses", 400, "unsupported_endpoint"),
         ("/v1/moderations", 400, "unsupported_endpoint"),
         ("/v1/images/generations", 400, "invalid_endpoint"),
@@ -208,7 +209,19 @@ async def test_endpoints(tmp_path: Path, endpoint: str, status: int, code: str |
         else:
             err = assert_error(r, status, param="endpoint", code=code)
             if code == "unsupported_endpoint":
-                assert "not supported yet" in err["message"]
+                assert f"No model configured on this server serves {endpoint}" in err["message"]
+                assert "'endpoints'" in err["message"]
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/responses", "/v1/moderations"])
+async def test_responses_and_moderations_are_accepted_where_a_model_serves_them(
+    tmp_path: Path, endpoint: str
+) -> None:
+    async with api_harness(tmp_path) as api:
+        api.ctx.models = {**api.ctx.models, "up": frozenset({endpoint})}
+        r = await api.create_batch(**await body_for(api, endpoint=endpoint))
+        assert r.status_code == 200, r.text
+        assert r.json()["endpoint"] == endpoint
 
 
 async def test_endpoint_not_served_by_any_model(tmp_path: Path) -> None:

@@ -160,3 +160,39 @@ def test_bodies_nested_deeper_than_any_writer_handles_are_refused() -> None:
     result = validate(data)
     assert codes(result) == [("invalid_request", 2)]
     assert result.errors[0].param == "body"
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/responses", "/v1/moderations"])
+def test_responses_and_moderations_lines_need_input_and_a_model_serving_them(
+    endpoint: str,
+) -> None:
+    served = {"up": frozenset({endpoint}), "m": frozenset({CHAT})}
+
+    def line(cid: str, body: dict[str, Any]) -> bytes:
+        return orjson.dumps({"custom_id": cid, "method": "POST", "url": endpoint, "body": body})
+
+    data = b"\n".join(
+        [
+            line("ok", {"model": "up", "input": "hello"}),
+            line("ok2", {"model": "up", "input": [{"role": "user", "content": "hi"}]}),
+            line("no-input", {"model": "up"}),
+            line("bad-input", {"model": "up", "input": 3}),
+            line("empty", {"model": "up", "input": []}),
+            line("no-model", {"input": "x"}),
+            line("not-served", {"model": "m", "input": "x"}),
+        ]
+    )
+    v = InputValidator(
+        batch_id="batch_x", endpoint=endpoint, served=served, limits=ValidationLimits()
+    )
+    v.feed(data)
+    result = v.finish()
+    assert [(e.code, e.line, e.param) for e in result.errors] == [
+        ("missing_required_parameter", 3, "body.input"),
+        ("invalid_request", 4, "body.input"),
+        ("invalid_request", 5, "body.input"),
+        ("missing_required_parameter", 6, "body.model"),
+        ("model_not_found", 7, "body.model"),
+    ]
+    assert f"does not serve {endpoint}" in result.errors[-1].message
+    assert result.total == 2

@@ -16,6 +16,7 @@ from backfill.settings import ModelConfig, build_settings, parse_model_spec
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
 
 
 def test_model_specs() -> None:
@@ -24,7 +25,7 @@ def test_model_specs() -> None:
     assert "/v1/embeddings" in up.endpoints
     tr = parse_model_spec("tiny=transformers:/models/tiny")
     assert (tr.kind, tr.path) == ("transformers", "/models/tiny")
-    assert tr.endpoints == [CHAT, COMPLETIONS]
+    assert tr.endpoints == [CHAT, COMPLETIONS, RESPONSES]
     em = parse_model_spec("e=embeddings:")
     assert (em.kind, em.path, em.endpoints) == ("embeddings", None, ["/v1/embeddings"])
     # a URL with a port is still an upstream, not a kind
@@ -39,7 +40,7 @@ def test_toml_in_process_models(tmp_path: Path) -> None:
     )
     models = {m.name: m for m in build_settings(cfg).models}
     assert models["tiny"].options == {"max_n": 4}
-    assert models["tiny"].endpoints == [CHAT, COMPLETIONS]
+    assert models["tiny"].endpoints == [CHAT, COMPLETIONS, RESPONSES]
     assert models["up"].kind == "openai"
     with pytest.raises(ValueError, match="needs a url"):
         ModelConfig(name="x")
@@ -72,3 +73,13 @@ def test_context_and_stop_helpers() -> None:
     assert context_error(128, None, 128) is not None
     assert cut_at_stop("hello world foo", ["foo", "world"]) == "hello "
     assert cut_at_stop("hello", ["x"]) is None
+
+
+def test_endpoint_defaults_and_declared_endpoints() -> None:
+    up = parse_model_spec("m=http://h:8000/v1")
+    assert up.endpoints == [CHAT, COMPLETIONS, "/v1/embeddings", RESPONSES]
+    assert "/v1/moderations" not in up.endpoints  # only where the config declares it
+    mod = ModelConfig(name="mod", url="http://h/v1", endpoints=["/v1/moderations"])
+    assert mod.endpoints == ["/v1/moderations"]
+    with pytest.raises(ValueError, match="unknown endpoints"):
+        ModelConfig(name="x", url="http://h/v1", endpoints=["/v1/images/generations"])

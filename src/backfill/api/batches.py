@@ -50,9 +50,15 @@ from backfill.domain.windows import parse_window
 from backfill.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from backfill.store.base import Page
 
-BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-#: endpoints OpenAI batches support that no engine here serves yet
-FUTURE_ENDPOINTS = ("/v1/responses", "/v1/moderations")
+#: the endpoints OpenAI batches accept; a batch also needs a configured model that serves its
+#: endpoint (`ModelConfig.endpoints`: `/v1/moderations` only where a model declares it)
+BATCH_ENDPOINTS = (
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/moderations",
+)
 _MAX_IDEMPOTENCY_KEY = 255
 #: a create-batch body is a few hundred bytes; metadata at its limits is ~10 KB
 MAX_JSON_BODY = 1 << 20
@@ -98,13 +104,6 @@ async def read_small_body(request: Request, limit: int = MAX_JSON_BODY) -> bytes
 
 
 def check_endpoint(endpoint: str, models: dict[str, frozenset[str]]) -> None:
-    if endpoint in FUTURE_ENDPOINTS:
-        raise InvalidRequest(
-            f"The endpoint {endpoint} is not supported yet: no engine here serves it. "
-            f"Supported endpoints are: {', '.join(BATCH_ENDPOINTS)}.",
-            param="endpoint",
-            code="unsupported_endpoint",
-        )
     if endpoint not in BATCH_ENDPOINTS:
         raise InvalidRequest(
             f"Invalid value for 'endpoint': {endpoint!r}. Supported values are: "
@@ -113,8 +112,11 @@ def check_endpoint(endpoint: str, models: dict[str, frozenset[str]]) -> None:
             code="invalid_endpoint",
         )
     if not any(endpoint in served for served in models.values()):
+        serving = sorted({e for served in models.values() for e in served})
         raise InvalidRequest(
-            f"No model configured on this server serves {endpoint}.",
+            f"No model configured on this server serves {endpoint} (served here: "
+            f"{', '.join(serving) or 'none'}). A model serves it when its configuration "
+            "lists it in 'endpoints'.",
             param="endpoint",
             code="unsupported_endpoint",
         )

@@ -1,4 +1,6 @@
-"""The real-time gateway: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`.
+"""The real-time gateway: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
+`/v1/responses` (relayed as sent to an upstream; an in-process chat engine answers it through
+chat, `engines/responses.py`).
 
 The same models and engines as batches (routing by `body.model`, renamed on the way upstream
 exactly as for batches), answered at once instead of through a batch file:
@@ -55,7 +57,7 @@ from backfill.errors import EngineUnavailable, InvalidRequest, NotFound, RateLim
 
 log = logging.getLogger("backfill.api")
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _TAIL = 1024  # bytes of a stream kept to find its usage
 

@@ -187,6 +187,10 @@ class InputValidator:
                 "body.model",
             )
             return
+        problem = _check_body(self._endpoint, body)
+        if problem is not None:
+            self._error(*problem)
+            return
         r = self._result
         if r.model is None:
             r.model = model
@@ -273,6 +277,28 @@ class InputValidator:
 
 
 EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
+MODERATIONS = "/v1/moderations"
+
+
+def _check_body(endpoint: str, body: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The (code, message, param) of a body that misses what its endpoint requires, or None.
+
+    Only what every server of the endpoint requires: a Responses request's `input` (a string or
+    a list of items) and a moderation's `input` (a string or a non-empty list). What a
+    particular engine cannot serve (tools, images) is its per-line 400 when the line runs."""
+    if endpoint not in (RESPONSES, MODERATIONS):
+        return None
+    value = body.get("input")
+    if value is None:
+        return ("missing_required_parameter", "Missing required parameter: 'input'.", "body.input")
+    if not isinstance(value, str | list) or (isinstance(value, list) and not value):
+        return (
+            "invalid_request",
+            "body.input must be a string or a non-empty list.",
+            "body.input",
+        )
+    return None
 
 
 def embedding_inputs(value: Any) -> int:
@@ -316,7 +342,12 @@ def _check_envelope(obj: dict[str, Any], endpoint: str) -> tuple[str, str, str] 
 
 def _estimate_tokens(raw: bytes, body: dict[str, Any]) -> int:
     """A cheap upper-ish estimate for quotas: ~4 bytes a token in, plus the output cap."""
-    out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    out = (
+        body.get("max_completion_tokens")
+        or body.get("max_tokens")
+        or body.get("max_output_tokens")
+        or 0
+    )
     return len(raw) // 4 + (out if isinstance(out, int) else 0)
 
 

@@ -1,8 +1,10 @@
 """`TransformersEngine`: in-process generation with transformers' continuous batching.
 
 Serves `/v1/chat/completions` and `/v1/completions` from a local Hugging Face model folder (or a
-hub id when the machine is online). torch and transformers are imported in `start()`, never at
-module import, so the core install does not need them.
+hub id when the machine is online), and `/v1/responses` translated to and from chat
+(`engines/responses.py`, `domain/responses_api.py`: text in, text out; tools refused). torch
+and transformers are imported in `start()`, never at module import, so the core install does
+not need them.
 
 How a request runs:
 - `send()` parses and checks the body on the event loop (pure functions below, no torch), renders
@@ -45,7 +47,9 @@ from typing import Any
 
 import orjson
 
+from backfill.domain.responses_api import RESPONSES
 from backfill.engines.base import EngineReply, error_reply
+from backfill.engines.responses import responses_via_chat
 from backfill.errors import EngineUnavailable, InvalidRequest
 from backfill.settings import ModelConfig
 
@@ -252,7 +256,7 @@ class TransformersEngine:
             raise ValueError(f"model {config.name!r}: the transformers engine needs a path")
         self.config = config
         self.model = config.name
-        self.endpoints = frozenset(config.endpoints) & {CHAT, COMPLETIONS}
+        self.endpoints = frozenset(config.endpoints) & {CHAT, COMPLETIONS, RESPONSES}
         opts = config.options
         self.max_n = int(opts.get("max_n", 16))
         self.default_temperature = float(opts.get("default_temperature", 1.0))
@@ -350,6 +354,16 @@ class TransformersEngine:
             raise RuntimeError("TransformersEngine.send() called before start()")
         if endpoint not in self.endpoints:
             return error_reply(404, f"{endpoint} is not served by {self.model!r}.")
+        if endpoint == RESPONSES:
+            return await responses_via_chat(lambda chat: self._run(CHAT, chat, timeout), body)
+        return await self._run(endpoint, body, timeout)
+
+    async def _run(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        timeout: float | None,  # noqa: ASYNC109 (the per-request budget of `send`)
+    ) -> EngineReply:
         try:
             sampling = parse_sampling(
                 body,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from backfill.domain.responses_api import chat_to_response
 from backfill.sim.engine import SimRequest
 from backfill.sim.tokens import output_text
 from backfill.testing.httpserver import DONE, LAST_CHUNK, Reply, chunk, event, response, stream_head
@@ -36,6 +37,7 @@ class Exchange:
         "reply",
         "request",
         "response_id",
+        "responses",
         "sent",
         "server",
         "started",
@@ -52,8 +54,11 @@ class Exchange:
         include_usage: bool,
         response_id: str,
         model: str,
+        responses: dict[str, Any] | None = None,
     ) -> None:
         self.reply = reply
+        #: the `/v1/responses` request this chat request serves (answered as a `Response`)
+        self.responses = responses
         self.server = server
         self.chat = chat
         self.stream = stream
@@ -173,17 +178,23 @@ class Exchange:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
             kind = "text_completion"
-        return orjson.dumps(
-            {
-                "id": self.response_id,
-                "object": kind,
-                "created": self.created,
-                "model": self.server.model_name,
-                "choices": [choice],
-                "usage": _usage(request),
-                "sim": _sim(request),
-            }
-        )
+        body = {
+            "id": self.response_id,
+            "object": kind,
+            "created": self.created,
+            "model": self.server.model_name,
+            "choices": [choice],
+            "usage": _usage(request),
+            "sim": _sim(request),
+        }
+        if self.responses is not None:
+            answer = chat_to_response(
+                self.responses,
+                body,
+                response_id="resp_" + self.response_id.removeprefix("chatcmpl-"),
+            )
+            body = {**answer, "sim": body["sim"]}
+        return orjson.dumps(body)
 
 
 def _usage(request: SimRequest) -> dict[str, Any]:

@@ -41,21 +41,27 @@ Request fields read: `model` (must be the served name when given), `messages` / 
 `max_completion_tokens` or `max_tokens` (default 16; exactly that many tokens are generated,
 `finish_reason` is `length`), `stream`, `stream_options.include_usage`, `priority` (vLLM's: an
 int, lower runs first, default 0), `n` (only 1). Everything else is ignored.
+
+`POST /v1/responses` is served as chat through `backfill.domain.responses_api` (what it cannot
+serve, e.g. tools, is a 400), not streamed; `max_output_tokens` (default 16) tokens are
+generated, so the `Response` is `incomplete` with reason `max_output_tokens`, as vLLM's would
+be for an answer cut at its limit.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 from typing import Any
 
 import orjson
 
+from backfill.domain.responses_api import request_to_chat
+from backfill.errors import InvalidRequest
 from backfill.sim.engine import FINISHED, Engine, SimRequest
 from backfill.sim.exchange import Exchange
 from backfill.sim.metrics import render
-from backfill.sim.options import add_arguments
+from backfill.sim.options import SimOptions
 from backfill.sim.profiles import Profile, get_profile
 from backfill.sim.tokens import Prompt, chat_prompt, completion_prompt
 from backfill.testing.httpserver import (
@@ -69,7 +75,7 @@ from backfill.testing.httpserver import (
 )
 from backfill.testing.httpserver import run as run_loop
 
-__all__ = ["RequestError", "SimServer", "add_arguments", "main", "run", "serve"]
+__all__ = ["RequestError", "SimServer", "main", "run", "serve"]
 
 #: request bodies past this get 413
 MAX_BODY = 64 * 1024 * 1024
@@ -215,6 +221,8 @@ class SimServer:
                 self._completion(reply, request.body, chat=True)
             elif path in (b"/v1/completions", b"/completions"):
                 self._completion(reply, request.body, chat=False)
+            elif path in (b"/v1/responses", b"/responses"):
+                self._responses(reply, request.body)
             else:
                 raise RequestError(404, f"Unknown path {path.decode(errors='replace')}")
         except RequestError as exc:
@@ -278,13 +286,33 @@ class SimServer:
             "requests_aborted": metrics.requests_aborted,
         }
 
-    def _completion(self, reply: Reply, raw: bytes, *, chat: bool) -> None:
+    def _responses(self, reply: Reply, raw: bytes) -> None:
+        """`/v1/responses`, served as chat (`backfill.domain.responses_api`); not streamed."""
+        body = _json_object(raw)
+        if body.get("stream") is True:
+            raise RequestError(
+                400,
+                "The simulator does not stream /v1/responses.",
+                param="stream",
+                code="unsupported_parameter",
+            )
         try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise RequestError(400, "We could not parse the JSON body of your request.") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "The request body must be a JSON object.")
+            chat = request_to_chat(body)
+        except InvalidRequest as exc:
+            raise RequestError(400, exc.message, param=exc.param, code=exc.code) from None
+        self._admit(reply, chat, chat=True, responses=body)
+
+    def _completion(self, reply: Reply, raw: bytes, *, chat: bool) -> None:
+        self._admit(reply, _json_object(raw), chat=chat)
+
+    def _admit(
+        self,
+        reply: Reply,
+        body: dict[str, Any],
+        *,
+        chat: bool,
+        responses: dict[str, Any] | None = None,
+    ) -> None:
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise RequestError(
@@ -332,6 +360,7 @@ class SimServer:
             include_usage=include_usage,
             response_id=f"{prefix}{self._ids}",
             model=self.model_name,
+            responses=responses,
         )
         request = SimRequest(
             exchange.response_id,
@@ -372,6 +401,16 @@ class SimServer:
         )
 
 
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise RequestError(400, "We could not parse the JSON body of your request.") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "The request body must be a JSON object.")
+    return body
+
+
 def _int_field(body: dict[str, Any], name: str, *, allow_negative: bool = False) -> int | None:
     value = body.get(name)
     if value is None:
@@ -407,24 +446,24 @@ async def serve(
     return server
 
 
-async def _main(args: argparse.Namespace) -> None:
+async def _main(options: SimOptions) -> None:
     overrides: dict[str, Any] = {}
-    if args.max_num_seqs is not None:
-        overrides["max_num_seqs"] = args.max_num_seqs
-    if args.max_num_batched_tokens is not None:
-        overrides["max_num_batched_tokens"] = args.max_num_batched_tokens
-    if args.long_prefill_token_threshold is not None:
-        overrides["long_prefill_token_threshold"] = args.long_prefill_token_threshold
-    if args.num_gpu_blocks is not None:
-        overrides["num_gpu_blocks_override"] = args.num_gpu_blocks
+    if options.max_num_seqs is not None:
+        overrides["max_num_seqs"] = options.max_num_seqs
+    if options.max_num_batched_tokens is not None:
+        overrides["max_num_batched_tokens"] = options.max_num_batched_tokens
+    if options.long_prefill_token_threshold is not None:
+        overrides["long_prefill_token_threshold"] = options.long_prefill_token_threshold
+    if options.num_gpu_blocks is not None:
+        overrides["num_gpu_blocks_override"] = options.num_gpu_blocks
     server = await serve(
-        get_profile(args.profile, **overrides),
-        args.host,
-        args.port,
-        speedup=args.speedup,
-        model_name=args.model_name,
-        stream_interval=args.stream_interval_ms / 1000.0,
-        metrics=not args.no_metrics,
+        get_profile(options.profile, **overrides),
+        options.host,
+        options.port,
+        speedup=options.speedup,
+        model_name=options.model_name,
+        stream_interval=options.stream_interval_ms / 1000.0,
+        metrics=not options.no_metrics,
     )
     try:
         await announce(server.port)
@@ -432,15 +471,14 @@ async def _main(args: argparse.Namespace) -> None:
         await server.aclose()
 
 
-def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM (used by `backfill sim`)."""
-    run_loop(_main(args), uvloop=not args.no_uvloop)
+def run(options: SimOptions) -> int:
+    """Serve until SIGINT/SIGTERM (`backfill sim`; `options.py` builds `options`)."""
+    run_loop(_main(options), uvloop=not options.no_uvloop)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m backfill.sim", description="Simulated vLLM server (no GPU needed)."
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m backfill.sim`: the options of `backfill sim` (`options.py`)."""
+    from backfill.sim.options import main as sim_main
+
+    return sim_main(argv)

@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from backfill.domain.responses_api import chat_to_response, request_to_chat
+from backfill.errors import InvalidRequest
 from backfill.testing.httpserver import DONE, error_body, event
 
 __all__ = ["Answer", "UpstreamState", "error", "handle"]
@@ -32,6 +34,29 @@ _BAD_BODIES = {
     "array": (b'[{"id": "chatcmpl-1"}]', b"application/json"),
 }
 _MODELS_PATH = b"/v1/models"
+_POST_PATHS = (
+    b"/chat/completions",
+    b"/completions",
+    b"/embeddings",
+    b"/responses",
+    b"/moderations",
+)
+#: the moderation categories of OpenAI's `Moderation` object (omni-moderation's set)
+MODERATION_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/instructions",
+    "self-harm/intent",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
 
 
 @dataclass
@@ -119,7 +144,7 @@ def handle(
         return Answer(200, b"{}")
     if path.startswith(b"/v1/"):
         path = path[3:]
-    if path not in (b"/chat/completions", b"/completions", b"/embeddings"):
+    if path not in _POST_PATHS:
         return _not_found(path)
     state.requests += 1
     if state._auth is not None and auth != state._auth:
@@ -138,13 +163,17 @@ def handle(
         return error(
             400, "The request body must be a JSON object.", "invalid_request_error", None, None
         )
-    if path != b"/embeddings":
+    if path not in (b"/embeddings", b"/moderations"):
         state.last_priority = request.get("priority")
     try:
         if path == b"/chat/completions":
             return _chat(state, request)
         if path == b"/completions":
             return _completion(state, request)
+        if path == b"/responses":
+            return _responses(state, request)
+        if path == b"/moderations":
+            return _moderations(state, request)
         return _embeddings(state, request)
     except (KeyError, TypeError, AttributeError, IndexError) as exc:
         return error(400, f"Invalid request: {exc!r}", "invalid_request_error", None, None)
@@ -325,5 +354,79 @@ def _embeddings(state: UpstreamState, request: dict[str, Any]) -> Answer:
         ],
         "model": request.get("model"),
         "usage": {"prompt_tokens": words, "total_tokens": words},
+    }
+    return Answer(200, orjson.dumps(payload), delay=delay)
+
+
+def _responses(state: UpstreamState, request: dict[str, Any]) -> Answer:
+    """`/v1/responses`: the chat echo of the translated request, as a `Response` object (the
+    translation is `backfill.domain.responses_api`, which the in-process engines use too)."""
+    if request.get("stream") is True:
+        return error(
+            400,
+            "The echo upstream does not stream /v1/responses.",
+            "invalid_request_error",
+            "stream",
+            "unsupported_parameter",
+        )
+    try:
+        chat = request_to_chat(request)
+    except InvalidRequest as exc:
+        return error(400, exc.message, "invalid_request_error", exc.param, exc.code)
+    answer = _chat(state, chat)
+    if answer.status != 200 or answer.drop or answer.content_type != b"application/json":
+        return answer
+    try:
+        body = orjson.loads(answer.body)
+    except orjson.JSONDecodeError:
+        return answer
+    if not isinstance(body, dict):
+        return answer
+    response_id = "resp_echo" + str(state.next_id)
+    answer.body = orjson.dumps(chat_to_response(request, body, response_id=response_id))
+    return answer
+
+
+def _moderations(state: UpstreamState, request: dict[str, Any]) -> Answer:
+    """`/v1/moderations`: one result per input (a string, a list of strings, or a list of
+    `text` / `image_url` parts); an input containing `#flag` is flagged as violence. The
+    scores are a hash of the text, so the same input always gets the same result."""
+    raw = request["input"]
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        return error(400, "'input' must not be empty.", "invalid_request_error", "input", None)
+    texts: list[tuple[str, str]] = []  # (text, input type)
+    for item in items:
+        if isinstance(item, str):
+            texts.append((item, "text"))
+        elif isinstance(item, dict) and item.get("type") == "text":
+            texts.append((str(item["text"]), "text"))
+        elif isinstance(item, dict) and item.get("type") == "image_url":
+            texts.append((str(item["image_url"].get("url", "")), "image"))
+        else:
+            return error(400, "Invalid moderation input.", "invalid_request_error", "input", None)
+    failure, delay = _script(state, " ".join(t for t, _ in texts))
+    if failure is not None:
+        return failure
+    state.next_id += 1
+    results = []
+    for text, kind in texts:
+        flagged = "#flag" in text
+        scores = _embedding(text)
+        results.append(
+            {
+                "flagged": flagged,
+                "categories": {c: flagged and c == "violence" for c in MODERATION_CATEGORIES},
+                "category_scores": {
+                    c: 0.99 if flagged and c == "violence" else round(abs(scores[i % 8]) / 100, 6)
+                    for i, c in enumerate(MODERATION_CATEGORIES)
+                },
+                "category_applied_input_types": {c: [kind] for c in MODERATION_CATEGORIES},
+            }
+        )
+    payload = {
+        "id": f"modr-{state.next_id}",
+        "model": request.get("model") or "omni-moderation-latest",
+        "results": results,
     }
     return Answer(200, orjson.dumps(payload), delay=delay)

@@ -10,7 +10,9 @@ per second on one core. This module carries out the answers of `backfill.testing
 (delays, dropped connections, `x-request-id`) and holds the command line.
 
 Endpoints: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` (echo answers with a
-word-count `usage`), `GET /v1/models`, `GET /stats`, `POST /reset`, `GET /health`.
+word-count `usage`), `/v1/responses` (the chat echo as a `Response` object, through
+`backfill.domain.responses_api`), `/v1/moderations` (a spec-shaped result per input, flagged
+when the text has `#flag`), `GET /v1/models`, `GET /stats`, `POST /reset`, `GET /health`.
 `"stream": true` answers the echo as SSE chunks (one word per chunk, then a usage chunk with
 `stream_options.include_usage`, then `data: [DONE]`), sent in one write. `/stats` also shows the
 `priority` field of the last completion request (`last_priority`, null when it had none).
