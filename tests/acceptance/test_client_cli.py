@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from sdk_helpers import chat_line, jsonl
 
-from backfill.cli import client, main
 from backfill.testing import UpstreamProcess
 from backfill.testing.server import BackfillProcess
 
@@ -139,7 +138,6 @@ def test_errors_and_version(server: BackfillProcess, tmp_path: Path) -> None:
     assert missing.stderr.startswith("backfill: HTTP 404")
     bad_key = cli(server, tmp_path, "files", "list", "--api-key", "sk-wrong", check=False)
     assert bad_key.returncode == 1 and "HTTP 401" in bad_key.stderr
-    assert client.COMMANDS == main._CLIENT_COMMANDS
 
 
 def test_submit_wait_against_the_simulator(tmp_path: Path) -> None:

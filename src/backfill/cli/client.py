@@ -1,10 +1,13 @@
 """The client half of `backfill`: any OpenAI-compatible Files + Batches API, through `openai`.
 
-`submit`, `batches list|get|cancel|results|watch`, `files upload|list|get|download|delete`,
-`retry` and `--version`, on typer. Each command takes `--base-url` and `--api-key`, else
-`OPENAI_BASE_URL` / `OPENAI_API_KEY`. Results go to stdout (ids, rich tables, or JSON with
-`--json`); progress and notes go to stderr. `cli/main.py` hands its argv here when the first
-word is one of `COMMANDS`.
+`submit`, `batches list|get|cancel|results|watch`, `files upload|list|get|download|delete` and
+`retry`, on typer; `cli/main.py` merges `app` into the one `backfill` app. Each command takes
+`--base-url` and `--api-key`, else `OPENAI_BASE_URL` / `OPENAI_API_KEY`. Results go to stdout
+(ids, rich tables, or JSON with `--json`); progress and notes go to stderr. A failure (a
+`CliError`, an API error, a connection error) is `backfill: MESSAGE` on stderr and exit 1
+(`failure`, called by `main`). The openai SDK (most of a second to import) is imported by
+the first command that talks to an API, so `backfill --help` and the server commands never
+load it.
 """
 
 from __future__ import annotations
@@ -14,31 +17,22 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import openai
 import typer
-from openai import OpenAI
-from openai.types import Batch, FileObject
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from backfill import __version__
+if TYPE_CHECKING:
+    from openai import OpenAI
+    from openai.types import Batch, FileObject
 
-COMMANDS = frozenset({"submit", "batches", "files", "retry"})
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
-app = typer.Typer(
-    name="backfill",
-    help="Client for any OpenAI-compatible Files + Batches API.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = typer.Typer()  # submit, retry, batches, files: merged into the root app by cli/main.py
 batches_app = typer.Typer(help="list, inspect, cancel and download batches", no_args_is_help=True)
 files_app = typer.Typer(help="upload, list, download and delete files", no_args_is_help=True)
 app.add_typer(batches_app, name="batches")
@@ -72,25 +66,11 @@ class CliError(Exception):
     """A user-facing failure: printed as `backfill: MESSAGE`, exit 1."""
 
 
-def _version(value: bool) -> None:
-    if value:
-        print(f"backfill {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
-    ] = False,
-) -> None:
-    """Client for any OpenAI-compatible Files + Batches API."""
-
-
 def _client(base_url: str | None, api_key: str | None) -> OpenAI:
     if not api_key:
         raise CliError("no API key: pass --api-key or set OPENAI_API_KEY")
+    from openai import OpenAI  # the SDK only once a command talks to an API
+
     return OpenAI(base_url=base_url, api_key=api_key, max_retries=3)
 
 
@@ -304,7 +284,7 @@ def submit(
     )
 
 
-@app.command()
+@app.command(short_help="Retry an ended batch's failed requests as a new batch.")
 def retry(
     batch_id: Annotated[str, typer.Argument(help="an ended batch with failed requests")],
     base_url: BaseUrl = None,
@@ -515,35 +495,16 @@ def files_delete(
         print(f"{deleted.id} deleted" if deleted.deleted else f"{deleted.id} not deleted")
 
 
-@contextmanager
-def _errors_reported() -> Iterator[None]:
-    try:
-        yield
-    except CliError as exc:
-        stderr.print(f"backfill: {exc}", highlight=False, markup=False)
-        raise SystemExit(1) from None
-    except openai.APIStatusError as exc:
-        stderr.print(
-            f"backfill: HTTP {exc.status_code}: {exc.message}", highlight=False, markup=False
-        )
-        raise SystemExit(1) from None
-    except openai.APIError as exc:  # connection errors and timeouts
-        stderr.print(f"backfill: {exc.message}", highlight=False, markup=False)
-        raise SystemExit(1) from None
-
-
-def run(argv: list[str]) -> int:
-    """Run a client command; the exit code."""
-    try:
-        with _errors_reported():
-            app(args=argv, prog_name="backfill")
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            return exc.code or 0
-        print(exc.code, file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+def failure(exc: Exception) -> str | None:
+    """The message of a client command's failure (exit 1), or None for any other exception."""
+    if isinstance(exc, CliError):
+        return str(exc)
+    # an SDK exception exists only if a command imported the SDK: no import to find out
+    openai = sys.modules.get("openai")
+    if openai is None:
+        return None
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}: {exc.message}"
+    if isinstance(exc, openai.APIError):  # connection errors and timeouts
+        return str(exc.message)
+    return None

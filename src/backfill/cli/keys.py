@@ -1,0 +1,125 @@
+"""`backfill keys create | list | revoke`: API keys in the store, while a server runs or not.
+
+`create` goes through `Service` (which registers the key's project and digest) given a copy
+of the settings without models, so no engine starts (`Service` still adds the packaged model:
+built, not started). `list` and `revoke` open the store alone: they need no engines and
+register no keys. A key is listed by id and prefix, never whole: `create` prints it once. A
+revoked key is refused within the API's auth cache time (10 s).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from backfill.cli.options import (
+    DATA_DIR,
+    Config,
+    Database,
+    DataDir,
+    configure_logging,
+    settings_from,
+)
+from backfill.errors import NotFound
+from backfill.settings import Settings
+from backfill.store.base import Store
+
+__all__ = ["app", "command_settings", "store_alone", "when"]
+
+app = typer.Typer(help="Manage API keys: create, list, revoke.", no_args_is_help=True)
+
+
+def command_settings(
+    ctx: typer.Context, config: Path | None, data_dir: Path, database: str | None
+) -> Settings:
+    configure_logging()
+    return settings_from(ctx, config, data_dir=data_dir, database=database)
+
+
+def store_alone(settings: Settings) -> Store:
+    """The store alone: listing and revoking keys needs no engines and registers no keys."""
+    from backfill.store import open_store
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.database_url, busy_timeout=settings.store_busy_timeout)
+    store.migrate()
+    return store
+
+
+def when(ts: int | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    project: Annotated[str, typer.Option("--project", help="the project the key acts for")],
+    config: Config = None,
+    data_dir: DataDir = DATA_DIR,
+    database: Database = None,
+) -> None:
+    """Create a key for a project and print it.
+
+    The key is shown this once: the store keeps only its digest and prefix.
+    """
+    from backfill.domain.ids import new_api_key
+    from backfill.service import Service
+
+    settings = command_settings(ctx, config, data_dir, database)
+    service = Service(settings.model_copy(update={"models": [], "default_model": False}))
+    key = new_api_key()
+    service.add_key(key, project)
+    service.close()
+    print(f"Created an API key for project {project}: {key}")
+
+
+@app.command("list")
+def list_keys(
+    ctx: typer.Context,
+    project: Annotated[
+        str | None, typer.Option("--project", help="only this project's keys", show_default="all")
+    ] = None,
+    config: Config = None,
+    data_dir: DataDir = DATA_DIR,
+    database: Database = None,
+) -> None:
+    """List keys: id, prefix, project, created, source, revoked."""
+    store = store_alone(command_settings(ctx, config, data_dir, database))
+    try:
+        keys = store.list_api_keys(project)
+    finally:
+        store.close()
+    rows = [("ID", "PREFIX", "PROJECT", "CREATED", "SOURCE", "REVOKED")]
+    for k in keys:
+        prefix = f"{k.prefix}..." if k.prefix else "-"
+        rows.append((k.id, prefix, k.project, when(k.created_at), k.source, when(k.revoked_at)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@app.command("revoke")
+def revoke(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="a key's id (`keys list`)")],
+    config: Config = None,
+    data_dir: DataDir = DATA_DIR,
+    database: Database = None,
+) -> None:
+    """Revoke a key by its id (see `keys list`)."""
+    store = store_alone(command_settings(ctx, config, data_dir, database))
+    try:
+        key = store.revoke_api_key(key_id, int(time.time()))
+    finally:
+        store.close()
+    if key is None:
+        raise NotFound(f"no API key {key_id!r} (see `backfill keys list`)")
+    print(f"Revoked API key {key.id} of project {key.project} at {when(key.revoked_at)}.")
+    if key.source == "flag":
+        print("It was given at serve start: a server started with it again makes it valid.")
