@@ -32,6 +32,39 @@ class RealtimeModel:
     stats: RealtimeStats = field(default_factory=RealtimeStats)
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Recent real-time latency samples of one kind, in seconds."""
+
+    p50: float
+    p90: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """One model's batch and real-time load right now, for the dashboard (`api/dashboard.py`)."""
+
+    name: str
+    #: batch requests allowed at once (the governor's limit, or the fixed `max_concurrency`)
+    batch_limit: int
+    batch_in_flight: int
+    #: long prompts waiting outside the window
+    batch_deferred: int
+    realtime_in_flight: int
+    realtime_requests: int
+    #: time to first token and per output token of streamed real-time answers, as the gateway
+    #: measured them (None: no sample yet)
+    ttft: Latency | None = None
+    tpot: Latency | None = None
+    #: "off" (fixed limit), "starting" (no decision yet), "dormant", "idle" or "reference"
+    governor: str = "off"
+    #: the real-time peak the governor plans for (None: no governor)
+    reference: float | None = None
+    #: the governor reads the engine's own metrics
+    engine_metrics: bool = False
+
+
 @dataclass
 class ApiContext:
     settings: Settings
@@ -44,6 +77,8 @@ class ApiContext:
     clock: Callable[[], float] = time.time
     #: the figures `GET /metrics` shows (see `api/metrics.py`)
     metrics: Callable[[], list[MetricFamily]] = list
+    #: each model's load for the dashboard's models view (`api/dashboard.py`)
+    model_loads: Callable[[], list[ModelLoad]] = list
 
     def now(self) -> int:
         return int(self.clock())
