@@ -32,9 +32,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import statistics
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from backfill.blobs import open_blobs
 from backfill.blobs.base import Blobs
@@ -51,7 +53,13 @@ from backfill.store import open_store
 from backfill.store.base import Store
 from backfill.worker.worker import Worker
 
+if TYPE_CHECKING:
+    from backfill.api.context import Latency, ModelLoad
+
 log = logging.getLogger("backfill")
+
+#: the newest real-time latency samples per model the dashboard summarizes
+RECENT_LATENCIES = 256
 
 DEFAULT_PROJECT = "default"
 
@@ -81,6 +89,36 @@ def key_prefix(key: str) -> str:
     return key[:8] if len(key) >= 32 else key[:3]
 
 
+class WatchedRealtimeStats(RealtimeStats):
+    """`RealtimeStats` that also keeps the newest samples its reader drained, so the dashboard
+    shows the gateway's TTFT and TPOT without taking them from the governor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recent_ttft: deque[float] = deque(maxlen=RECENT_LATENCIES)
+        self.recent_tpot: deque[float] = deque(maxlen=RECENT_LATENCIES)
+
+    def drain_tpots(self) -> list[float]:
+        tpot = super().drain_tpots()
+        self.recent_tpot.extend(tpot)
+        return tpot
+
+    def drain_ttfts(self) -> list[float]:
+        ttft = super().drain_ttfts()
+        self.recent_ttft.extend(ttft)
+        return ttft
+
+
+def _latency(samples: Iterable[float]) -> Latency | None:
+    from backfill.api.context import Latency
+
+    ordered = sorted(samples)
+    if not ordered:
+        return None
+    p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    return Latency(statistics.median(ordered), p90, len(ordered))
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         settings = with_default_models(settings)
@@ -94,8 +132,8 @@ class Service:
         self.engines: dict[str, Engine] = build_engines(settings.models)
         self.dispatchers: dict[str, Dispatcher] = {}
         self.governors: dict[str, Governor] = {}
-        self.realtime_stats: dict[str, RealtimeStats] = {
-            m.name: RealtimeStats() for m in settings.models
+        self.realtime_stats: dict[str, WatchedRealtimeStats] = {
+            m.name: WatchedRealtimeStats() for m in settings.models
         }
         self.served: dict[str, frozenset[str]] = {
             m.name: frozenset(m.endpoints) for m in settings.models
@@ -155,6 +193,14 @@ class Service:
             tasks.append(asyncio.create_task(worker.run(stop)))
         for governor in self.governors.values():
             tasks.append(asyncio.create_task(governor.run(stop)))
+        if self.settings.run_scheduler:
+            from backfill.webhooks.deliverer import Deliverer
+            from backfill.webhooks.endpoints import sync_config_endpoints
+
+            await asyncio.to_thread(
+                sync_config_endpoints, self.store, list(self.settings.webhooks), int(time.time())
+            )
+            tasks.append(asyncio.create_task(Deliverer(self.settings, self.store).run(stop)))
         try:
             yield
         finally:
@@ -222,6 +268,41 @@ class Service:
             for name, kind, text, get, source in rows
         ]
 
+    def model_loads(self) -> list[ModelLoad]:
+        """Each model's batch and real-time load for the dashboard (`api/dashboard.py`)."""
+        from backfill.api.context import ModelLoad
+
+        loads = []
+        for name, dispatcher in self.dispatchers.items():
+            stats = self.realtime_stats[name]
+            governor = self.governors.get(name)
+            state, reference = "off", None
+            if governor is None:
+                stats.drain_ttfts()  # no governor reads them: keep the newest for the view
+                stats.drain_tpots()
+            elif governor.history:
+                decision = governor.history[-1][1]
+                reference = decision.reference
+                state = "dormant" if decision.dormant else "idle" if decision.idle else "reference"
+            else:
+                state = "starting"
+            loads.append(
+                ModelLoad(
+                    name=name,
+                    batch_limit=dispatcher.limit,
+                    batch_in_flight=dispatcher.stats.in_flight,
+                    batch_deferred=dispatcher.stats.deferred,
+                    realtime_in_flight=stats.in_flight,
+                    realtime_requests=stats.arrivals,
+                    ttft=_latency(stats.recent_ttft),
+                    tpot=_latency(stats.recent_tpot),
+                    governor=state,
+                    reference=reference,
+                    engine_metrics=governor is not None and governor.engine_load is not None,
+                )
+            )
+        return loads
+
     def api_app(self) -> Any:
         from backfill.api.app import create_app
         from backfill.api.context import ApiContext, RealtimeModel
@@ -244,6 +325,7 @@ class Service:
             models=self.served,
             realtime=realtime,
             metrics=self.metric_families,
+            model_loads=self.model_loads,
         )
 
         @contextlib.asynccontextmanager

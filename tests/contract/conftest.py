@@ -25,7 +25,10 @@ from backfill.store.memory import MemoryStore
 from backfill.store.sql import SqlStore
 from backfill.testing.postgres import libpq_url, scratch_postgres_database
 
-TABLES = ("projects", "api_keys", "files", "batches", "shards", "segments", "claims")
+TABLES = (
+    "projects", "api_keys", "files", "batches", "shards", "segments", "claims",
+    "webhook_endpoints", "webhook_deliveries",
+)  # fmt: skip
 
 
 _libpq = libpq_url

@@ -5,11 +5,11 @@
 factory (`Callable[[FastAPI], AsyncContextManager[None]]`) the root uses to run background
 duties (scheduler, in-process worker) alongside the server.
 
-Routes are plain FastAPI routes grouped by resource (`files`, `batches`, `models`, and the
-real-time gateway `realtime`); each module
-exposes `router(ctx, auth)` so handlers close over their dependencies instead of reaching into
-`app.state`. Every `/v1` route requires a Bearer key; `/health`, `/health/ready`, `/metrics`
-and `/openapi.json` do not.
+Routes are plain FastAPI routes grouped by resource (`files`, `batches`, `models`, the
+real-time gateway `realtime`, and `dashboard`: the page at `/ui` and its JSON extensions); each
+module exposes `router(ctx, auth)` so handlers close over their dependencies instead of reaching
+into `app.state`. Every `/v1` route requires a Bearer key; `/health`, `/health/ready`, `/metrics`,
+`/openapi.json` and the dashboard's files under `/ui` do not.
 
 `/openapi.json` describes the whole API (see `api/openapi.py`) so clients and fuzzers can be
 generated from it; the interactive `/docs` pages stay off: they load scripts from a CDN and are
@@ -28,7 +28,17 @@ from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
-from backfill.api import batches, files, metrics, models, openapi, partial, realtime
+from backfill.api import (
+    batches,
+    dashboard,
+    files,
+    metrics,
+    models,
+    openapi,
+    partial,
+    realtime,
+    webhooks,
+)
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext
 from backfill.api.errors import install_error_handlers, route_methods
@@ -61,7 +71,8 @@ def create_app(ctx: ApiContext, lifespan: Lifespan | None = None) -> FastAPI:
         failure_window=settings.auth_failure_window_seconds,
     )
     app.state.auth = auth
-    routers = [(m.router(ctx, auth), "/v1") for m in (files, batches, partial, models, realtime)]
+    resources = (files, batches, partial, dashboard, models, realtime, webhooks)
+    routers = [(m.router(ctx, auth), "/v1") for m in resources]
     for router, prefix in routers:
         app.include_router(
             router,
@@ -71,6 +82,8 @@ def create_app(ctx: ApiContext, lifespan: Lifespan | None = None) -> FastAPI:
         )
 
     routers.append((metrics.router(ctx.metrics), ""))
+    app.include_router(routers[-1][0])
+    routers.append((dashboard.ui_router(), ""))
     app.include_router(routers[-1][0])
 
     readiness = Readiness(ctx.store, ctx.blobs, timeout=settings.ready_timeout_seconds)

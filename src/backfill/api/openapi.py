@@ -214,6 +214,10 @@ def _json_body(ref: str) -> dict[str, Any]:
     }
 
 
+#: for route modules that describe their own routes (`api/webhooks.py`)
+errors_of = _errors
+json_body = _json_body
+
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 UPLOAD_FILE: dict[str, Any] = {
@@ -366,8 +370,11 @@ def _extra_schemas() -> dict[str, Any]:
         MIN_EXPIRES_AFTER,
         CreateBatchRequest,
     )
+    from backfill.api.webhooks import SCHEMAS as WEBHOOK_SCHEMAS
 
     schemas = _component(CreateBatchRequest)
+    for model in WEBHOOK_SCHEMAS:
+        schemas |= _component(model)
     # limits the handler checks by hand, with OpenAI's wording
     create = schemas["CreateBatchRequest"]["properties"]
     create["input_file_id"]["minLength"] = 1

@@ -26,6 +26,7 @@ from backfill.domain.records import (
     Usage,
 )
 from backfill.domain.statuses import BatchStatus
+from backfill.domain.webhooks import WebhookDelivery, WebhookEndpoint
 
 T = TypeVar("T")
 
@@ -128,7 +129,7 @@ class Store(Protocol):
     def batches_in(self, statuses: Iterable[BatchStatus], limit: int = 100) -> list[BatchRecord]:
         """Batches in any of `statuses`, oldest first (scheduler scans)."""
 
-    def transition(
+    def transition(  # a terminal status also writes the batch's webhook deliveries
         self,
         batch_id: str,
         from_statuses: Iterable[BatchStatus],
@@ -233,3 +234,64 @@ class Store(Protocol):
         """Delete the batch's segment and shard rows if the batch is terminal (else nothing);
         return how many rows went. The batch row keeps its counts and usage (`usage_of` reads
         zero from then on)."""
+
+    # -- webhooks (domain/webhooks.py) ------------------------------------------------------
+    # A transition into a terminal status writes, in its own transaction, one delivery per
+    # active endpoint of the batch's project that wants the event (the outbox).
+    def add_webhook_endpoint(self, endpoint: WebhookEndpoint) -> None: ...
+
+    def webhook_endpoints(self, project_id: str | None = None) -> list[WebhookEndpoint]:
+        """Active (not removed) endpoints, oldest first; all projects' when `project_id` is
+        None."""
+
+    def get_webhook_endpoint(
+        self, endpoint_id: str, project_id: str | None = None
+    ) -> WebhookEndpoint | None:
+        """An active endpoint (of `project_id`, when given)."""
+
+    def remove_webhook_endpoint(
+        self, endpoint_id: str, now: int, project_id: str | None = None
+    ) -> WebhookEndpoint | None:
+        """End an active endpoint; its pending deliveries end as failed when next claimed."""
+
+    def update_webhook_endpoint(
+        self,
+        endpoint_id: str,
+        now: int,
+        project_id: str | None = None,
+        **changes: Any,
+    ) -> WebhookEndpoint | None:
+        """Change an active endpoint's `url`, `name`, `event_types`, `secret`,
+        `previous_secret`, `previous_secret_until` (None: unchanged); None if there is no such
+        endpoint (of `project_id`, when given)."""
+
+    def claim_webhook_deliveries(
+        self, token: str, now: float, lease_seconds: float, limit: int
+    ) -> list[WebhookDelivery]:
+        """Take up to `limit` deliveries due at `now` for one attempt each (oldest first): each
+        has `attempts` counted up, is held for `lease_seconds` under `token`, and comes with its
+        endpoint's URL and secret. Deliveries of removed endpoints end as failed instead.
+        Several processes never take the same delivery at once."""
+
+    def finish_webhook_delivery(
+        self,
+        delivery_id: int,
+        token: str,
+        now: float,
+        *,
+        delivered: bool,
+        status: int | None = None,
+        error: str | None = None,
+        retry_at: float | None = None,
+    ) -> bool:
+        """Record an attempt's outcome, fenced by `token`: delivered; or failed, to be tried
+        again at `retry_at`, or given up when `retry_at` is None. False: the claim was lost
+        (another process holds the delivery, or it ended)."""
+
+    def webhook_deliveries(
+        self, *, endpoint_id: str | None = None, batch_id: str | None = None, limit: int = 100
+    ) -> list[WebhookDelivery]:
+        """Deliveries, newest first."""
+
+    def prune_webhook_deliveries(self, before: int) -> int:
+        """Delete delivered and failed deliveries of events older than `before`."""

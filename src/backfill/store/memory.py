@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,6 +36,7 @@ from backfill.domain.records import (
 from backfill.domain.statuses import TERMINAL, BatchStatus
 from backfill.errors import Conflict, StoreError
 from backfill.store.base import ApiKey, Page
+from backfill.store.memory_webhooks import MemoryWebhooksMixin
 from backfill.store.rules import (
     IDEMPOTENCY_CONFLICT,
     KEY_CONFLICT,
@@ -61,7 +63,7 @@ class _StoredBatch:
     request_hash: str | None
 
 
-class MemoryStore:
+class MemoryStore(MemoryWebhooksMixin):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
@@ -72,6 +74,7 @@ class MemoryStore:
         self._shards: dict[tuple[str, int], Shard] = {}
         self._segments: dict[tuple[str, int, int], Segment] = {}
         self._claims: dict[str, tuple[str, float]] = {}  # name -> (owner, expires_at)
+        self._init_webhooks()
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -269,6 +272,8 @@ class MemoryStore:
             if stored is None or stored.record.status not in wanted:
                 return None
             stored.record = replace(stored.record, **changes)
+            if changes.get("status") in TERMINAL:
+                self._enqueue_batch_event(stored.record, time.time())  # the outbox
             return _out(stored.record)
 
     def start_batch(

@@ -160,3 +160,49 @@ claims = Table(
     Column("owner", String(128), nullable=False),
     Column("expires_at", Float, nullable=False),
 )
+
+# Webhook endpoints, per project (`domain/webhooks.py`). `event_types` is a comma-separated
+# list; `removed_at` ends an endpoint (its pending deliveries then end as failed).
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("project_id", String(64), nullable=False, index=True),
+    Column("name", Text, nullable=False, default=""),
+    Column("url", Text, nullable=False),
+    Column("secret", Text, nullable=False),
+    Column("event_types", Text, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("removed_at", BigInteger, nullable=True),
+    # a rotated-out secret still signs (beside the new one) until `previous_secret_until`
+    Column("previous_secret", Text, nullable=True),
+    Column("previous_secret_until", BigInteger, nullable=True),
+)
+
+# The webhook outbox: one row per event and endpoint, written in the transaction that moves a
+# batch to its terminal status. `next_attempt_at` is also the claim: a process that takes a row
+# pushes it past its attempt, and `lease_token` fences what that attempt writes.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    Column("batch_id", String(64), nullable=False),
+    Column("project_id", String(64), nullable=False),
+    Column("endpoint_id", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=True),  # NULL: delivered or given up
+    Column("lease_token", String(128), nullable=True),
+    Column("delivered_at", BigInteger, nullable=True),
+    Column("gave_up_at", BigInteger, nullable=True),
+    Column("last_status", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_deliveries_event_endpoint"),
+    Index("ix_webhook_deliveries_next", "next_attempt_at"),
+    Index("ix_webhook_deliveries_endpoint", "endpoint_id"),
+)

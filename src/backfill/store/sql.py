@@ -81,6 +81,7 @@ from backfill.store.rules import (
 )
 from backfill.store.schema import api_keys, batches, files, projects, segments
 from backfill.store.schema import shards as _shards_table  # `shards` is also a method name
+from backfill.store.sql_webhooks import SqlWebhooksMixin, enqueue_batch_event
 from backfill.store.sql_work import SqlWorkMixin
 
 T = TypeVar("T")
@@ -110,7 +111,10 @@ def _unreachable(exc: DBAPIError, sqlstate: str | None) -> bool:
 _SHUTDOWN = frozenset({"57P01", "57P02", "57P03"})
 
 
-class SqlStore(SqlWorkMixin):
+_TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
+
+
+class SqlStore(SqlWorkMixin, SqlWebhooksMixin):
     def __init__(
         self, url: str, *, pool_size: int = 5, max_overflow: int = 20, busy_timeout: float = 5.0
     ) -> None:
@@ -466,7 +470,11 @@ class SqlStore(SqlWorkMixin):
             else:
                 where_after = where
             row = conn.execute(select(batches).where(where_after)).mappings().first()
-            return None if row is None else batch_record(row)
+            if row is None:
+                return None
+            if values.get("status") in _TERMINAL_VALUES:
+                enqueue_batch_event(conn, row, time.time())  # the outbox, in this transaction
+            return batch_record(row)
 
         return self._run(work)
 

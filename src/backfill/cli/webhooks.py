@@ -1,0 +1,162 @@
+"""`backfill webhooks add | list | remove | deliveries | secret`: a project's webhook endpoints
+in the store, while a server runs or not (a running server sends to an endpoint from the next
+batch that ends; no restart).
+
+`add` prints the endpoint's `whsec_` secret once (receivers check signatures with it, e.g. the
+`openai` SDK's `client.webhooks.unwrap`); `list` shows each endpoint with its deliveries by
+state and its last error; `deliveries` lists the newest deliveries, attempts and errors, for
+finding out why a receiver got nothing. `secret` prints a fresh secret for the config file's
+`[[webhooks]]`. Endpoints from the config file are listed with source `config` and are
+changed there, not here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Annotated
+
+import typer
+
+from backfill.cli.keys import command_settings, store_alone, when
+from backfill.cli.options import DATA_DIR, Config, Database, DataDir
+from backfill.domain.webhooks import EVENT_TYPES, new_secret
+from backfill.errors import Conflict, NotFound
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Webhook endpoints: add, list, remove, deliveries, secret.", no_args_is_help=True
+)
+
+#: deliveries `list` counts per endpoint (the newest)
+COUNTED = 10_000
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Argument(help="where events are POSTed (http:// or https://)")],
+    project: Annotated[str, typer.Option("--project", help="whose batches' events")],
+    events: Annotated[
+        str,
+        typer.Option("--events", help="comma-separated event types"),
+    ] = ",".join(EVENT_TYPES),
+    name: Annotated[str, typer.Option("--name", help="a name for people")] = "",
+    config: Config = None,
+    data_dir: DataDir = DATA_DIR,
+    database: Database = None,
+) -> None:
+    """Add an endpoint for a project's batch events and print its signing secret."""
+    from backfill.webhooks.endpoints import make_endpoint
+
+    store = store_alone(command_settings(ctx, config, data_dir, database))
+    try:
+        p = store.ensure_project(project)
+        types = [e.strip() for e in events.split(",") if e.strip()]
+        endpoint = make_endpoint(p.id, url, int(time.time()), events=types, name=name)
+        store.add_webhook_endpoint(endpoint)
+    finally:
+        store.close()
+    print(f"Added webhook endpoint {endpoint.id} for project {project}: {url}")
+    print(f"events: {', '.join(endpoint.event_types)}")
+    print(f"signing secret (shown once): {endpoint.secret}")
+
+
+@app.command("list")
+def list_endpoints(
+    ctx: typer.Context,
+    project: Annotated[
+        str | None, typer.Option("--project", help="only this project's", show_default="all")
+    ] = None,
+    config: Config = None,
+    data_dir: DataDir = DATA_DIR,
+    database: Database = None,
+) -> None:
+    """List endpoints with their deliveries: delivered / pending / failed, and the last error."""
+    store = store_alone(command_settings(ctx, config, data_dir, database))
+    try:
+        project_id = None if project is None else store.ensure_project(project).id
+        endpoints = store.webhook_endpoints(project_id)
+        tallies = {
+            e.id: store.webhook_deliveries(endpoint_id=e.id, limit=COUNTED) for e in endpoints
+        }
+    finally:
+        store.close()
+    rows = [
+        ("ID", "PROJECT", "URL", "EVENTS", "SOURCE", "CREATED", "OK/PENDING/FAILED", "LAST ERROR")
+    ]
+    for e in endpoints:
+        ds = tallies[e.id]
+        n = Counter(d.state for d in ds)
+        last = next((d.last_error for d in ds if d.last_error), None) or "-"
+        events = "all" if set(e.event_types) == set(EVENT_TYPES) else ",".join(e.event_types)
+        counts = f"{n['delivered']}/{n['pending']}/{n['failed']}"
+        rows.append(
+            (e.id, e.project, e.url, events, e.source, when(e.created_at), counts, last[:80])
+        )
+    _table(rows)
+
+
+@app.command("remove")
+def remove(
+    ctx: typer.Context,
+    endpoint_id: Annotated[str, typer.Argument(metavar="ENDPOINT_ID", help="`webhooks list`")],
+    config: Config = None,
+    data_dir: DataDir = DATA_DIR,
+    database: Database = None,
+) -> None:
+    """Remove an endpoint; its pending deliveries end as failed."""
+    store = store_alone(command_settings(ctx, config, data_dir, database))
+    try:
+        found = store.get_webhook_endpoint(endpoint_id)
+        if found is not None and found.source == "config":
+            raise Conflict(f"{endpoint_id} comes from the config file: remove it there")
+        gone = store.remove_webhook_endpoint(endpoint_id, int(time.time()))
+    finally:
+        store.close()
+    if gone is None:
+        raise NotFound(f"no webhook endpoint {endpoint_id!r} (see `backfill webhooks list`)")
+    print(f"Removed webhook endpoint {gone.id} ({gone.url}).")
+
+
+@app.command("deliveries")
+def deliveries(
+    ctx: typer.Context,
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", help="only this endpoint's", show_default="all")
+    ] = None,
+    batch: Annotated[
+        str | None, typer.Option("--batch", help="only this batch's", show_default="all")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="the newest this many")] = 20,
+    config: Config = None,
+    data_dir: DataDir = DATA_DIR,
+    database: Database = None,
+) -> None:
+    """The newest deliveries: event, batch, state, attempts, next attempt, last answer."""
+    store = store_alone(command_settings(ctx, config, data_dir, database))
+    try:
+        found = store.webhook_deliveries(endpoint_id=endpoint, batch_id=batch, limit=limit)
+    finally:
+        store.close()
+    rows = [("EVENT", "TYPE", "BATCH", "ENDPOINT", "STATE", "ATTEMPTS", "NEXT", "LAST")]
+    for d in found:
+        nxt = when(int(d.next_attempt_at)) if d.state == "pending" else "-"
+        last = d.last_error or (str(d.last_status) if d.last_status else "-")
+        rows.append((d.event_id, d.event_type, d.batch_id, d.endpoint_id, d.state,
+                     str(d.attempts), nxt, last[:80]))  # fmt: skip
+    _table(rows)
+
+
+@app.command("secret")
+def secret() -> None:
+    """Print a new signing secret (whsec_...) for the config file's [[webhooks]]."""
+    print(new_secret())
