@@ -26,6 +26,7 @@ from backfill.domain.records import (
     Usage,
 )
 from backfill.domain.statuses import BatchStatus
+from backfill.domain.usage import UsageEntry
 from backfill.domain.webhooks import WebhookDelivery, WebhookEndpoint
 
 T = TypeVar("T")
@@ -295,3 +296,20 @@ class Store(Protocol):
 
     def prune_webhook_deliveries(self, before: int) -> int:
         """Delete delivered and failed deliveries of events older than `before`."""
+
+    # -- the usage ledger (domain/usage.py) ---------------------------------------------------
+    def record_usage(self, entry: UsageEntry) -> bool:
+        """Record `entry` unless an entry with its `ref` is recorded (True: recorded now)."""
+
+    def usage_entries(
+        self,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        project_id: str | None = None,
+        batch_id: str | None = None,
+        after_seq: int = 0,
+        limit: int = 1000,
+    ) -> list[UsageEntry]:
+        """Entries with `start <= at < end` (of a project, of a batch), in recording order
+        after `after_seq` (the `seq` of the last entry of the previous page)."""

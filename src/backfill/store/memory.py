@@ -36,6 +36,7 @@ from backfill.domain.records import (
 from backfill.domain.statuses import TERMINAL, BatchStatus
 from backfill.errors import Conflict, StoreError
 from backfill.store.base import ApiKey, Page
+from backfill.store.memory_usage import MemoryUsageMixin
 from backfill.store.memory_webhooks import MemoryWebhooksMixin
 from backfill.store.rules import (
     IDEMPOTENCY_CONFLICT,
@@ -63,7 +64,7 @@ class _StoredBatch:
     request_hash: str | None
 
 
-class MemoryStore(MemoryWebhooksMixin):
+class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
@@ -75,6 +76,7 @@ class MemoryStore(MemoryWebhooksMixin):
         self._segments: dict[tuple[str, int, int], Segment] = {}
         self._claims: dict[str, tuple[str, float]] = {}  # name -> (owner, expires_at)
         self._init_webhooks()
+        self._init_usage()
 
     def __repr__(self) -> str:
         return "MemoryStore()"

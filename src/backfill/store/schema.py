@@ -21,6 +21,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Float,
     Index,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 # INTEGER PRIMARY KEY on SQLite (the autoincrementing rowid), BIGSERIAL on PostgreSQL.
@@ -44,6 +46,8 @@ projects = Table(
     Column("id", String(64), primary_key=True),
     Column("name", String(255), nullable=False, unique=True),
     Column("created_at", BigInteger, nullable=False),
+    # quotas and limits set with `backfill projects set` (None: the server's defaults)
+    Column("settings", JSON(none_as_null=True), nullable=True),
 )
 
 # Keys are stored as SHA-256 digests; `id` and the short `prefix` name them for people.
@@ -58,6 +62,8 @@ api_keys = Table(
     Column("prefix", String(32), nullable=True),
     Column("source", String(16), nullable=False, server_default="legacy"),
     Column("revoked_at", BigInteger, nullable=True),
+    # an admin key (`backfill keys create --admin`) reads every project's usage and costs
+    Column("admin", Boolean, nullable=False, server_default=false()),
     Index("ix_api_keys_id", "id", unique=True),
 )
 
@@ -113,6 +119,12 @@ batches = Table(
     Column("idempotency_key", String(255), nullable=True),
     Column("request_hash", String(128), nullable=True),
     Column("warning", Text, nullable=True),
+    # who made it, what it is estimated to use (quotas), and what it cost (the ledger's sums)
+    Column("api_key_id", String(64), nullable=True),
+    Column("enqueued_tokens", BigInteger, nullable=True),
+    Column("cost_micros", BigInteger, nullable=False, server_default="0"),
+    Column("list_micros", BigInteger, nullable=False, server_default="0"),
+    Column("currency", String(8), nullable=True),
     UniqueConstraint("project_id", "idempotency_key", name="uq_batches_idempotency"),
 )
 
@@ -148,6 +160,7 @@ segments = Table(
     Column("output_tokens", BigInteger, nullable=False, default=0),
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
     Column("owner", String(128), nullable=True),
+    Column("engine_ms", BigInteger, nullable=False, server_default="0"),
     PrimaryKeyConstraint("batch_id", "shard_index", "seq", name="pk_segments"),
 )
 
@@ -205,4 +218,32 @@ webhook_deliveries = Table(
     UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_deliveries_event_endpoint"),
     Index("ix_webhook_deliveries_next", "next_attempt_at"),
     Index("ix_webhook_deliveries_endpoint", "endpoint_id"),
+)
+
+# The usage ledger (`domain/usage.py`): one row per recorded segment or real-time request,
+# unique by `ref`, so nothing is counted twice; reports sum it by `at`.
+usage_ledger = Table(
+    "usage_ledger",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("ref", String(255), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),
+    Column("project_id", String(64), nullable=False),
+    Column("api_key_id", String(64), nullable=True),
+    Column("model", Text, nullable=False),
+    Column("endpoint", String(128), nullable=False),
+    Column("batch_id", String(64), nullable=True),
+    Column("at", BigInteger, nullable=False),
+    Column("requests", BigInteger, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("cached_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("reasoning_tokens", BigInteger, nullable=False),
+    Column("engine_ms", BigInteger, nullable=False),
+    Column("cost_micros", BigInteger, nullable=False),
+    Column("list_micros", BigInteger, nullable=False),
+    Column("currency", String(8), nullable=True),
+    Index("ix_usage_ledger_at", "at"),
+    Index("ix_usage_ledger_project_at", "project_id", "at"),
+    Index("ix_usage_ledger_batch", "batch_id"),
 )
