@@ -83,3 +83,15 @@ def test_concurrent_writers_of_one_ref_record_it_once(backend: Backend) -> None:
         t.join(timeout=60)
     assert won.count(True) == 20
     assert len(stores[0].usage_entries()) == 20
+
+
+def test_a_key_lookup_names_the_key_and_whether_it_is_admin(store: Store) -> None:
+    p = store.ensure_project("p")
+    store.add_api_key(p.id, "hash-plain", 1, prefix="sk-a")
+    store.add_api_key(p.id, "hash-admin", 1, prefix="sk-b", admin=True)
+    ids = {k.prefix: k.id for k in store.list_api_keys("p")}
+    plain, admin = store.project_for_key("hash-plain"), store.project_for_key("hash-admin")
+    assert plain is not None and admin is not None
+    assert (plain.key_id, plain.admin) == (ids["sk-a"], False)
+    assert (admin.key_id, admin.admin) == (ids["sk-b"], True)
+    assert plain == admin == p  # the same project

@@ -17,6 +17,10 @@ from backfill.domain.statuses import BatchStatus
 class Project:
     id: str
     name: str
+    #: when looked up by an API key (`Store.project_for_key`): that key's id, and whether it is
+    #: an admin key (reads every project's usage); not part of the project's identity
+    key_id: str | None = field(default=None, compare=False)
+    admin: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,13 +75,16 @@ class Store(Protocol):
         *,
         prefix: str | None = None,
         source: str = "cli",
+        admin: bool = False,
     ) -> None:
-        """Register a key (by its SHA-256 hex digest) for a project. Idempotent. `Conflict` if
-        the digest belongs to another project. Registering an existing key with source `flag`
+        """Register a key (by its SHA-256 hex digest) for a project; an `admin` key also reads
+        every project's usage and costs. Idempotent. `Conflict` if the digest belongs to another
+        project. Registering an existing key with source `flag`
         makes it a flag key and valid again (a key given at serve start works while given)."""
 
     def project_for_key(self, key_hash: str) -> Project | None:
-        """The key's project; None for an unknown or revoked key."""
+        """The key's project, with the key's id and admin flag (`Project.key_id`, `.admin`);
+        None for an unknown or revoked key."""
 
     # -- files -------------------------------------------------------------------------------
     def insert_file(self, file: FileRecord) -> None: ...

@@ -54,6 +54,7 @@ class _StoredKey:
     source: str
     created_at: int
     revoked_at: int | None = None
+    admin: bool = False
 
 
 @dataclass(slots=True)
@@ -104,11 +105,14 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin):
         *,
         prefix: str | None = None,
         source: str = "cli",
+        admin: bool = False,
     ) -> None:
         with self._lock:
             key = self._keys.get(key_hash)
             if key is None:
-                self._keys[key_hash] = _StoredKey(new_key_id(), project_id, prefix, source, now)
+                self._keys[key_hash] = _StoredKey(
+                    new_key_id(), project_id, prefix, source, now, admin=admin
+                )
                 return
             if key.project_id != project_id:
                 raise Conflict(KEY_CONFLICT)
@@ -121,7 +125,8 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin):
             key = self._keys.get(key_hash)
             if key is None or key.revoked_at is not None:
                 return None
-            return next((p for p in self._projects.values() if p.id == key.project_id), None)
+            found = next((p for p in self._projects.values() if p.id == key.project_id), None)
+            return None if found is None else replace(found, key_id=key.id, admin=key.admin)
 
     # -- files -------------------------------------------------------------------------------
     def insert_file(self, file: FileRecord) -> None:

@@ -231,6 +231,7 @@ class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin):
         *,
         prefix: str | None = None,
         source: str = "cli",
+        admin: bool = False,
     ) -> None:
         query = select(api_keys.c.project_id).where(api_keys.c.key_hash == key_hash)
         row = {
@@ -240,6 +241,7 @@ class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin):
             "id": new_key_id(),
             "prefix": prefix,
             "source": source,
+            "admin": admin,
         }
 
         def work(conn: Connection) -> None:
@@ -270,12 +272,12 @@ class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin):
 
     def project_for_key(self, key_hash: str) -> Project | None:
         query = (
-            select(projects.c.id, projects.c.name)
+            select(projects.c.id, projects.c.name, api_keys.c.id.label("key_id"), api_keys.c.admin)
             .join(api_keys, api_keys.c.project_id == projects.c.id)
             .where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None))
         )
         row = self._run(lambda conn: conn.execute(query).first(), write=False)
-        return None if row is None else Project(row.id, row.name)
+        return None if row is None else Project(row.id, row.name, row.key_id, bool(row.admin))
 
     # -- files -------------------------------------------------------------------------------
     def insert_file(self, file: FileRecord) -> None:
