@@ -164,7 +164,8 @@ async def test_an_event_too_old_is_given_up(store: SqlStore, receiver: Receiver)
         stop.set()
         await task
     [row] = store.webhook_deliveries()
-    assert row.last_status == 500 and row.attempts == receiver.attempts() >= 2
+    # (on a busy machine the first attempt may already come after the deadline)
+    assert row.last_status == 500 and row.attempts == receiver.attempts() >= 1
 
 
 @pytest.mark.anyio

@@ -21,7 +21,7 @@ from backfill.sim import options as sim_options
 from backfill.sim import server as sim_server
 
 PORT = Settings.model_fields["port"].default  # 8000: what `serve --help` must show
-COMMANDS = ["serve", "worker", "run", "keys", "sim", "submit", "retry", "batches", "files"]
+COMMANDS = ["serve", "worker", "run", "keys", "webhooks", "sim", "submit", "retry", "batches", "files"]
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
