@@ -18,6 +18,10 @@ completions (fetched and converted once into a cache: `engines/smollm2.py`), so 
 needs no inference server. `BACKFILL_DEFAULT_MODEL=false` turns both off,
 `BACKFILL_DEFAULT_CHAT_MODEL=false` the chat model alone.
 
+Webhook endpoints from the config file's `[[webhooks]]` are synced the same way (by the API
+process only), and every process that runs the scheduler also runs a webhook `Deliverer`
+over the store's outbox (`webhooks/deliverer.py`).
+
 Real time and batch share each model's engine. Per model, one `RealtimeStats` is written by the
 real-time gateway (its streams' TTFT and TPOT included) and read by the
 model's `Governor`, which moves the batch dispatcher's limit. A governor runs (with the worker)
@@ -35,7 +39,7 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from backfill.blobs import open_blobs
@@ -44,7 +48,8 @@ from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.governor import Governor, policy_config
 from backfill.dispatch.policy import GovernorPolicy
 from backfill.dispatch.signals import RealtimeStats
-from backfill.engines.base import Engine
+from backfill.domain.validation import TokenCounter
+from backfill.engines.base import Engine, TokenCounting
 from backfill.engines.registry import build_engine, build_engines, with_default_models
 from backfill.metrics import Family, Kind
 from backfill.scheduler.scheduler import Scheduler
@@ -76,6 +81,16 @@ async def start_offline_model(settings: Settings, config: ModelConfig) -> Dispat
     engine = build_engine(config)
     await engine.start()
     return batch_dispatcher(engine, config, settings)
+
+
+def token_counters(engines: Mapping[str, Engine]) -> dict[str, TokenCounter]:
+    """The prompt-token counters of the engines that have a tokenizer (in-process ones); the
+    scheduler estimates the tokens of the others' requests."""
+    return {
+        name: engine.count_tokens
+        for name, engine in engines.items()
+        if isinstance(engine, TokenCounting)
+    }
 
 
 def hash_key(key: str) -> str:
@@ -156,6 +171,14 @@ class Service:
         for old in gone:
             log.info("revoked API key %s (%s...): no longer given at start", old.id, old.prefix)
 
+    def sync_configured_webhooks(self) -> None:
+        """The config file's `[[webhooks]]` are kept in the store while listed, like the keys
+        given at start: by the API process only, so a worker started with another config
+        leaves them alone (`webhooks/endpoints.py`)."""
+        from backfill.webhooks.endpoints import sync_config_endpoints
+
+        sync_config_endpoints(self.store, list(self.settings.webhooks), int(time.time()))
+
     async def start_engines(self) -> None:
         settings = self.settings
         for config in settings.models:
@@ -186,7 +209,13 @@ class Service:
         stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
         if self.settings.run_scheduler:
-            scheduler = Scheduler(self.settings, self.store, self.blobs, self.served)
+            scheduler = Scheduler(
+                self.settings,
+                self.store,
+                self.blobs,
+                self.served,
+                token_counters=token_counters(self.engines),
+            )
             tasks.append(asyncio.create_task(scheduler.run(stop)))
         if self.settings.run_worker:
             worker = Worker(self.settings, self.store, self.blobs, self.dispatchers)
@@ -195,11 +224,7 @@ class Service:
             tasks.append(asyncio.create_task(governor.run(stop)))
         if self.settings.run_scheduler:
             from backfill.webhooks.deliverer import Deliverer
-            from backfill.webhooks.endpoints import sync_config_endpoints
 
-            await asyncio.to_thread(
-                sync_config_endpoints, self.store, list(self.settings.webhooks), int(time.time())
-            )
             tasks.append(asyncio.create_task(Deliverer(self.settings, self.store).run(stop)))
         try:
             yield
@@ -308,6 +333,7 @@ class Service:
         from backfill.api.context import ApiContext, RealtimeModel
 
         self.sync_configured_keys()
+        self.sync_configured_webhooks()
 
         realtime = {
             m.name: RealtimeModel(
