@@ -9,6 +9,7 @@ BackfillError                      (500 unless a subclass says otherwise)
 ├── PayloadTooLarge                413 invalid_request_error
 ├── RangeNotSatisfiable            416 invalid_request_error (carries `content-range`)
 ├── RateLimited                    429 rate_limit_error (carries retry_after)
+│   └── QuotaExceeded              429 not retryable: a project quota (domain/projects.py)
 ├── StoreError                     500 server_error   (metadata backend failed)
 │   └── StoreBusy                  503 retryable: locked, no connection (carries retry_after)
 ├── BlobError                      500 server_error   (object storage failed)
@@ -135,6 +136,18 @@ class RateLimited(BackfillError):
     def __init__(self, message: str, *, retry_after: float = 1.0, **kw: str | None) -> None:
         super().__init__(message, **kw)
         self.retry_after = retry_after
+
+
+class QuotaExceeded(RateLimited):
+    """A project's quota refuses the work (`domain/projects.py`): more active batches than
+    allowed at create (429), or enqueued tokens over the limit when a batch starts (the
+    scheduler turns that one into the batch's `token_limit_exceeded` error). Retrying soon
+    does not help, so the SDK is told not to."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, code: str, retry_after: float = 60.0) -> None:
+        super().__init__(message, code=code, retry_after=retry_after)
 
 
 class StoreError(BackfillError):

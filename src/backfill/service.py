@@ -154,10 +154,19 @@ class Service:
             m.name: frozenset(m.endpoints) for m in settings.models
         }
 
-    def add_key(self, key: str, project_name: str, *, source: str = "cli") -> None:
+    def add_key(
+        self, key: str, project_name: str, *, source: str = "cli", admin: bool = False
+    ) -> None:
+        """Register `key` for the project (made if new); an `admin` key also reads every
+        project's usage and costs (`/v1/organization/...`, `backfill usage`)."""
         project = self.store.ensure_project(project_name)
         self.store.add_api_key(
-            project.id, hash_key(key), int(time.time()), prefix=key_prefix(key), source=source
+            project.id,
+            hash_key(key),
+            int(time.time()),
+            prefix=key_prefix(key),
+            source=source,
+            admin=admin,
         )
 
     def sync_configured_keys(self) -> None:

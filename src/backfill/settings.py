@@ -27,6 +27,16 @@ path = "/models/my-llama"           # a local Hugging Face folder, or a hub id w
 kind = "embeddings"
 path = "/models/all-MiniLM-L6-v2"
 options = { batch_wait_ms = 5 }     # engine-specific knobs (see the engine's module doc)
+
+[pricing]
+batch_discount = 0.5                # share taken off the real-time price for batches (default)
+
+[prices.llama]                      # real-time price per million tokens (`domain/pricing.py`)
+input = 0.15
+cached_input = 0.075                # default: the input price
+output = 0.60
+currency = "USD"                    # the default; shown lowercase, as OpenAI's costs API does
+batch_discount = 0.5                # this model's; default: [pricing] batch_discount
 ```
 
 On the command line, `NAME=transformers:PATH` and `NAME=embeddings:PATH` select the in-process
@@ -36,6 +46,7 @@ engines; anything else after `NAME=` is an upstream URL.
 from __future__ import annotations
 
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +131,26 @@ class WebhookConfig(BaseModel):
     name: str = ""
 
 
+class PriceConfig(BaseModel):
+    """A model's real-time price per million tokens (`[prices.MODEL]`), in `currency`; batch
+    work pays it less `batch_discount` (None: the global `batch_discount`). Decimals with at
+    most 6 places: money is priced in integer micro-units (`domain/pricing.py`)."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+
+    input: Decimal = Field(ge=0, decimal_places=6)
+    output: Decimal = Field(ge=0, decimal_places=6)
+    cached_input: Decimal | None = Field(default=None, ge=0, decimal_places=6)
+    currency: str = Field(default="USD", pattern=r"^[A-Za-z]{3}$")
+    batch_discount: Decimal | None = Field(default=None, ge=0, le=1, decimal_places=6)
+
+    @model_validator(mode="after")
+    def _lower_currency(self) -> PriceConfig:
+        # ISO 4217 codes, shown lowercase as OpenAI's costs API shows them ("usd")
+        object.__setattr__(self, "currency", self.currency.lower())
+        return self
+
+
 class Settings(BaseSettings):
     # frozen: built once at the entry point and passed down; a variant is a `model_copy`
     model_config = SettingsConfigDict(env_prefix="BACKFILL_", extra="ignore", frozen=True)
@@ -150,6 +181,11 @@ class Settings(BaseSettings):
     max_completion_window: int = 7 * 86400
     max_line_bytes: int = 8 * MB
     max_enqueued_tokens: int | None = None  # estimated tokens per batch; None: no quota
+    #: output tokens a chat or responses request without an output cap is counted for in the
+    #: enqueued-token quotas (`domain/validation.py`)
+    enqueued_output_tokens: int = 1024
+    #: seconds a project's settings (`backfill projects set`) may be cached where they apply
+    project_settings_ttl: float = 2.0
 
     shard_size: int = 2000  # requests per shard
     lease_seconds: float = 30.0
@@ -159,10 +195,16 @@ class Settings(BaseSettings):
     scheduler_interval: float = 0.5
     cancel_grace_seconds: float = 10.0  # in-flight requests may finish within this
     retention_interval: float = 60.0  # how often expired files are deleted
-    #: fair-share weights of projects by name when batches compete for workers (default 1)
+    #: real-time prices per model (`[prices.MODEL]`); a model without one is recorded at 0
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    #: the share of the real-time price taken off batch work, unless a model's price says
+    batch_discount: Decimal = Field(default=Decimal("0.5"), ge=0, le=1, decimal_places=6)
+    #: fair-share weights of projects by name when batches compete for workers (default 1);
+    #: a project's own weight (`backfill projects set --weight`) wins
     project_weights: dict[str, float] = Field(default_factory=dict)
 
     # real-time gateway (`api/realtime.py`): per-project token buckets, separate from batches
+    #: a project's own limits (`backfill projects set --realtime-rpm/--realtime-tpm`) win
     realtime_rpm: float = 6000.0  # requests per minute per project; 0: unlimited
     realtime_tpm: float | None = None  # tokens per minute per project (estimated); None: off
     realtime_priority: int = 0  # vLLM `priority` for real-time requests (lower runs first)
@@ -254,13 +296,15 @@ def load_config_file(path: Path) -> dict[str, Any]:
     with path.open("rb") as fh:
         raw = tomllib.load(fh)
     out: dict[str, Any] = dict(raw.get("server", {}))
-    for key in ("limits", "worker"):
+    for key in ("limits", "worker", "pricing"):
         out.update(raw.get(key, {}))
     models = raw.get("models", {})
     if isinstance(models, dict):
         out["models"] = [ModelConfig(name=n, **opts) for n, opts in models.items()]
     elif isinstance(models, list):
         out["models"] = [ModelConfig(**m) for m in models]
+    if "prices" in raw:
+        out["prices"] = {name: PriceConfig(**opts) for name, opts in raw["prices"].items()}
     if "webhooks" in raw:
         out["webhooks"] = [WebhookConfig(**w) for w in raw["webhooks"]]
     return out

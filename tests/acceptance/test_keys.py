@@ -50,10 +50,12 @@ def status_for(server: BackfillProcess, key: str) -> int:
 
 
 def listed(data_dir: Path) -> dict[str, list[str]]:
-    """`keys list` as {prefix: [id, prefix, project, created date, time, source, revoked...]}."""
+    """`keys list` as {prefix: [id, prefix, project, created date, time, source, revoked...]}
+    (the ADMIN column left out)."""
     lines = cli(data_dir, "list").stdout.splitlines()
-    assert lines[0].split() == ["ID", "PREFIX", "PROJECT", "CREATED", "SOURCE", "REVOKED"]
-    rows = [row.split() for row in lines[1:]]
+    header = ["ID", "PREFIX", "PROJECT", "ADMIN", "CREATED", "SOURCE", "REVOKED"]
+    assert lines[0].split() == header
+    rows = [row[:3] + row[4:] for row in (line.split() for line in lines[1:])]
     return {row[1]: row for row in rows}
 
 

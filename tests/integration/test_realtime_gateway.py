@@ -20,14 +20,16 @@ import pytest
 from openai import OpenAI
 from polling import poll
 
+from backfill.domain.usage import REALTIME, UsageEntry
 from backfill.sim import SimProcess, start_sim
 from backfill.sim.metrics import parse as parse_metrics
+from backfill.store import open_store
 from backfill.testing import UpstreamProcess, start_upstream
 from backfill.testing.server import BackfillProcess
 
 CLI = [sys.executable, "-m", "backfill.cli.main"]
 RPM = 20
-PROJECTS = ("stream", "plain", "limit", "prio", "errors", "narrow")
+PROJECTS = ("stream", "plain", "limit", "prio", "errors", "narrow", "ledger")
 
 
 def create_key(data_dir: Path, project: str) -> str:
@@ -82,6 +84,15 @@ max_concurrency = 2
 url = "{sim.url}"
 upstream_name = "{sim.model_name}"
 priority = true
+
+[prices.echo]
+input = 2.5
+output = 10
+
+[prices.llama]
+input = 0.15
+cached_input = 0.075
+output = 0.6
 """
     )
     env = {
@@ -315,3 +326,54 @@ def test_metrics_show_batch_and_real_time_per_model(server, keys) -> None:  # ty
     key = 'backfill_realtime_requests_total{model="echo"}'
     assert after[key] == before[key] + 3
     assert after['backfill_realtime_in_flight{model="echo"}'] == 0
+
+
+def test_each_request_lands_in_the_usage_ledger_once_at_full_price(server, keys) -> None:  # type: ignore[no-untyped-def]
+    """A whole answer and a stream (usage in its last event), each one entry of kind
+    `realtime` with the answer's tokens, priced at the full price of `[prices.MODEL]`."""
+    data_dir, _ = keys
+    sdk = client(server, keys, "ledger")
+    chat = sdk.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "one two three"}]
+    )
+    chunks = list(
+        sdk.chat.completions.create(
+            model="llama",
+            messages=[{"role": "user", "content": "a story"}],
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chat.usage is not None and chunks[-1].usage is not None
+    store = open_store(f"sqlite:///{data_dir / 'backfill.db'}")
+    try:
+        project = store.ensure_project("ledger")
+
+        def entries() -> list[UsageEntry]:
+            return store.usage_entries(project_id=project.id)
+
+        found = poll(entries, lambda e: len(e) >= 2, what="two ledger entries", timeout=10)
+        [key] = store.list_api_keys("ledger")
+    finally:
+        store.close()
+    assert len(found) == 2  # once each, nothing more
+    by_model = {e.model: e for e in found}
+    whole, streamed = by_model["echo"], by_model["llama"]
+    for e in found:
+        assert (e.kind, e.requests, e.batch_id, e.api_key_id) == (REALTIME, 1, None, key.id)
+        assert e.endpoint == "/v1/chat/completions"
+        assert e.ref.startswith("rt:")
+    u = chat.usage
+    assert (whole.input_tokens, whole.output_tokens) == (u.prompt_tokens, u.completion_tokens)
+    # $2.50 / $10 per million tokens: micro-units per token, at full price, rounded half up
+    # ("one two three": 3 prompt tokens = 7.5 micro-units, so 8 plus the output's)
+    expected = (25 * u.prompt_tokens + 5) // 10 + 10 * u.completion_tokens
+    assert (whole.cost_micros, whole.list_micros, whole.currency) == (expected, expected, "usd")
+    s = chunks[-1].usage
+    assert (streamed.input_tokens, streamed.output_tokens) == (s.prompt_tokens, 12)
+    assert streamed.output_tokens == s.completion_tokens
+    assert streamed.engine_ms > 0
+    # 0.15 per input token and 0.6 per output token in micro-units, rounded half up
+    exact_pico = 150_000 * s.prompt_tokens + 600_000 * s.completion_tokens
+    assert streamed.cost_micros == streamed.list_micros == (exact_pico + 500_000) // 10**6

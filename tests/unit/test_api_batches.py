@@ -66,6 +66,7 @@ async def test_create_returns_full_batch_object(tmp_path: Path) -> None:
             "metadata": {"job": "nightly"},
             "estimated_completion_at": None,
             "warning": None,
+            "cost": None,  # no price configured for the model
         }
         stored = api.store.get_batch(batch["id"], api.project.id)
         assert stored is not None and stored.status == BatchStatus.VALIDATING

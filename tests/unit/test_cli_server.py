@@ -21,7 +21,10 @@ from backfill.sim import options as sim_options
 from backfill.sim import server as sim_server
 
 PORT = Settings.model_fields["port"].default  # 8000: what `serve --help` must show
-COMMANDS = ["serve", "worker", "run", "keys", "webhooks", "sim", "submit", "retry", "batches", "files"]
+COMMANDS = [
+    "serve", "worker", "run", "keys", "projects", "webhooks", "usage", "sim", "submit", "retry",
+    "batches", "files",
+]  # fmt: skip
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -133,9 +136,9 @@ def test_keys_create_list_revoke(capsys: pytest.CaptureFixture[str], tmp_path: P
 
     code, out, _ = run_cli(capsys, "keys", "list", *data)
     header, row = out.splitlines()
-    assert header.split() == ["ID", "PREFIX", "PROJECT", "CREATED", "SOURCE", "REVOKED"]
-    key_id, prefix, project, *_, source, revoked = row.split()
-    assert (prefix, project, source, revoked) == (f"{key[:8]}...", "team", "cli", "-")
+    assert header.split() == ["ID", "PREFIX", "PROJECT", "ADMIN", "CREATED", "SOURCE", "REVOKED"]
+    key_id, prefix, project, admin, *_, source, revoked = row.split()
+    assert (prefix, project, admin, source, revoked) == (f"{key[:8]}...", "team", "-", "cli", "-")
     assert key not in out
     assert run_cli(capsys, "keys", "list", "--project", "other", *data)[1].count("\n") == 1
 

@@ -492,3 +492,16 @@ def test_apply_moves_limit_and_deferral_and_in_hand_follows() -> None:
     assert dispatcher.limit == 20 and dispatcher.defer_over is None
     assert dispatcher.in_hand() == 40  # deferral comes back with real time
     assert make(FakeEngine(), limit=4)[0].in_hand() == 16  # never fewer than 16
+
+
+def test_engine_time_sums_every_attempt() -> None:
+    """The usage ledger's engine time: each attempt from the engine call to its answer or its
+    failure, added up (here a clock that moves 1 s per reading: 1 s per attempt)."""
+    engine = FakeEngine()
+    dispatcher, _ = make(engine)
+    ticks = iter(range(1000))
+    dispatcher._clock = lambda: float(next(ticks))
+    outcome = run(dispatcher.run(CHAT, {"id": "t", "script": ["down", 500, 200]}))
+    assert (outcome.status, outcome.attempts, outcome.engine_seconds) == (200, 3, 3.0)
+    broken = run(dispatcher.run(CHAT, {"id": "b", "script": ["broken"]}))
+    assert (broken.status, broken.engine_seconds) == (None, 1.0)

@@ -33,11 +33,12 @@ from typing import Any
 import pytest
 
 from backfill.api.context import RealtimeModel
-from backfill.api.realtime import Answer, Relay, _open_stream
+from backfill.api.realtime import Answer, Relay, _open_stream, _UsageRecorder
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.governor import RESCRAPE_SECONDS, Governor
 from backfill.dispatch.policy import Decision, GovernorPolicy, PolicyConfig
 from backfill.dispatch.signals import EngineLoad, RealtimeStats, Signals
+from backfill.domain.records import Project
 from backfill.engines.base import EngineReply, StreamReply
 from backfill.service import Service
 from backfill.settings import ModelConfig, Settings
@@ -360,7 +361,8 @@ def test_the_gateway_times_each_streams_first_bytes() -> None:
     target = RealtimeModel("m", Streams(clock), stats=stats)  # type: ignore[arg-type]
 
     async def one(status: int = 200) -> None:
-        answer = await _open_stream(target, "/v1/chat/completions", {"status": status})
+        nowhere = _UsageRecorder(None, Project("p", "p"), "m", "/v1/chat/completions", 0)
+        answer = await _open_stream(target, "/v1/chat/completions", {"status": status}, nowhere)
         if status == 200:
             assert isinstance(answer, Relay)
             assert stats.awaiting() == (1, 0.0)

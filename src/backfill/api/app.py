@@ -35,6 +35,7 @@ from backfill.api import (
     metrics,
     models,
     openapi,
+    organization,
     partial,
     realtime,
     webhooks,
@@ -71,7 +72,7 @@ def create_app(ctx: ApiContext, lifespan: Lifespan | None = None) -> FastAPI:
         failure_window=settings.auth_failure_window_seconds,
     )
     app.state.auth = auth
-    resources = (files, batches, partial, dashboard, models, realtime, webhooks)
+    resources = (files, batches, partial, dashboard, models, realtime, webhooks, organization)
     routers = [(m.router(ctx, auth), "/v1") for m in resources]
     for router, prefix in routers:
         app.include_router(

@@ -4,6 +4,9 @@ Creating a batch checks only the request itself, synchronously: the body's shape
 limits, the endpoint (known, and served by a configured model), the completion window, and the
 input file (exists in this project, purpose `batch`). Problems *inside* the file are the
 scheduler's business: the batch is written as `validating` and the scheduler moves it on.
+A project at its `max_active_batches` (`backfill projects set`) is refused by the store in the
+insert's own transaction: 429 `active_batch_limit_exceeded` with `x-should-retry: false`
+(`errors.QuotaExceeded`; the enqueued-token limit is checked later, when validation ends).
 
 The body is parsed by hand (orjson, then pydantic) rather than by a FastAPI body parameter so
 that curl users who forget `Content-Type: application/json` still work, and so the idempotency
@@ -166,6 +169,7 @@ async def submit_batch(
         expires_at=now + window,
         metadata=body.metadata,
         output_expires_after=output_expires_after,
+        api_key_id=project.key_id,  # the creating key, for the usage ledger
     )
     return await call(
         ctx.store.insert_batch,

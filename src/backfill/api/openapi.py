@@ -114,6 +114,18 @@ class BatchUsage(BaseModel):
     total_tokens: int
 
 
+class CostAmount(BaseModel):
+    """An amount as OpenAI's costs API gives it."""
+
+    value: float
+    currency: str
+
+
+class BatchCost(BaseModel):
+    amount: CostAmount
+    realtime_equivalent: CostAmount
+
+
 class Batch(BaseModel):
     id: str
     object: Literal["batch"]
@@ -140,6 +152,8 @@ class Batch(BaseModel):
     #: extensions: when a running batch should finish; a warning that it may not in its window
     estimated_completion_at: int | None
     warning: str | None
+    #: extension: what the batch's recorded work costs, and would cost in real time
+    cost: BatchCost | None
 
 
 class BatchList(BaseModel):

@@ -18,9 +18,14 @@ exactly as for batches), answered at once instead of through a batch file:
   requests per minute (bursts up to a minute's worth) and, when `realtime_tpm` is set, one of
   tokens per minute charged with an estimate at admission (about 4 bytes of prompt per token
   plus `max_tokens`). Over the limit: 429 `rate_limit_exceeded` with `retry-after` (seconds
-  until the bucket holds enough again).
+  until the bucket holds enough again). A project's own limits (`backfill projects set
+  --realtime-rpm/--realtime-tpm`) win over the settings; they are read from the store at most
+  every `project_settings_ttl` seconds (`ProjectLimits`), so a change needs no restart, and a
+  bucket whose limit changed is resized in place (keeping what it holds, up to the new size).
 - Signals for the governor: every request moves the model's `RealtimeStats` (in flight,
   arrivals) and streamed ones add their TPOT as the gateway sees them.
+- Usage: every request the engine answered gets one entry in the usage ledger at full price,
+  written after its answer ends (`api/ledger.py`).
 
 Upstream answers are passed through with their status (an upstream 400 stays a 400 with the
 upstream's error body); transport failures become 503 `upstream_unavailable` / 504-like
@@ -37,23 +42,27 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
+from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from backfill.api import openapi
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext, RealtimeModel
+from backfill.api.ledger import RealtimeLedger, StreamUsage, answer_usage
+from backfill.api.responses import call
 from backfill.dispatch.signals import RealtimeStats
 from backfill.domain import exact_json
-from backfill.domain.records import Project
+from backfill.domain.records import Project, Usage
 from backfill.engines.base import StreamingEngine
 from backfill.errors import EngineUnavailable, InvalidRequest, NotFound, RateLimited
+from backfill.store.base import Store
 
 log = logging.getLogger("backfill.api")
 
@@ -90,7 +99,8 @@ class TokenBucket:
 
 @dataclass
 class RateLimiter:
-    """Per-project real-time limits: requests per minute and (optionally) tokens per minute."""
+    """Per-project real-time limits: requests per minute and (optionally) tokens per minute.
+    `rpm` / `tpm` are the defaults; `check` takes a project's own where it has them."""
 
     rpm: float
     tpm: float | None = None
@@ -98,33 +108,72 @@ class RateLimiter:
     _requests: dict[str, TokenBucket] = field(default_factory=dict)
     _tokens: dict[str, TokenBucket] = field(default_factory=dict)
 
-    def check(self, project: str, tokens: float) -> None:
-        """Admit one request of about `tokens` tokens for `project`, or raise `RateLimited`."""
+    def check(
+        self,
+        project: str,
+        tokens: float,
+        *,
+        rpm: float | None = None,
+        tpm: float | None = None,
+    ) -> None:
+        """Admit one request of about `tokens` tokens for `project`, or raise `RateLimited`.
+        `rpm` / `tpm`: the project's own limits (None: the defaults; 0: unlimited)."""
         now = self.clock()
-        if self.rpm > 0:
-            bucket = self._requests.get(project)
-            if bucket is None:
-                bucket = self._requests[project] = TokenBucket(self.rpm, self.rpm / 60.0)
+        rpm = self.rpm if rpm is None else rpm
+        tpm = self.tpm if tpm is None else tpm
+        if rpm > 0:
+            bucket = _bucket(self._requests, project, rpm)
             wait = bucket.take(1.0, now)
             if wait > 0:
                 raise RateLimited(
-                    f"Rate limit reached for real-time requests: {self.rpm:g} requests per "
+                    f"Rate limit reached for real-time requests: {rpm:g} requests per "
                     f"minute. Please try again in {wait:.1f}s.",
                     retry_after=wait,
                 )
-        if self.tpm:
-            tbucket = self._tokens.get(project)
-            if tbucket is None:
-                tbucket = self._tokens[project] = TokenBucket(self.tpm, self.tpm / 60.0)
+        if tpm:
+            tbucket = _bucket(self._tokens, project, tpm)
             wait = tbucket.take(tokens, now)
             if wait > 0:
-                if self.rpm > 0:  # give the request slot back: nothing was sent
+                if rpm > 0:  # give the request slot back: nothing was sent
                     self._requests[project].level += 1.0
                 raise RateLimited(
-                    f"Rate limit reached for real-time requests: {self.tpm:g} tokens per "
+                    f"Rate limit reached for real-time requests: {tpm:g} tokens per "
                     f"minute. Please try again in {wait:.1f}s.",
                     retry_after=wait,
                 )
+
+
+def _bucket(buckets: dict[str, TokenBucket], project: str, per_minute: float) -> TokenBucket:
+    """The project's bucket, sized for `per_minute` (resized in place if its limit changed)."""
+    bucket = buckets.get(project)
+    if bucket is None:
+        bucket = buckets[project] = TokenBucket(per_minute, per_minute / 60.0)
+    elif bucket.capacity != per_minute:
+        bucket.capacity, bucket.rate = per_minute, per_minute / 60.0
+        if not math.isnan(bucket.level):
+            bucket.level = min(bucket.level, per_minute)
+    return bucket
+
+
+@dataclass
+class ProjectLimits:
+    """Each project's own real-time limits (rpm, tpm; None: the defaults), read from the store
+    at most every `ttl` seconds per project."""
+
+    store: Store
+    ttl: float = 2.0
+    clock: Callable[[], float] = time.monotonic
+    _cached: dict[str, tuple[float, float | None, float | None]] = field(default_factory=dict)
+
+    async def of(self, project_id: str) -> tuple[float | None, float | None]:
+        now = self.clock()
+        hit = self._cached.get(project_id)
+        if hit is None or now >= hit[0]:
+            own = await call(self.store.project_settings, project_id)
+            rpm = own.realtime_rpm if own is not None else None
+            tpm = own.realtime_tpm if own is not None else None
+            hit = self._cached[project_id] = (now + self.ttl, rpm, tpm)
+        return hit[1], hit[2]
 
 
 def estimate_tokens(raw: bytes, body: dict[str, Any]) -> float:
@@ -200,6 +249,8 @@ class Answer:
     body: bytes
     media_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    #: run once the answer is sent (its usage into the ledger)
+    after: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -245,16 +296,21 @@ async def serve_request(
     body: dict[str, Any],
     *,
     limiter: RateLimiter,
+    limits: ProjectLimits | None = None,
+    ledger: RealtimeLedger | None = None,
 ) -> Answer | Relay:
     """Run one real-time request (`raw` is the body as sent, `body` its parsed JSON)."""
     target = resolve_model(ctx, endpoint, body)
-    limiter.check(project.id, estimate_tokens(raw, body))
+    rpm, tpm = (None, None) if limits is None else await limits.of(project.id)
+    limiter.check(project.id, estimate_tokens(raw, body), rpm=rpm, tpm=tpm)
     if target.priority and "priority" not in body:
         body["priority"] = ctx.settings.realtime_priority
+    used = _usage_recorder(ctx, ledger, project, target.name, endpoint)
     if body.get("stream") is True:
-        return await _open_stream(target, endpoint, body)
+        return await _open_stream(target, endpoint, body, used)
     stats = target.stats
     stats.started()
+    sent_at = time.monotonic()
     try:
         reply = await target.engine.send(endpoint, body)
     finally:
@@ -262,11 +318,54 @@ async def serve_request(
     headers = {}
     if reply.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(reply.retry_after)))
-    return Answer(reply.status, reply.body, headers=headers)
+    return Answer(reply.status, reply.body, headers=headers, after=used.later(reply.body, sent_at))
+
+
+@dataclass(frozen=True)
+class _UsageRecorder:
+    """Where one request's usage goes once it has ended (nowhere without a ledger)."""
+
+    ledger: RealtimeLedger | None
+    project: Project
+    model: str
+    endpoint: str
+    at: int
+
+    def later(self, body: bytes, sent_at: float) -> Callable[[], Awaitable[None]] | None:
+        """A whole answer's entry, to write after it is sent."""
+        ledger = self.ledger
+        if ledger is None:
+            return None
+        seconds = time.monotonic() - sent_at
+
+        async def record() -> None:
+            await ledger.record(
+                self.project, self.model, self.endpoint, answer_usage(body), seconds, self.at
+            )
+
+        return record
+
+    def soon(self, usage: Usage, sent_at: float) -> None:
+        """A stream's entry, written from a task of its own: the stream's end waits for none."""
+        if self.ledger is not None:
+            seconds = time.monotonic() - sent_at
+            self.ledger.record_soon(
+                self.project, self.model, self.endpoint, usage, seconds, self.at
+            )
+
+
+def _usage_recorder(
+    ctx: ApiContext,
+    ledger: RealtimeLedger | None,
+    project: Project,
+    model: str,
+    endpoint: str,
+) -> _UsageRecorder:
+    return _UsageRecorder(ledger, project, model, endpoint, ctx.now())
 
 
 async def _open_stream(
-    target: RealtimeModel, endpoint: str, body: dict[str, Any]
+    target: RealtimeModel, endpoint: str, body: dict[str, Any], used: _UsageRecorder
 ) -> Answer | Relay:
     engine = target.engine
     if not isinstance(engine, StreamingEngine):
@@ -280,6 +379,7 @@ async def _open_stream(
     key = stats.stream_opened()  # TTFT runs from here to the first body bytes
     stack = contextlib.AsyncExitStack()
     stack.callback(stats.closed, key)
+    sent_at = time.monotonic()
     try:
         reply = await stack.enter_async_context(engine.stream(endpoint, body))
     except BaseException:
@@ -293,8 +393,10 @@ async def _open_stream(
         finally:
             stats.ended()
             await stack.aclose()
-        return Answer(reply.status, data, media_type)
-    return Relay(reply.status, media_type, _timed(reply.chunks, stack, stats, key))
+        return Answer(reply.status, data, media_type, after=used.later(data, sent_at))
+    watch = StreamUsage()
+    stack.callback(lambda: used.soon(watch.usage, sent_at))  # at the end, however it ends
+    return Relay(reply.status, media_type, _timed(reply.chunks, stack, stats, key, watch.feed))
 
 
 async def _timed(
@@ -302,6 +404,7 @@ async def _timed(
     upstream: contextlib.AsyncExitStack,
     stats: RealtimeStats,
     key: int,
+    seen: Callable[[bytes], None] = lambda chunk: None,
 ) -> AsyncIterator[bytes]:
     """Yield `chunks`; report the stream's TTFT at its first bytes (`key`: from
     `stats.stream_opened()`); at the end (or when closed) close `upstream` and report its TPOT
@@ -319,6 +422,7 @@ async def _timed(
             last = now
             events += chunk.count(b"data:")
             tail = (tail + chunk)[-_TAIL:]
+            seen(chunk)  # the usage ledger's look at the stream
             yield chunk
     finally:
         await upstream.aclose()
@@ -352,20 +456,27 @@ def _json_body(raw: bytes) -> dict[str, Any]:
 def _response(reply: Answer | Relay) -> Response:
     if isinstance(reply, Relay):
         return RelayResponse(reply.status, reply.media_type, reply.chunks)
-    return Response(reply.body, reply.status, reply.headers, media_type=reply.media_type)
+    background = None if reply.after is None else BackgroundTask(reply.after)
+    return Response(
+        reply.body, reply.status, reply.headers, media_type=reply.media_type, background=background
+    )
 
 
 def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
     r = APIRouter()
     CurrentProject = Annotated[Project, Depends(auth.require)]
     limiter = RateLimiter(ctx.settings.realtime_rpm, ctx.settings.realtime_tpm)
+    limits = ProjectLimits(ctx.store, ctx.settings.project_settings_ttl)
+    ledger = RealtimeLedger(ctx.settings, ctx.store)
 
     def make(endpoint: str) -> Callable[[Request, Project], Any]:
         async def endpoint_handler(request: Request, project: CurrentProject) -> Response:
             raw = await request.body()
             body = _json_body(raw)
             return _response(
-                await serve_request(ctx, project, endpoint, raw, body, limiter=limiter)
+                await serve_request(
+                    ctx, project, endpoint, raw, body, limiter=limiter, limits=limits, ledger=ledger
+                )
             )
 
         return endpoint_handler

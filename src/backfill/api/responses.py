@@ -49,8 +49,10 @@ READS = frozenset(
         "shards",
         "segments",
         "usage_of",
+        "project_settings",
         "list_api_keys",
         "terminal_batches_with_segments",
+        "usage_totals",
     }
 )
 READ_THREADS = 40

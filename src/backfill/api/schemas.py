@@ -18,7 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
 from backfill.domain.ordering import estimated_completion
-from backfill.domain.records import BatchRecord, FileRecord
+from backfill.domain.pricing import micros_to_amount
+from backfill.domain.records import BatchRecord, Cost, FileRecord
 from backfill.domain.statuses import BatchStatus
 from backfill.errors import InvalidRequest
 
@@ -132,6 +133,22 @@ def batch_object(b: BatchRecord) -> dict[str, Any]:
         # Extensions (not in the OpenAI API; the SDK keeps them in `model_extra`):
         "estimated_completion_at": _eta(b),
         "warning": b.warning,
+        "cost": cost_object(b.cost),
+    }
+
+
+def cost_object(cost: Cost | None) -> dict[str, Any] | None:
+    """A batch's cost so far (extension): what it is billed, and what the same work costs in
+    real time, each as the `amount` object of OpenAI's costs API (`value` a number in units of
+    `currency`, lowercase). Null while nothing priced was recorded (no price for the model)."""
+    if cost is None:
+        return None
+    return {
+        "amount": {"value": micros_to_amount(cost.billed_micros), "currency": cost.currency},
+        "realtime_equivalent": {
+            "value": micros_to_amount(cost.list_micros),
+            "currency": cost.currency,
+        },
     }
 
 

@@ -2,9 +2,10 @@
 
 `create` goes through `Service` (which registers the key's project and digest) given a copy
 of the settings without models, so no engine starts (`Service` still adds the packaged model:
-built, not started). `list` and `revoke` open the store alone: they need no engines and
-register no keys. A key is listed by id and prefix, never whole: `create` prints it once. A
-revoked key is refused within the API's auth cache time (10 s).
+built, not started). `create --admin` makes an admin key: it also reads every project's usage
+and costs (the `/v1/organization/...` reports). `list` and `revoke` open the store alone: they
+need no engines and register no keys. A key is listed by id and prefix, never whole: `create`
+prints it once. A revoked key is refused within the API's auth cache time (10 s).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from backfill.store.base import Store
 __all__ = ["app", "command_settings", "store_alone", "when"]
 
 app = typer.Typer(help="Manage API keys: create, list, revoke.", no_args_is_help=True)
+
+#: the project of `keys create --admin` without `--project`
+ADMIN_PROJECT = "admin"
 
 
 def command_settings(
@@ -59,24 +63,37 @@ def when(ts: int | None) -> str:
 @app.command("create")
 def create(
     ctx: typer.Context,
-    project: Annotated[str, typer.Option("--project", help="the project the key acts for")],
+    project: Annotated[
+        str | None,
+        typer.Option("--project", help="the project the key acts for", show_default="admin"),
+    ] = None,
+    admin: Annotated[
+        bool,
+        typer.Option("--admin", help="an admin key: also reads every project's usage and costs"),
+    ] = False,
     config: Config = None,
     data_dir: DataDir = DATA_DIR,
     database: Database = None,
 ) -> None:
     """Create a key for a project and print it.
 
-    The key is shown this once: the store keeps only its digest and prefix.
+    The key is shown this once: the store keeps only its digest and prefix. An admin key
+    (`--admin`) acts for its project (`admin` unless `--project` says) and reads every
+    project's usage and costs (`/v1/organization/usage/...`, `/v1/organization/costs`).
     """
     from backfill.domain.ids import new_api_key
     from backfill.service import Service
 
+    if project is None and not admin:
+        raise typer.BadParameter("Missing option '--project' (or give --admin).")
+    name = project or ADMIN_PROJECT
     settings = command_settings(ctx, config, data_dir, database)
     service = Service(settings.model_copy(update={"models": [], "default_model": False}))
     key = new_api_key()
-    service.add_key(key, project)
+    service.add_key(key, name, admin=admin)
     service.close()
-    print(f"Created an API key for project {project}: {key}")
+    kind = "an admin API key" if admin else "an API key"
+    print(f"Created {kind} for project {name}: {key}")
 
 
 @app.command("list")
@@ -89,16 +106,19 @@ def list_keys(
     data_dir: DataDir = DATA_DIR,
     database: Database = None,
 ) -> None:
-    """List keys: id, prefix, project, created, source, revoked."""
+    """List keys: id, prefix, project, admin, created, source, revoked."""
     store = store_alone(command_settings(ctx, config, data_dir, database))
     try:
         keys = store.list_api_keys(project)
     finally:
         store.close()
-    rows = [("ID", "PREFIX", "PROJECT", "CREATED", "SOURCE", "REVOKED")]
+    rows = [("ID", "PREFIX", "PROJECT", "ADMIN", "CREATED", "SOURCE", "REVOKED")]
     for k in keys:
         prefix = f"{k.prefix}..." if k.prefix else "-"
-        rows.append((k.id, prefix, k.project, when(k.created_at), k.source, when(k.revoked_at)))
+        admin = "yes" if k.admin else "-"
+        rows.append(
+            (k.id, prefix, k.project, admin, when(k.created_at), k.source, when(k.revoked_at))
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -25,7 +25,7 @@ from typing import Annotated
 import typer
 
 from backfill import __version__
-from backfill.cli import client, keys, server, webhooks
+from backfill.cli import client, keys, projects, server, usage, webhooks
 from backfill.errors import BackfillError
 from backfill.sim import options as sim
 
@@ -41,7 +41,9 @@ app = typer.Typer(
 )
 app.add_typer(server.app)  # serve, worker, run
 app.add_typer(keys.app, name="keys")
+app.add_typer(projects.app, name="projects")
 app.add_typer(webhooks.app, name="webhooks")
+app.add_typer(usage.app)  # usage
 app.add_typer(sim.app)  # sim
 app.add_typer(client.app)  # submit, retry, batches, files
 

@@ -31,7 +31,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -48,6 +48,13 @@ from backfill.errors import EngineError, EngineUnavailable
 from backfill.settings import ModelConfig
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _EngineTime:
+    """Seconds one request has spent at the engine so far (every attempt, answered or not)."""
+
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +76,9 @@ class Outcome:
     parsed: Any = field(default=None, compare=False)
     #: False when the caller's `stopped` predicate held the request back: no outcome at all
     sent: bool = True
+    #: seconds the request spent at the engine, over all its attempts (the usage ledger's
+    #: engine time): from handing it to the engine to its answer or failure
+    engine_seconds: float = field(default=0.0, compare=False)
 
     @classmethod
     def from_reply(cls, reply: EngineReply, attempts: int, parsed: Any = None) -> Outcome:
@@ -275,10 +285,13 @@ class Dispatcher:
         tokens = estimate_prompt_tokens(body)
         current = asyncio.current_task()
         attempt = 1
+        spent = _EngineTime()
         while True:
             await self._deferral.wait(tokens, defer_until)
             try:
-                reply = await self._attempt(endpoint, body, tokens, per_call, attempt, stopped)
+                reply = await self._attempt(
+                    endpoint, body, tokens, per_call, attempt, stopped, spent
+                )
             except asyncio.CancelledError:
                 if not self._resend_shed(current):
                     raise
@@ -287,13 +300,14 @@ class Dispatcher:
                 verdict = self._unavailable(exc, attempt)
             except EngineError as exc:  # the engine says retrying will not help
                 self.stats.failed += 1
-                return Outcome.failure(exc.code or "upstream_error", exc.message, attempt)
+                failure = Outcome.failure(exc.code or "upstream_error", exc.message, attempt)
+                return replace(failure, engine_seconds=spent.seconds)
             else:
                 if reply is None:
-                    return Outcome.not_sent(attempt - 1)
+                    return replace(Outcome.not_sent(attempt - 1), engine_seconds=spent.seconds)
                 verdict = self._answered(reply, attempt)
             if isinstance(verdict, Outcome):
-                return verdict
+                return replace(verdict, engine_seconds=spent.seconds)
             if verdict > 0:
                 await self._sleep(verdict)
             attempt += 1
@@ -306,6 +320,7 @@ class Dispatcher:
         timeout: float | None,  # noqa: ASYNC109 (a per-request budget, passed to the engine)
         attempt: int,
         stopped: Callable[[], bool] | None,
+        spent: _EngineTime,
     ) -> EngineReply | None:
         """One attempt holding a window slot: the pacing gate, then `stopped` (checked right
         before the engine), then the engine. None: stopped, not sent."""
@@ -325,7 +340,10 @@ class Dispatcher:
                 stats.retried -= attempt > 1
                 return None
             sent_at = self._clock()
-            reply = await self.engine.send(endpoint, body, timeout=timeout)
+            try:
+                reply = await self.engine.send(endpoint, body, timeout=timeout)
+            finally:
+                spent.seconds += self._clock() - sent_at
             self._pacing.answered(tokens, self._clock() - sent_at)
         finally:
             if current is not None:

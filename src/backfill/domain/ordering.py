@@ -9,12 +9,16 @@ projects, then earliest deadline first.
   whatever the number or size of their batches.
 - Within a project, earliest deadline first, then the oldest batch.
 
+Weights come from the projects' own settings (`backfill projects set --weight`), falling back
+to `Settings.project_weights` (`merged_weights`); workers re-read them every few seconds, so a
+change applies to the next shards leased, without a restart.
+
 Pure functions over plain values: the stores gather the candidates and apply the order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -64,6 +68,15 @@ def order_candidates(
         return (1, share(c.project), c.expires_at, c.seq)
 
     return sorted(candidates, key=key)
+
+
+def merged_weights(
+    configured: Mapping[str, float], own: Iterable[tuple[str, float | None]]
+) -> dict[str, float]:
+    """Weights by project name: each project's own weight where set, else the configured one."""
+    weights = dict(configured)
+    weights.update((name, w) for name, w in own if w is not None)
+    return weights
 
 
 def admission_warning(

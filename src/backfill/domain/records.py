@@ -67,6 +67,26 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class Cost:
+    """What some work cost, in integer micro-units (1e-6) of `currency` (`domain/pricing.py`):
+    `billed_micros` at the price that applies to it (a batch's: the real-time price less the
+    batch discount), `list_micros` at the real-time price (the batch's real-time equivalent)."""
+
+    currency: str
+    billed_micros: int = 0
+    list_micros: int = 0
+
+    def __add__(self, other: Cost) -> Cost:
+        # one batch has one model, so one currency; a price table changed mid-batch to another
+        # currency keeps the latest (documented in `domain/pricing.py`)
+        return Cost(
+            other.currency,
+            self.billed_micros + other.billed_micros,
+            self.list_micros + other.list_micros,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class BatchError:
     code: str
     message: str
@@ -108,6 +128,10 @@ class BatchRecord:
     stop_reason: str | None = None
     #: set after validation when the batch looks unable to finish inside its window
     warning: str | None = None
+    #: the API key that created it (`Project.key_id` of the creating request)
+    api_key_id: str | None = None
+    #: what its recorded segments cost (the sum of their ledger entries); None: unpriced
+    cost: Cost | None = None
 
 
 class ShardStatus(StrEnum):
@@ -151,3 +175,11 @@ class Segment:
     usage: Usage = field(default_factory=Usage)
     #: the worker that recorded it (for operators: how work spread over workers)
     owner: str | None = None
+    #: milliseconds its requests spent at the engine (every attempt), summed
+    engine_ms: int = 0
+    #: what its requests cost, priced by the worker; recorded in the segment's ledger entry
+    #: and added to the batch's cost, not kept with the segment (None: the model has no price)
+    cost: Cost | None = field(default=None, compare=False)
+    #: Unix seconds its results were cut from the worker's buffer: its ledger entry's time
+    #: (not kept with the segment either)
+    at: int = field(default=0, compare=False)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from backfill.domain.records import Cost, Segment, Usage
+
 #: `kind` of an entry
 BATCH = "batch"
 REALTIME = "realtime"
@@ -51,3 +53,88 @@ def segment_ref(batch_id: str, shard_index: int, seq: int) -> str:
 
 def realtime_ref(request_id: str) -> str:
     return f"rt:{request_id}"
+
+
+def segment_usage(
+    segment: Segment, project_id: str, api_key_id: str | None, model: str | None, endpoint: str
+) -> UsageEntry:
+    """The ledger entry of a recorded segment of a batch (`project_id`..`endpoint`: the
+    batch's): its lines (completed and failed) are its requests."""
+    return _entry(
+        segment_ref(segment.batch_id, segment.shard_index, segment.seq),
+        BATCH,
+        project_id,
+        api_key_id,
+        model or "",
+        endpoint,
+        segment.batch_id,
+        segment.at,
+        segment.completed + segment.failed,
+        segment.usage,
+        segment.engine_ms,
+        segment.cost,
+    )
+
+
+def realtime_usage(
+    request_id: str,
+    *,
+    project_id: str,
+    api_key_id: str | None,
+    model: str,
+    endpoint: str,
+    at: int,
+    usage: Usage,
+    engine_ms: int,
+    cost: Cost | None,
+) -> UsageEntry:
+    """The ledger entry of one real-time request through the gateway."""
+    return _entry(
+        realtime_ref(request_id),
+        REALTIME,
+        project_id,
+        api_key_id,
+        model,
+        endpoint,
+        None,
+        at,
+        1,
+        usage,
+        engine_ms,
+        cost,
+    )
+
+
+def _entry(
+    ref: str,
+    kind: str,
+    project_id: str,
+    api_key_id: str | None,
+    model: str,
+    endpoint: str,
+    batch_id: str | None,
+    at: int,
+    requests: int,
+    usage: Usage,
+    engine_ms: int,
+    cost: Cost | None,
+) -> UsageEntry:
+    return UsageEntry(
+        ref=ref,
+        kind=kind,
+        project_id=project_id,
+        model=model,
+        endpoint=endpoint,
+        at=at,
+        api_key_id=api_key_id,
+        batch_id=batch_id,
+        requests=requests,
+        input_tokens=usage.input_tokens,
+        cached_tokens=usage.cached_tokens,
+        output_tokens=usage.output_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        engine_ms=engine_ms,
+        cost_micros=0 if cost is None else cost.billed_micros,
+        list_micros=0 if cost is None else cost.list_micros,
+        currency=None if cost is None else cost.currency,
+    )

@@ -7,6 +7,15 @@ cap, so a user fixes a file in one round instead of one error per upload.
 
 While validating it also plans the shards: contiguous byte ranges of the file holding up to
 `shard_size` requests each, so workers later read only their own part of the input.
+
+And it counts the batch's tokens, for the enqueued-token quotas (`domain/projects.py`): per
+line, the prompt's tokens plus the output cap (`request_tokens`). The prompt is counted by the
+model's own tokenizer when its engine runs in process and offers one (`token_counters`, one
+call per line, so memory stays bounded), else estimated at ~4 bytes of request line a token.
+The output cap is the request's `max_completion_tokens` / `max_tokens` / `max_output_tokens`,
+times `n`; without one, 16 for `/v1/completions` (that API's default) and
+`ValidationLimits.default_output_tokens` for chat and responses; embeddings and moderations
+produce none.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ class ValidationLimits:
     shard_size: int = 2000
     #: estimated tokens allowed for one batch (None: no quota)
     max_enqueued_tokens: int | None = None
+    #: output tokens counted for a chat or responses request without an output cap
+    default_output_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -60,11 +71,13 @@ class InputValidator:
         endpoint: str,
         served: Mapping[str, frozenset[str]],
         limits: ValidationLimits,
+        token_counters: Mapping[str, TokenCounter] | None = None,
     ) -> None:
         self._batch_id = batch_id
         self._endpoint = endpoint
         self._served = served
         self._limits = limits
+        self._counters = token_counters or {}
         self._result = ValidationResult()
         self._ids: set[str] = set()
         self._carry = b""
@@ -235,7 +248,13 @@ class InputValidator:
                     )
                 return
         r.total += 1
-        r.estimated_tokens += _estimate_tokens(raw, body)
+        r.estimated_tokens += request_tokens(
+            self._endpoint,
+            raw,
+            body,
+            self._counters.get(model),
+            self._limits.default_output_tokens,
+        )
         self._add_to_shard(line_start, line_end)
 
     def _add_to_shard(self, line_start: int, line_end: int) -> None:
@@ -340,15 +359,49 @@ def _check_envelope(obj: dict[str, Any], endpoint: str) -> tuple[str, str, str] 
     return None
 
 
-def _estimate_tokens(raw: bytes, body: dict[str, Any]) -> int:
-    """A cheap upper-ish estimate for quotas: ~4 bytes a token in, plus the output cap."""
-    out = (
-        body.get("max_completion_tokens")
-        or body.get("max_tokens")
-        or body.get("max_output_tokens")
-        or 0
-    )
-    return len(raw) // 4 + (out if isinstance(out, int) else 0)
+#: counts a request body's prompt tokens for one model (None: cannot, estimate instead)
+TokenCounter = Callable[[str, dict[str, Any]], int | None]
+
+COMPLETIONS = "/v1/completions"
+#: the legacy completions API's own default `max_tokens`
+COMPLETIONS_DEFAULT_OUTPUT = 16
+
+
+def request_tokens(
+    endpoint: str,
+    raw: bytes,
+    body: dict[str, Any],
+    counter: TokenCounter | None = None,
+    default_output: int = 0,
+) -> int:
+    """The tokens one request is counted for in the quotas: its prompt (by `counter`, the
+    model's tokenizer, when it gives a count; else ~4 bytes of the line a token) plus its
+    output cap (see the module docstring)."""
+    prompt: int | None = None
+    if counter is not None:
+        try:
+            prompt = counter(endpoint, body)
+        except Exception:  # a tokenizer that trips on this body: the estimate will do
+            prompt = None
+    if prompt is None:
+        prompt = len(raw) // 4
+    return prompt + output_cap(endpoint, body, default_output)
+
+
+def output_cap(endpoint: str, body: dict[str, Any], default_output: int = 0) -> int:
+    if endpoint in (EMBEDDINGS, MODERATIONS):
+        return 0
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            cap = value
+            break
+    else:
+        cap = COMPLETIONS_DEFAULT_OUTPUT if endpoint == COMPLETIONS else default_output
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        cap *= n
+    return cap
 
 
 #: deepest request body accepted: more than any API needs, and well inside what every JSON

@@ -15,6 +15,9 @@ lack them need no change):
   connection, which aborts the request upstream.
 - `load_metrics()`: the upstream's Prometheus metrics parsed to `{name: value}` (vLLM names),
   or None when it serves none; the governor polls it.
+- `count_tokens(endpoint, body)`: the request's prompt tokens by the model's own tokenizer
+  (in-process engines), or None when it cannot tell; the scheduler counts enqueued tokens
+  with it at validation (from a thread), and estimates for engines without it.
 """
 
 from __future__ import annotations
@@ -93,4 +96,11 @@ class StreamingEngine(Protocol):
 class MetricsSource(Protocol):
     async def load_metrics(self) -> dict[str, float] | None:
         """The upstream's metrics (vLLM names), or None when it has none."""
+        ...
+
+
+@runtime_checkable
+class TokenCounting(Protocol):
+    def count_tokens(self, endpoint: str, body: dict[str, Any]) -> int | None:
+        """The prompt tokens of one request (None: not known, e.g. before `start()`)."""
         ...

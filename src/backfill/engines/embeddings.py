@@ -272,6 +272,20 @@ class EmbeddingsEngine:
                 else:
                     job.future.set_result(result)
 
+    def count_tokens(self, endpoint: str, body: dict[str, Any]) -> int | None:
+        """The request's input tokens, as `send` will count them (before truncation); None
+        before `start()` or for a body `send` would refuse."""
+        tokenizer = self._tokenizer
+        if tokenizer is None or endpoint != EMBEDDINGS:
+            return None
+        try:
+            inputs = parse_inputs(body)
+        except InvalidRequest:
+            return None
+        texts = [t for t in inputs if isinstance(t, str)]
+        ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        return sum(len(i) for i in ids) + sum(len(t) for t in inputs if isinstance(t, list))
+
     # -- the worker thread -----------------------------------------------------------------------
     def _run(self, jobs: list[Job]) -> list[tuple[Any, list[int]] | InvalidRequest]:
         """Embed every input of `jobs` together; one result (or error) per job."""

@@ -406,6 +406,19 @@ class TransformersEngine:
             orjson.dumps(self._body(endpoint, sequences, prompt_tokens, completion_tokens)),
         )
 
+    def count_tokens(self, endpoint: str, body: dict[str, Any]) -> int | None:
+        """The request's prompt tokens, as `send` will count them (chat template, each prompt
+        of a completion); None before `start()` or for a body `send` would refuse. Responses
+        requests are estimated: their conversion to chat happens in `send`."""
+        if self._tokenizer is None or endpoint not in (CHAT, COMPLETIONS):
+            return None
+        try:
+            if endpoint == CHAT:
+                return len(self._chat_ids(body))
+            return sum(len(self._prompt_ids(p)) for p in completion_prompts(body))
+        except InvalidRequest:
+            return None
+
     def _chat_ids(self, body: dict[str, Any]) -> list[int]:
         messages = chat_messages(body)
         extra: dict[str, Any] = {}

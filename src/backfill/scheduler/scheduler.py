@@ -34,7 +34,7 @@ from backfill.domain.ids import new_token
 from backfill.domain.ordering import admission_warning
 from backfill.domain.records import BatchRecord, Shard
 from backfill.domain.statuses import BatchStatus, StopReason
-from backfill.domain.validation import ValidationLimits
+from backfill.domain.validation import TokenCounter, ValidationLimits
 from backfill.errors import ResultsMissing
 from backfill.outages import Outages
 from backfill.scheduler.collector import run_collector
@@ -55,11 +55,14 @@ class Scheduler:
         blobs: Blobs,
         served: Mapping[str, frozenset[str]],
         clock: Callable[[], float] = time.time,
+        token_counters: Mapping[str, TokenCounter] | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._blobs = blobs
         self._served = served
+        #: model -> its in-process engine's prompt-token counter (others are estimated)
+        self._token_counters = token_counters or {}
         self._clock = clock
         self._busy: set[str] = set()
         self._next_retention = 0.0
@@ -81,6 +84,7 @@ class Scheduler:
             max_line_bytes=settings.max_line_bytes,
             shard_size=settings.shard_size,
             max_enqueued_tokens=settings.max_enqueued_tokens,
+            default_output_tokens=settings.enqueued_output_tokens,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -234,7 +238,13 @@ class Scheduler:
 
     async def _validate(self, batch: BatchRecord) -> None:
         result = await validate_batch(
-            self._store, self._blobs, batch, self._served, self._limits, int(self._clock())
+            self._store,
+            self._blobs,
+            batch,
+            self._served,
+            self._limits,
+            int(self._clock()),
+            self._token_counters,
         )
         if result is not None:
             log.info("batch %s: %s", batch.id, result.status)

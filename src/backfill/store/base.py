@@ -17,6 +17,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from backfill.domain.projects import ProjectLoad, ProjectSettings
 from backfill.domain.records import (
     BatchRecord,
     FileRecord,
@@ -27,6 +28,7 @@ from backfill.domain.records import (
 )
 from backfill.domain.statuses import BatchStatus
 from backfill.domain.usage import UsageEntry
+from backfill.domain.usage_reports import UsageTotal
 from backfill.domain.webhooks import WebhookDelivery, WebhookEndpoint
 
 T = TypeVar("T")
@@ -49,6 +51,7 @@ class ApiKey:
     source: str  # KEY_SOURCES
     created_at: int
     revoked_at: int | None = None
+    admin: bool = False  # reads every project's usage and costs (`keys create --admin`)
 
 
 #: `cli`: made by `backfill keys create`; `flag`: given at serve start (`--api-key`, the config
@@ -86,6 +89,22 @@ class Store(Protocol):
         """The key's project, with the key's id and admin flag (`Project.key_id`, `.admin`);
         None for an unknown or revoked key."""
 
+    # -- project settings: quotas and limits (domain/projects.py) ----------------------------
+    def project_settings(self, project_id: str) -> ProjectSettings | None:
+        """The project's settings (empty ones when none are set); None for an unknown id."""
+
+    def set_project_settings(self, name: str, settings: ProjectSettings) -> Project | None:
+        """Replace the settings of the project called `name`; None if there is no such
+        project."""
+
+    def projects(self) -> list[tuple[Project, ProjectSettings]]:
+        """Every project with its settings, by name."""
+
+    def project_load(self, project_id: str) -> ProjectLoad:
+        """The project's unfinished batches (validating, in_progress, finalizing,
+        cancelling) and the sum of their `enqueued_tokens` per model (batches still
+        validating have none yet)."""
+
     # -- files -------------------------------------------------------------------------------
     def insert_file(self, file: FileRecord) -> None: ...
 
@@ -121,7 +140,10 @@ class Store(Protocol):
         request_hash: str | None = None,
     ) -> BatchRecord:
         """Insert `batch`. With an idempotency key already used by the same project, return the
-        batch created then instead (raise `Conflict` if `request_hash` differs)."""
+        batch created then instead (raise `Conflict` if `request_hash` differs). A new batch
+        that would give its project more unfinished batches than its `max_active_batches`
+        raises `QuotaExceeded` (`active_batch_limit_exceeded`), checked in the same
+        transaction as the insert."""
 
     def get_batch(self, batch_id: str, project_id: str | None = None) -> BatchRecord | None: ...
 
@@ -158,9 +180,16 @@ class Store(Protocol):
         model: str | None,
         total: int,
         now: int,
+        enqueued_tokens: int | None = None,
     ) -> BatchRecord | None:
-        """validating -> in_progress, inserting its shards, in one transaction.
-        None if the batch is no longer validating (e.g. cancelled meanwhile)."""
+        """validating -> in_progress, inserting its shards and recording `enqueued_tokens`, in
+        one transaction. None if the batch is no longer validating (e.g. cancelled meanwhile).
+
+        With `enqueued_tokens`, the project's token limit for `model` is checked in the same
+        transaction, serialized per project (PostgreSQL: the project's row is locked first;
+        SQLite: one writer at a time): if the enqueued tokens of its other unfinished batches
+        of the model plus these pass the limit, nothing is written and `QuotaExceeded`
+        (`token_limit_exceeded`, OpenAI's message) is raised."""
 
     # -- shards and leases -------------------------------------------------------------------
     def lease_shard(
@@ -316,3 +345,22 @@ class Store(Protocol):
     ) -> list[UsageEntry]:
         """Entries with `start <= at < end` (of a project, of a batch), in recording order
         after `after_seq` (the `seq` of the last entry of the previous page)."""
+
+    def usage_totals(
+        self,
+        *,
+        start: int,
+        end: int,
+        width: int,
+        group_by: Sequence[str] = (),
+        project_ids: Sequence[str] | None = None,
+        api_key_ids: Sequence[str] | None = None,
+        models: Sequence[str] | None = None,
+        endpoints: Sequence[str] | None = None,
+        batch: bool | None = None,
+    ) -> list[UsageTotal]:
+        """Sums of the entries with `start <= at < end`, per bucket of `width` seconds counted
+        from `start` and per value of the `group_by` keys (`domain/usage_reports.GROUP_KEYS`),
+        aggregated by the store (SQL `GROUP BY`), only buckets and groups that have entries, in
+        `usage_reports.sort_key` order. A filter of None keeps everything; `batch` keeps batch
+        (True) or real-time (False) entries."""

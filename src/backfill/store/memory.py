@@ -34,8 +34,10 @@ from backfill.domain.records import (
     Usage,
 )
 from backfill.domain.statuses import TERMINAL, BatchStatus
+from backfill.domain.usage import segment_usage
 from backfill.errors import Conflict, StoreError
 from backfill.store.base import ApiKey, Page
+from backfill.store.memory_projects import MemoryProjectsMixin
 from backfill.store.memory_usage import MemoryUsageMixin
 from backfill.store.memory_webhooks import MemoryWebhooksMixin
 from backfill.store.rules import (
@@ -65,7 +67,7 @@ class _StoredBatch:
     request_hash: str | None
 
 
-class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin):
+class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin, MemoryProjectsMixin):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
@@ -78,6 +80,7 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin):
         self._claims: dict[str, tuple[str, float]] = {}  # name -> (owner, expires_at)
         self._init_webhooks()
         self._init_usage()
+        self._init_projects()
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -215,6 +218,7 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin):
                         return _out(stored.record)
             if batch.id in self._batches:
                 raise StoreError(f"metadata store failed: duplicate batch id {batch.id}")
+            self._check_active_batches(batch.project_id)
             record = _in(batch)
             self._batches[batch.id] = _StoredBatch(
                 next(self._seq), record, idempotency_key, request_hash
@@ -291,11 +295,14 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin):
         model: str | None,
         total: int,
         now: int,
+        enqueued_tokens: int | None = None,
     ) -> BatchRecord | None:
         if any(s.batch_id != batch_id for s in shards):
             raise ValueError("every shard must belong to the batch being started")
         with self._lock:
             stored = self._batches.get(batch_id)
+            if enqueued_tokens is not None and stored is not None:
+                self._check_token_limit(stored.record.project_id, batch_id, model, enqueued_tokens)
             if stored is None or stored.record.status != BatchStatus.VALIDATING:
                 return None
             keys = [(batch_id, s.index) for s in shards]
@@ -317,6 +324,8 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin):
                 model=model,
                 total=total,
             )
+            if enqueued_tokens is not None:
+                self._enqueued[batch_id] = enqueued_tokens
             return _out(stored.record)
 
     # -- shards and leases -------------------------------------------------------------------
@@ -439,7 +448,8 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin):
             key = (segment.batch_id, segment.shard_index, segment.seq)
             if key in self._segments:
                 if self._segments[key].blob_path == segment.blob_path:
-                    return True  # a retried checkpoint whose first write did land
+                    # a retried checkpoint whose first write did land, with its ledger entry
+                    return True
                 raise StoreError(f"metadata store failed: duplicate segment {key}")
             self._segments[key] = segment
             self._shards[(segment.batch_id, segment.shard_index)] = replace(
@@ -448,11 +458,17 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin):
             stored = self._batches.get(segment.batch_id)
             if stored is not None:
                 r = stored.record
+                cost = segment.cost
                 stored.record = replace(
                     r,
                     completed=r.completed + segment.completed,
                     failed=r.failed + segment.failed,
                     usage=r.usage + segment.usage,
+                    cost=r.cost if cost is None else cost if r.cost is None else r.cost + cost,
+                )
+                # the segment's ledger entry, once (its key is new: checked above)
+                self._insert_usage(
+                    segment_usage(segment, r.project_id, r.api_key_id, r.model, r.endpoint)
                 )
             return True
 
@@ -497,7 +513,14 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin):
     def _api_key(self, key: _StoredKey) -> ApiKey:
         name = next((p.name for p in self._projects.values() if p.id == key.project_id), "")
         return ApiKey(
-            key.id, key.project_id, name, key.prefix, key.source, key.created_at, key.revoked_at
+            key.id,
+            key.project_id,
+            name,
+            key.prefix,
+            key.source,
+            key.created_at,
+            key.revoked_at,
+            admin=key.admin,
         )
 
     def list_api_keys(self, project: str | None = None) -> list[ApiKey]:

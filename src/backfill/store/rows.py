@@ -2,7 +2,8 @@
 
 Kept apart from the queries so `sql.py` reads as the transactions it runs. Shard byte offsets
 live in `byte_start`/`byte_end`/`request_count` (SQL keywords avoided), usage in four counter
-columns, errors as a JSON list of `BatchError.to_dict()`, statuses as their string values.
+columns, a batch's cost in `cost_micros`/`list_micros`/`currency` (NULL: nothing priced yet),
+errors as a JSON list of `BatchError.to_dict()`, statuses as their string values.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy.engine import RowMapping
 from backfill.domain.records import (
     BatchError,
     BatchRecord,
+    Cost,
     FileRecord,
     Segment,
     Shard,
@@ -77,6 +79,8 @@ def batch_record(row: RowMapping) -> BatchRecord:
         output_expires_after=_int_or_none(row["output_expires_after"]),
         stop_reason=row["stop_reason"],
         warning=row["warning"],
+        api_key_id=row["api_key_id"],
+        cost=cost_of(row),
         **{name: _int_or_none(row[name]) for name in _BATCH_TIMES},
     )
 
@@ -107,6 +111,8 @@ def batch_values(batch: BatchRecord) -> dict[str, Any]:
             "output_expires_after",
             "stop_reason",
             "warning",
+            "api_key_id",
+            "cost",
             *_BATCH_TIMES,
         )
     }
@@ -120,11 +126,30 @@ def batch_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in changes.items():
         if name == "usage":
             values.update({c: getattr(value, c) for c in USAGE_COLUMNS})
+        elif name == "cost":
+            values.update(cost_values(value))
         elif name == "errors":
             values["errors"] = None if value is None else [e.to_dict() for e in value]
         else:
             values[name] = value
     return values
+
+
+def cost_of(row: RowMapping) -> Cost | None:
+    """A batch's cost columns; None while nothing priced was recorded (currency NULL)."""
+    if row["currency"] is None:
+        return None
+    return Cost(row["currency"], int(row["cost_micros"]), int(row["list_micros"]))
+
+
+def cost_values(cost: Cost | None) -> dict[str, Any]:
+    if cost is None:
+        return {"cost_micros": 0, "list_micros": 0, "currency": None}
+    return {
+        "cost_micros": cost.billed_micros,
+        "list_micros": cost.list_micros,
+        "currency": cost.currency,
+    }
 
 
 def shard_record(row: RowMapping) -> Shard:
@@ -153,6 +178,7 @@ def segment_record(row: RowMapping) -> Segment:
         failed=int(row["failed"]),
         usage=Usage(*(int(row[c]) for c in USAGE_COLUMNS)),
         owner=row["owner"],
+        engine_ms=int(row["engine_ms"]),
     )
 
 

@@ -81,6 +81,11 @@ from backfill.store.rules import (
 )
 from backfill.store.schema import api_keys, batches, files, projects, segments
 from backfill.store.schema import shards as _shards_table  # `shards` is also a method name
+from backfill.store.sql_projects import (
+    SqlProjectsMixin,
+    check_active_batches,
+    check_token_limit,
+)
 from backfill.store.sql_usage import SqlUsageMixin
 from backfill.store.sql_webhooks import SqlWebhooksMixin, enqueue_batch_event
 from backfill.store.sql_work import SqlWorkMixin
@@ -115,7 +120,7 @@ _SHUTDOWN = frozenset({"57P01", "57P02", "57P03"})
 _TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 
-class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin):
+class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin, SqlProjectsMixin):
     def __init__(
         self, url: str, *, pool_size: int = 5, max_overflow: int = 20, busy_timeout: float = 5.0
     ) -> None:
@@ -393,6 +398,7 @@ class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin):
                 found = existing(conn)
                 if found is not None:
                     return found
+            check_active_batches(conn, batch.project_id)  # the project's cap, in this transaction
             try:
                 with conn.begin_nested():
                     conn.execute(insert(batches).values(**values))
@@ -489,6 +495,7 @@ class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin):
         model: str | None,
         total: int,
         now: int,
+        enqueued_tokens: int | None = None,
     ) -> BatchRecord | None:
         shard_rows = [
             {
@@ -510,6 +517,12 @@ class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin):
             raise ValueError("every shard must belong to the batch being started")
 
         def work(conn: Connection) -> BatchRecord | None:
+            if enqueued_tokens is not None:
+                project_id = conn.execute(
+                    select(batches.c.project_id).where(batches.c.id == batch_id)
+                ).scalar()
+                if project_id is not None:  # the project's token limit, in this transaction
+                    check_token_limit(conn, project_id, batch_id, model, enqueued_tokens)
             result = conn.execute(
                 update(batches)
                 .where(
@@ -521,6 +534,7 @@ class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin):
                     in_progress_at=now,
                     model=model,
                     total=total,
+                    enqueued_tokens=enqueued_tokens,
                 )
             )
             if result.rowcount != 1:
@@ -541,6 +555,7 @@ class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin):
         api_keys.c.source,
         api_keys.c.created_at,
         api_keys.c.revoked_at,
+        api_keys.c.admin,
     )
 
     def _keys_where(self, conn: Connection, *where: Any) -> list[ApiKey]:
@@ -551,7 +566,16 @@ class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin):
             .order_by(api_keys.c.created_at, api_keys.c.id)
         )
         return [
-            ApiKey(r.id, r.project_id, r.name or "", r.prefix, r.source, r.created_at, r.revoked_at)
+            ApiKey(
+                r.id,
+                r.project_id,
+                r.name or "",
+                r.prefix,
+                r.source,
+                r.created_at,
+                r.revoked_at,
+                admin=bool(r.admin),
+            )
             for r in conn.execute(query)
         ]
 

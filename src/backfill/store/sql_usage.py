@@ -9,14 +9,15 @@ unique index backs both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, RowMapping, and_, insert, select
+from sqlalchemy import BigInteger, Connection, RowMapping, and_, func, insert, literal, select
 from sqlalchemy.dialects import postgresql
 
-from backfill.domain.usage import UsageEntry
+from backfill.domain.usage import BATCH, UsageEntry
+from backfill.domain.usage_reports import GROUP_KEYS, UsageTotal, sort_key
 from backfill.store.schema import usage_ledger
 
 T = TypeVar("T")
@@ -78,3 +79,72 @@ class SqlUsageMixin:
         return self._run(
             lambda conn: [usage_entry(r) for r in conn.execute(q).mappings()], write=False
         )
+
+    def usage_totals(
+        self,
+        *,
+        start: int,
+        end: int,
+        width: int,
+        group_by: Sequence[str] = (),
+        project_ids: Sequence[str] | None = None,
+        api_key_ids: Sequence[str] | None = None,
+        models: Sequence[str] | None = None,
+        endpoints: Sequence[str] | None = None,
+        batch: bool | None = None,
+    ) -> list[UsageTotal]:
+        # One GROUP BY over bucket indexes: `(at - start) / width` in integers on both SQLite
+        # and PostgreSQL (`at >= start`, so truncating is flooring).
+        u = usage_ledger
+        unknown = set(group_by) - set(GROUP_KEYS)
+        if unknown:
+            raise ValueError(f"cannot group usage by {sorted(unknown)}")
+        where: list[Any] = [u.c.at >= start, u.c.at < end]
+        for column, values in (
+            (u.c.project_id, project_ids),
+            (u.c.api_key_id, api_key_ids),
+            (u.c.model, models),
+            (u.c.endpoint, endpoints),
+        ):
+            if values is not None:
+                where.append(column.in_(list(values)))
+        if batch is not None:
+            where.append(u.c.kind == BATCH if batch else u.c.kind != BATCH)
+        # `//`: SQLAlchemy's `/` is true division (a NUMERIC cast); `//` on integers renders `/`
+        index = ((u.c.at - literal(start, BigInteger)) // literal(width, BigInteger)).label(
+            "bucket_index"
+        )
+        columns = {
+            "project_id": u.c.project_id,
+            "api_key_id": u.c.api_key_id,
+            "model": u.c.model,
+            "batch": u.c.kind,
+            "currency": u.c.currency,
+        }
+        keys = [columns[k].label(k) for k in GROUP_KEYS if k in group_by]
+        sums = [
+            func.sum(u.c[name]).label(name)
+            for name in (
+                "requests",
+                "input_tokens",
+                "cached_tokens",
+                "output_tokens",
+                "reasoning_tokens",
+                "engine_ms",
+                "cost_micros",
+                "list_micros",
+            )
+        ]
+        q = select(index, *keys, *sums).where(and_(*where)).group_by(index, *keys)
+
+        def work(conn: Connection) -> list[UsageTotal]:
+            totals = []
+            for r in conn.execute(q).mappings():
+                found: dict[str, Any] = {k: r[k] for k in GROUP_KEYS if k in group_by}
+                if "batch" in found:
+                    found["batch"] = found["batch"] == BATCH
+                found |= {s.name: int(r[s.name] or 0) for s in sums}
+                totals.append(UsageTotal(bucket=start + int(r["bucket_index"]) * width, **found))
+            return sorted(totals, key=sort_key)
+
+        return self._run(work, write=False)

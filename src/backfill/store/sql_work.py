@@ -26,9 +26,11 @@ from sqlalchemy import delete as sql_delete
 from backfill.domain.ordering import Candidate, order_candidates
 from backfill.domain.records import Segment, Shard, ShardStatus, Usage
 from backfill.domain.statuses import BatchStatus
+from backfill.domain.usage import segment_usage
 from backfill.store.rows import USAGE_COLUMNS, segment_record, shard_record
 from backfill.store.schema import batches, claims, projects, segments
 from backfill.store.schema import shards as _shards_table  # `shards` is also a method name
+from backfill.store.sql_usage import insert_usage
 
 T = TypeVar("T")
 
@@ -194,6 +196,7 @@ class SqlWorkMixin:
         fence = _fence(segment.batch_id, segment.shard_index, token)
         n = segment.completed + segment.failed
         u = segment.usage
+        cost = segment.cost
 
         def work(conn: Connection) -> bool:
             landed = conn.execute(
@@ -204,7 +207,8 @@ class SqlWorkMixin:
                 )
             ).scalar_one_or_none()
             if landed is not None and landed == segment.blob_path:
-                # a retried checkpoint whose first commit landed but was not acknowledged
+                # a retried checkpoint whose first commit landed but was not acknowledged: its
+                # counts, usage and ledger entry landed with it; nothing is written again
                 return conn.execute(select(_shards_table.c.idx).where(fence)).first() is not None
             shard_update = update(_shards_table).where(fence).values(done=_shards_table.c.done + n)
             if conn.execute(shard_update).rowcount != 1:
@@ -222,20 +226,36 @@ class SqlWorkMixin:
                     output_tokens=u.output_tokens,
                     reasoning_tokens=u.reasoning_tokens,
                     owner=segment.owner,
+                    engine_ms=segment.engine_ms,
                 )
             )
-            conn.execute(
+            added: dict[str, Any] = {
+                "completed": batches.c.completed + segment.completed,
+                "failed": batches.c.failed + segment.failed,
+                "input_tokens": batches.c.input_tokens + u.input_tokens,
+                "cached_tokens": batches.c.cached_tokens + u.cached_tokens,
+                "output_tokens": batches.c.output_tokens + u.output_tokens,
+                "reasoning_tokens": batches.c.reasoning_tokens + u.reasoning_tokens,
+            }
+            if cost is not None:
+                added["cost_micros"] = batches.c.cost_micros + cost.billed_micros
+                added["list_micros"] = batches.c.list_micros + cost.list_micros
+                added["currency"] = cost.currency
+            batch = conn.execute(
                 update(batches)
                 .where(batches.c.id == segment.batch_id)
-                .values(
-                    completed=batches.c.completed + segment.completed,
-                    failed=batches.c.failed + segment.failed,
-                    input_tokens=batches.c.input_tokens + u.input_tokens,
-                    cached_tokens=batches.c.cached_tokens + u.cached_tokens,
-                    output_tokens=batches.c.output_tokens + u.output_tokens,
-                    reasoning_tokens=batches.c.reasoning_tokens + u.reasoning_tokens,
+                .values(**added)
+                .returning(
+                    batches.c.project_id,
+                    batches.c.api_key_id,
+                    batches.c.model,
+                    batches.c.endpoint,
                 )
-            )
+            ).first()
+            if batch is not None:
+                # the segment's ledger entry, once: the segment's key is new (checked above,
+                # and its primary key would refuse it), and the entry's ref is unique too
+                insert_usage(conn, segment_usage(segment, *batch))
             return True
 
         return self._run(work)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from backfill.dispatch.dispatcher import Dispatcher, Outcome
@@ -47,6 +47,8 @@ class Line:
     line: bytes
     usage: Usage
     ok: bool
+    #: seconds it spent at the engine, every attempt (0 when it never got there)
+    engine_seconds: float = 0.0
 
 
 def outcome_line(custom_id: str, outcome: Outcome) -> Line:
@@ -86,7 +88,7 @@ async def run_request(
         outcome = await dispatcher.run(endpoint, body, defer_until=defer_until, stopped=stopped)
         if not outcome.sent:
             return None
-        return outcome_line(custom_id, outcome)
+        return replace(outcome_line(custom_id, outcome), engine_seconds=outcome.engine_seconds)
     except Exception as exc:
         log.exception("request %r %s failed inside backfill", custom_id, where)
         return internal_error(custom_id, exc)

@@ -40,7 +40,8 @@ from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.domain import paths
 from backfill.domain.inputs import iter_requests
-from backfill.domain.records import BatchRecord, Segment, Shard, Usage
+from backfill.domain.pricing import PriceTable
+from backfill.domain.records import BatchRecord, Cost, Segment, Shard, Usage
 from backfill.domain.results import ResultKind, segment_record
 from backfill.domain.segments import index_records, iter_lines
 from backfill.domain.statuses import BatchStatus
@@ -66,6 +67,7 @@ class _Result:
     record: bytes
     ok: bool
     usage: Usage
+    engine_seconds: float
 
 
 @dataclass(slots=True)
@@ -79,6 +81,9 @@ class _Pending:
     completed: int
     failed: int
     usage: Usage
+    engine_ms: int
+    cost: Cost | None
+    at: int
 
 
 class ShardRun:
@@ -102,6 +107,8 @@ class ShardRun:
         self.shard = shard
         self._token = token
         self._clock = clock
+        self._prices = PriceTable.from_config(settings.prices, settings.batch_discount)
+        self._model: str | None = None  # the batch's, once `run` has read it
         self._buffer: list[_Result] = []
         self._buffered_bytes = 0
         self._pending: _Pending | None = None
@@ -124,6 +131,7 @@ class ShardRun:
         batch = await asyncio.to_thread(self._store.get_batch, shard.batch_id)
         if batch is None:
             return
+        self._model = batch.model
         raw, done = await self._load(batch)
         heartbeat = asyncio.create_task(self._heartbeat())
         flusher = asyncio.create_task(self._flusher())
@@ -264,15 +272,26 @@ class ShardRun:
             stopped=self._stop.is_set,
         )
         if done is not None:  # None: stopped before it reached the engine
-            self._add(line_no, done.kind, done.line, done.usage, ok=done.ok)
+            self._add(
+                line_no, done.kind, done.line, done.usage, ok=done.ok, at_engine=done.engine_seconds
+            )
 
-    def _add(self, line_no: int, kind: ResultKind, line: bytes, usage: Usage, *, ok: bool) -> None:
+    def _add(
+        self,
+        line_no: int,
+        kind: ResultKind,
+        line: bytes,
+        usage: Usage,
+        *,
+        ok: bool,
+        at_engine: float = 0.0,
+    ) -> None:
         if line_no in self._accounted:  # never two outcomes for one line
             log.error("line %d of %s got a second outcome; kept the first", line_no, self.shard)
             return
         self._accounted.add(line_no)
         record = segment_record(line_no, kind, line)
-        self._buffer.append(_Result(line_no, record, ok, usage))
+        self._buffer.append(_Result(line_no, record, ok, usage, at_engine))
         self._buffered_bytes += len(record)
         if (
             len(self._buffer) >= self._settings.flush_every_requests
@@ -307,8 +326,10 @@ class ShardRun:
         self._room.set()
         usage = Usage()
         completed = 0
+        engine_seconds = 0.0
         for r in results:
             completed += r.ok
+            engine_seconds += r.engine_seconds
             if r.usage.input_tokens or r.usage.output_tokens:
                 usage = usage + r.usage
         shard = self.shard
@@ -319,6 +340,10 @@ class ShardRun:
             completed=completed,
             failed=len(results) - completed,
             usage=usage,
+            engine_ms=round(engine_seconds * 1000),
+            # priced once, when cut: a retried checkpoint records the same entry
+            cost=self._prices.cost(self._model, usage, batch=True),
+            at=int(self._clock()),
         )
         self._seq += 1
         return pending
@@ -344,6 +369,9 @@ class ShardRun:
                 failed=pending.failed,
                 usage=pending.usage,
                 owner=self._owner,
+                engine_ms=pending.engine_ms,
+                cost=pending.cost,
+                at=pending.at,
             )
             ok = await asyncio.to_thread(self._store.record_segment, segment, self._token)
             if not ok:

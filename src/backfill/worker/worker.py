@@ -4,6 +4,11 @@ Several shards run at once so the per-model concurrency window stays full while 
 drains its last slow requests. Leasing polls the store; an idle worker backs off to the poll
 interval. While the store or the blobs fail, leasing backs off further (`backfill.outages`)
 and the failures are logged once per episode, not once per attempt.
+
+The projects' fair-share weights are read from the store at most every
+`project_settings_ttl` seconds (`domain/ordering.merged_weights`: a project's own weight wins
+over `Settings.project_weights`), so `backfill projects set --weight` applies without a
+restart.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.domain.ids import new_token
+from backfill.domain.ordering import merged_weights
 from backfill.outages import Outages
 from backfill.settings import Settings
 from backfill.store.base import Store
@@ -41,6 +47,8 @@ class Worker:
         self._dispatchers = dispatchers
         self._clock = clock
         self._runs: dict[asyncio.Task[None], ShardRun] = {}
+        self._weights: dict[str, float] = dict(settings.project_weights)
+        self._weights_until = float("-inf")
         self._outages = Outages(
             log,
             base=settings.scheduler_interval,
@@ -82,7 +90,7 @@ class Worker:
             token,
             self._clock(),
             self._settings.lease_seconds,
-            self._settings.project_weights or None,
+            await self.weights() or None,
         )
         if shard is None:
             return False
@@ -100,6 +108,17 @@ class Worker:
         self._runs[task] = shard_run
         task.add_done_callback(lambda t: self._runs.pop(t, None))
         return True
+
+    async def weights(self) -> Mapping[str, float]:
+        """The projects' weights by name, re-read from the store when older than the TTL."""
+        now = self._clock()
+        if now >= self._weights_until:
+            self._weights_until = now + self._settings.project_settings_ttl
+            projects = await asyncio.to_thread(self._store.projects)
+            self._weights = merged_weights(
+                self._settings.project_weights, ((p.name, s.weight) for p, s in projects)
+            )
+        return self._weights
 
     async def _guard(self, shard_run: ShardRun) -> None:
         try:
