@@ -40,7 +40,15 @@ batch_discount = 0.5                # this model's; default: [pricing] batch_dis
 ```
 
 On the command line, `NAME=transformers:PATH` and `NAME=embeddings:PATH` select the in-process
-engines; anything else after `NAME=` is an upstream URL.
+engines; anything else after `NAME=` is an upstream URL, or several separated by commas
+(`NAME=URL1,URL2[#UPSTREAM]`): replicas of the same model (`engines/replicas.py`). In TOML:
+
+```toml
+[models.llama]
+urls = ["http://gpu-1:8000/v1", "http://gpu-2:8000/v1"]
+routing = "affinity"                # or "least_loaded", "round_robin"
+max_concurrency = 256               # the model's, across its replicas
+```
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from __future__ import annotations
 import tomllib
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +89,12 @@ class ModelConfig(BaseModel):
     name: str
     kind: str = "openai"
     url: str = ""  # upstream base URL (kind "openai"); unused by in-process kinds
+    #: several upstream base URLs serving the same model (replicas, `engines/replicas.py`);
+    #: `url` is then the first of them
+    urls: list[str] = Field(default_factory=list)
+    #: how requests are spread over `urls`: the replica that holds the request's prompt prefix
+    #: unless it is much busier (`affinity`), the least-loaded one, or in turn
+    routing: Literal["affinity", "least_loaded", "round_robin"] = "affinity"
     path: str | None = None  # model folder or hub id (in-process kinds)
     options: dict[str, Any] = Field(default_factory=dict)  # engine-specific knobs
     upstream_name: str | None = None
@@ -96,6 +110,10 @@ class ModelConfig(BaseModel):
     #: until the first real-time request for the model passes backfill's gateway
     governor: bool | None = None
     endpoints: list[str] = Field(default_factory=lambda: list(UPSTREAM_ENDPOINTS))
+    #: identical batch requests sent once, the answer given to each line
+    #: (`domain/duplicates.py`): "deterministic" (temperature 0, a fixed seed, embeddings),
+    #: "all" (any body), "off"
+    dedup: Literal["deterministic", "all", "off"] = "deterministic"
 
     @model_validator(mode="after")
     def _kind_defaults(self) -> ModelConfig:
@@ -110,9 +128,21 @@ class ModelConfig(BaseModel):
         if self.kind == "embeddings" and "max_concurrency" not in self.model_fields_set:
             # in flight = what the engine can gather for its next forward pass while one runs
             self.max_concurrency = 1024
+        if self.urls:
+            if len(set(self.urls)) != len(self.urls):
+                raise ValueError(f"model {self.name!r}: urls lists a url twice")
+            if not self.url:
+                self.url = self.urls[0]
+            elif self.url not in self.urls:
+                raise ValueError(f"model {self.name!r}: give url or urls, not both")
         if self.kind == "openai" and not self.url:
             raise ValueError(f"model {self.name!r}: kind 'openai' needs a url")
         return self
+
+    @property
+    def upstream_urls(self) -> list[str]:
+        """Every upstream base URL of the model: its replicas, or its one `url`."""
+        return list(self.urls) if self.urls else [self.url]
 
 
 class WebhookConfig(BaseModel):
@@ -188,10 +218,18 @@ class Settings(BaseSettings):
     project_settings_ttl: float = 2.0
 
     shard_size: int = 2000  # requests per shard
+    #: dispatch each shard's requests grouped by prompt prefix, long outputs first in a group
+    #: (`domain/planning.py`); false: in input order
+    plan_prefixes: bool = True
     lease_seconds: float = 30.0
     flush_every_requests: int = 1000
     flush_every_seconds: float = 1.0
-    worker_shards: int = 4  # shards one worker runs at once
+    #: shards one worker keeps running whatever the models' room (batches of one model share
+    #: its window this way, fairly between projects)
+    worker_shards: int = Field(default=4, ge=1)
+    #: beyond `worker_shards`, a worker leases more while a model's dispatcher has room its
+    #: running shards do not fill (many small batches), up to this many shards at once
+    worker_max_shards: int = Field(default=256, ge=1)
     scheduler_interval: float = 0.5
     cancel_grace_seconds: float = 10.0  # in-flight requests may finish within this
     retention_interval: float = 60.0  # how often expired files are deleted
@@ -274,12 +312,14 @@ class Settings(BaseSettings):
 
 
 def parse_model_spec(spec: str) -> ModelConfig:
-    """`NAME=URL[#UPSTREAM_NAME]`, `NAME=transformers:PATH` or `NAME=embeddings:PATH` ->
-    ModelConfig. `NAME=embeddings:` (no path) means the packaged all-MiniLM-L6-v2."""
+    """`NAME=URL[,URL...][#UPSTREAM_NAME]`, `NAME=transformers:PATH` or `NAME=embeddings:PATH`
+    -> ModelConfig. `NAME=embeddings:` (no path) means the packaged all-MiniLM-L6-v2; several
+    URLs are replicas of one model."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise InvalidRequest(
-            f"bad --model {spec!r}: expected NAME=URL[#UPSTREAM_NAME], NAME=transformers:PATH "
+            f"bad --model {spec!r}: expected NAME=URL[,URL...][#UPSTREAM_NAME], "
+            "NAME=transformers:PATH "
             "or NAME=embeddings:PATH"
         )
     kind, colon, path = rest.partition(":")
@@ -288,7 +328,13 @@ def parse_model_spec(spec: str) -> ModelConfig:
             raise InvalidRequest(f"bad --model {spec!r}: transformers needs a PATH")
         return ModelConfig(name=name.strip(), kind=kind, path=path.strip() or None)
     url, _, upstream = rest.partition("#")
-    return ModelConfig(name=name.strip(), url=url.strip(), upstream_name=upstream.strip() or None)
+    upstream_name = upstream.strip() or None
+    urls = [u.strip() for u in url.split(",")]
+    if len(urls) > 1:
+        if not all(urls):
+            raise InvalidRequest(f"bad --model {spec!r}: an empty URL between commas")
+        return ModelConfig(name=name.strip(), urls=urls, upstream_name=upstream_name)
+    return ModelConfig(name=name.strip(), url=url.strip(), upstream_name=upstream_name)
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -296,8 +342,14 @@ def load_config_file(path: Path) -> dict[str, Any]:
     with path.open("rb") as fh:
         raw = tomllib.load(fh)
     out: dict[str, Any] = dict(raw.get("server", {}))
-    for key in ("limits", "worker", "pricing"):
+    for key in ("limits", "worker"):
         out.update(raw.get(key, {}))
+    pricing = dict(raw.get("pricing", {}))
+    if pricing:  # [pricing] holds the default batch discount, nothing else
+        unknown = sorted(set(pricing) - {"batch_discount"})
+        if unknown:
+            raise InvalidRequest(f"[pricing] takes batch_discount only, not {', '.join(unknown)}")
+        out["batch_discount"] = pricing["batch_discount"]
     models = raw.get("models", {})
     if isinstance(models, dict):
         out["models"] = [ModelConfig(name=n, **opts) for n, opts in models.items()]

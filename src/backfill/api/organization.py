@@ -30,6 +30,7 @@ from starlette.responses import Response
 from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext
 from backfill.api.responses import JsonResponse, call
+from backfill.domain.pricing import micros_to_amount
 from backfill.domain.records import Project
 from backfill.domain.usage_reports import (
     COMPLETIONS_ENDPOINTS,
@@ -43,7 +44,6 @@ from backfill.domain.usage_reports import (
     decode_page,
     encode_page,
     line_item,
-    micros_value,
 )
 from backfill.errors import InvalidRequest
 
@@ -210,7 +210,11 @@ def _window(
     if end is None:
         end = max(start, now)
     elif end <= start:
-        raise InvalidRequest("Invalid 'end_time': it must be after 'start_time'.", param="end_time")
+        raise InvalidRequest(
+            "Invalid 'end_time': it must be after 'start_time'.",
+            param="end_time",
+            code="invalid_end_time",
+        )
     first = start
     if page is not None:
         first_or_none = decode_page(page)
@@ -301,14 +305,14 @@ def _costs_result(by_line: bool):  # type: ignore[no-untyped-def]
         currency = t.currency.lower()
         return {
             "object": "organization.costs.result",
-            "amount": {"value": micros_value(t.cost_micros), "currency": currency},
+            "amount": {"value": micros_to_amount(t.cost_micros), "currency": currency},
             "line_item": line_item(t.model, t.batch) if by_line else None,
             "project_id": t.project_id,
             "user_id": None,
             "api_key_id": t.api_key_id,
             "quantity": t.input_tokens + t.output_tokens if by_line else None,
             "quantity_unit": "tokens" if by_line else None,
-            "list_amount": {"value": micros_value(t.list_micros), "currency": currency},
+            "list_amount": {"value": micros_to_amount(t.list_micros), "currency": currency},
         }
 
     return render

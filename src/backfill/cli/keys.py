@@ -65,7 +65,11 @@ def create(
     ctx: typer.Context,
     project: Annotated[
         str | None,
-        typer.Option("--project", help="the project the key acts for", show_default="admin"),
+        typer.Option(
+            "--project",
+            help="the project the key acts for (required, except with --admin)",
+            show_default="with --admin: a project named admin",
+        ),
     ] = None,
     admin: Annotated[
         bool,

@@ -63,9 +63,10 @@ def _root(
 ) -> None:
     """Self-hosted OpenAI-compatible Batch API.
 
-    serve, worker, run, keys, webhooks and sim work on this machine. submit, retry, batches and
-    files are clients of any OpenAI-compatible API: --base-url and --api-key, or OPENAI_BASE_URL
-    and OPENAI_API_KEY. `backfill COMMAND --help` shows a command's options and their defaults.
+    serve, worker, run, keys, projects, usage, webhooks and sim work on this machine. submit,
+    retry, batches and files are clients of any OpenAI-compatible API: --base-url and --api-key,
+    or OPENAI_BASE_URL and OPENAI_API_KEY. `backfill COMMAND --help` shows a command's options
+    and their defaults.
     """
 
 

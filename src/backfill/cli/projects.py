@@ -54,8 +54,8 @@ Tpm = Annotated[
 
 
 def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
+    typer.echo(f"backfill: {message}", err=True)
+    return typer.Exit(2)  # as every other refused command
 
 
 def _number(option: str, value: str, kind: type[int] | type[float]) -> int | float | None:

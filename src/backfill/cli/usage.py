@@ -24,7 +24,8 @@ import typer
 
 from backfill.cli.keys import command_settings, store_alone, when
 from backfill.cli.options import DATA_DIR, Config, Database, DataDir
-from backfill.domain.usage_reports import UsageTotal, micros_value
+from backfill.domain.pricing import micros_to_amount
+from backfill.domain.usage_reports import UsageTotal
 
 app = typer.Typer()
 
@@ -90,15 +91,15 @@ class Row:
             "cached_tokens": self.cached_tokens,
             "output_tokens": self.output_tokens,
             "engine_seconds": round(self.engine_ms / 1000, 3),
-            "cost": {c: micros_value(m) for c, m in sorted(self.cost.items())},
-            "realtime_cost": {c: micros_value(m) for c, m in sorted(self.list_cost.items())},
+            "cost": {c: micros_to_amount(m) for c, m in sorted(self.cost.items())},
+            "realtime_cost": {c: micros_to_amount(m) for c, m in sorted(self.list_cost.items())},
         }
 
 
 def _money(amounts: dict[str, int]) -> str:
     if not amounts:
         return "-"
-    return " + ".join(f"{micros_value(m):.6f} {c}".rstrip() for c, m in sorted(amounts.items()))
+    return " + ".join(f"{micros_to_amount(m):.6f} {c}".rstrip() for c, m in sorted(amounts.items()))
 
 
 def rows_of(totals: list[UsageTotal], by: list[str], names: dict[str, str]) -> list[Row]:

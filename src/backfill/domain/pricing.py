@@ -159,5 +159,6 @@ class PriceTable:
 
 def micros_to_amount(micros: int) -> float:
     """Micro-units as the number OpenAI's costs API shows (`amount.value`): exact for any
-    amount below 10**9 units (15 significant digits survive a double)."""
-    return micros / PPM
+    amount below 10**9 units (15 significant digits survive a double; rounded to 6 places so
+    the nearest double prints as the decimal)."""
+    return round(micros / PPM, 6)

@@ -32,7 +32,7 @@ class UsageEntry:
     project_id: str
     model: str
     endpoint: str  # "/v1/chat/completions", "/v1/embeddings", ...
-    at: int  # Unix seconds the work finished (a segment: when it was recorded)
+    at: int  # Unix seconds: a segment's when the worker cut it; a real-time request's arrival
     api_key_id: str | None = None
     batch_id: str | None = None
     requests: int = 0

@@ -108,8 +108,3 @@ def line_item(model: str | None, batch: bool | None) -> str | None:
     if model is None or batch is None:
         return None
     return f"{model}, {'batch' if batch else 'realtime'}"
-
-
-def micros_value(micros: int) -> float:
-    """Integer micro-units as the API's decimal amount (exact to the micro-unit)."""
-    return round(micros / 1_000_000, 6)

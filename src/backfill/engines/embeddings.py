@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import importlib.util
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,8 @@ class EmbeddingsEngine:
         self._torch: Any = None
         self._model: Any = None
         self._tokenizer: Any = None
+        self._count_tokenizer: Any = None  # `count_tokens`'s own copy (see there)
+        self._count_lock = threading.Lock()
         self._pooling = "mean"
         self._normalize = True
         self._queue: asyncio.Queue[Job] | None = None
@@ -275,15 +279,20 @@ class EmbeddingsEngine:
     def count_tokens(self, endpoint: str, body: dict[str, Any]) -> int | None:
         """The request's input tokens, as `send` will count them (before truncation); None
         before `start()` or for a body `send` would refuse."""
-        tokenizer = self._tokenizer
-        if tokenizer is None or endpoint != EMBEDDINGS:
+        if self._tokenizer is None or endpoint != EMBEDDINGS:
             return None
         try:
             inputs = parse_inputs(body)
         except InvalidRequest:
             return None
         texts = [t for t in inputs if isinstance(t, str)]
-        ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        # the embedding thread tokenizes too: counting has a copy of its own, one at a time (a
+        # fast tokenizer used from two threads at once fails with "Already borrowed")
+        with self._count_lock:
+            if self._count_tokenizer is None:
+                self._count_tokenizer = copy.deepcopy(self._tokenizer)
+            tokenizer = self._count_tokenizer
+            ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
         return sum(len(i) for i in ids) + sum(len(t) for t in inputs if isinstance(t, list))
 
     # -- the worker thread -----------------------------------------------------------------------

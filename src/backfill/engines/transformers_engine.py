@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,6 +266,8 @@ class TransformersEngine:
         self._opts = opts
         self._manager: Any = None
         self._tokenizer: Any = None
+        self._count_tokenizer: Any = None  # `count_tokens`'s own copy (see there)
+        self._count_lock = threading.Lock()
         self._eos: list[int] = []
         self.context_length = 0
         self._counter = 0
@@ -412,20 +416,28 @@ class TransformersEngine:
         requests are estimated: their conversion to chat happens in `send`."""
         if self._tokenizer is None or endpoint not in (CHAT, COMPLETIONS):
             return None
-        try:
-            if endpoint == CHAT:
-                return len(self._chat_ids(body))
-            return sum(len(self._prompt_ids(p)) for p in completion_prompts(body))
-        except InvalidRequest:
-            return None
+        # Counting runs on the validator's threads while `send` tokenizes on the event loop; a
+        # fast tokenizer used from two threads at once fails ("Already borrowed"), so counting
+        # has a copy of its own, one caller at a time.
+        with self._count_lock:
+            if self._count_tokenizer is None:
+                self._count_tokenizer = copy.deepcopy(self._tokenizer)
+            tokenizer = self._count_tokenizer
+            try:
+                if endpoint == CHAT:
+                    return len(self._chat_ids(body, tokenizer))
+                return sum(len(self._prompt_ids(p, tokenizer)) for p in completion_prompts(body))
+            except InvalidRequest:
+                return None
 
-    def _chat_ids(self, body: dict[str, Any]) -> list[int]:
+    def _chat_ids(self, body: dict[str, Any], tokenizer: Any = None) -> list[int]:
+        tokenizer = self._tokenizer if tokenizer is None else tokenizer
         messages = chat_messages(body)
         extra: dict[str, Any] = {}
         if body.get("tools"):
             extra["tools"] = body["tools"]
         try:
-            ids = self._tokenizer.apply_chat_template(
+            ids = tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
             )
         except Exception as exc:  # a template that rejects these messages (e.g. role order)
@@ -436,10 +448,11 @@ class TransformersEngine:
             ids = ids["input_ids"]
         return [int(t) for t in ids]
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def _prompt_ids(self, prompt: str | list[int], tokenizer: Any = None) -> list[int]:
         if isinstance(prompt, list):
             return prompt
-        ids = self._tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        tokenizer = self._tokenizer if tokenizer is None else tokenizer
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         return [int(t) for t in ids]
 
     async def _generate(self, ids: list[int], s: Sampling, seed: int, stream: int) -> Sequence:

@@ -42,7 +42,11 @@ def _locked_project(conn: Connection, project_id: str) -> Any:
 def check_active_batches(conn: Connection, project_id: str) -> None:
     """Raise `QuotaExceeded` if the project already has its `max_active_batches` unfinished
     batches (in the caller's transaction, before its insert)."""
-    row = _locked_project(conn, project_id)
+    settings = conn.execute(select(projects.c.settings).where(projects.c.id == project_id))
+    first = settings.first()
+    if first is None or ProjectSettings.from_json(first.settings).max_active_batches is None:
+        return  # no cap: nothing to lock (creates of a project without one never wait)
+    row = _locked_project(conn, project_id)  # the cap, read again under the row lock
     if row is None:
         return
     cap = ProjectSettings.from_json(row.settings).max_active_batches
