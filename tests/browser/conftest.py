@@ -7,7 +7,9 @@ gets a fresh page. Screenshots go to `BACKFILL_SCREENSHOTS` (default: a pytest t
 
 The model `slow` runs at most 2 batch requests at once (its ceiling; the governor is on but
 dormant: no real-time traffic), and every line asks the echo upstream to wait a little
-(`#sleep:MS`), so a batch runs for seconds and its progress can be watched moving.
+(`#sleep:MS`), so a batch runs for seconds and its progress can be watched moving. `slow` has a
+price (`[prices.slow]`, batch work at the default 50% discount); `free`, the same echo, has
+none, for the usage page's "no price".
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_settings import KEY, LIMIT, MODEL
+from browser_settings import FREE_MODEL, KEY, LIMIT, MODEL, PRICE_INPUT, PRICE_OUTPUT
 from openai import OpenAI
 
 from backfill.testing import UpstreamProcess, start_upstream
@@ -61,6 +63,8 @@ def server(
     config = data_dir / "backfill.toml"
     config.write_text(
         f'[models.{MODEL}]\nurl = "{upstream.url}"\nmax_concurrency = {LIMIT}\nattempts = 1\n'
+        f'[models.{FREE_MODEL}]\nurl = "{upstream.url}"\nmax_concurrency = 4\nattempts = 1\n'
+        f'[prices.{MODEL}]\ninput = {PRICE_INPUT}\noutput = {PRICE_OUTPUT}\ncurrency = "USD"\n'
     )
     proc = BackfillProcess(
         data_dir, api_keys=[KEY], env=SERVER_ENV, extra_args=["--config", str(config)]
@@ -93,7 +97,10 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser, server: BackfillProcess) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    # en-US: numbers and amounts are read back from the page as that locale writes them
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 900}, accept_downloads=True, locale="en-US"
+    )
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -60,6 +60,30 @@ export const errorGroups = (id) => json(`/v1/batches/${encodeURIComponent(id)}/e
 export const modelLoads = () => json("/v1/dashboard/models");
 export const getFile = (id) => json(`/v1/files/${encodeURIComponent(id)}`);
 
+/** Most pages of one report followed through `next_page` (a 30-day range at the default
+ * daily page size takes five). */
+export const MAX_PAGES = 40;
+
+/** Every bucket of an organization report (`usage/completions`, `usage/embeddings`, `costs`)
+ * for `params` (name -> value or list of values), following `next_page` until the API says
+ * there is no more, at most MAX_PAGES pages. Returns `{data, complete}`. */
+export async function report(name, params) {
+  const query = new URLSearchParams();
+  for (const [key, value] of Object.entries(params)) {
+    for (const v of Array.isArray(value) ? value : [value]) query.append(key, String(v));
+  }
+  const data = [];
+  let page = null;
+  for (let i = 0; i < MAX_PAGES; i++) {
+    if (page) query.set("page", page);
+    const answer = await json(`/v1/organization/${name}?${query}`);
+    data.push(...answer.data);
+    page = answer.has_more ? answer.next_page : null;
+    if (!page) return { data, complete: true };
+  }
+  return { data, complete: false };
+}
+
 /** Download a file's content: fetched with the key (a plain link cannot send it), then saved. */
 export async function download(fileId) {
   const [meta, response] = await Promise.all([

@@ -1,10 +1,12 @@
-// Sign-in, navigation between pages (#/batches, #/batch/<id>, #/models) and their polling.
+// Sign-in, navigation between pages (#/batches, #/batch/<id>, #/models, #/usage/<range>) and
+// their polling.
 
 import { ApiError, checkKey, session } from "/ui/api.js";
 import { showBatch } from "/ui/batch.js";
 import { showBatches } from "/ui/batches.js";
 import { fill } from "/ui/dom.js";
 import { showModels } from "/ui/models.js";
+import { showUsage } from "/ui/usage.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -63,6 +65,7 @@ function route() {
   const ctx = pageContext();
   if (name === "batch" && arg) showBatch(page, decodeURIComponent(arg), ctx);
   else if (name === "models") showModels(page, ctx);
+  else if (name === "usage") showUsage(page, arg, ctx);
   else showBatches(page, ctx);
 }
 

@@ -1,7 +1,7 @@
 // One batch: progress, throughput over time (from the server), errors by code, downloads.
 
 import { download, errorGroups, getBatch, throughput } from "/ui/api.js";
-import { TERMINAL, cancelButton, eta, progress, statusBadge, usage } from "/ui/batches.js";
+import { TERMINAL, cancelButton, cost, eta, progress, statusBadge, usage } from "/ui/batches.js";
 import { throughputChart } from "/ui/chart.js";
 import { duration, el, fill, number, time } from "/ui/dom.js";
 
@@ -108,6 +108,8 @@ export function showBatch(root, id, ctx) {
       field("Model", batch.model || ""),
       field("Endpoint", batch.endpoint),
       field("Usage (tokens)", usage(batch)),
+      // no cost once requests finished: the model has no price
+      field("Cost", cost(batch) || (c.completed ? el("span", { class: "muted" }, "no price") : "")),
       field("Created", time(batch.created_at)),
       field("Started", time(batch.in_progress_at)),
       field("Metadata", meta),

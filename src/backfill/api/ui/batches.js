@@ -1,7 +1,7 @@
 // The batches page: every batch of the project, polled every 2 s.
 
 import { cancelBatch, listBatches } from "/ui/api.js";
-import { duration, el, fill, number, time } from "/ui/dom.js";
+import { duration, el, fill, money, number, time } from "/ui/dom.js";
 
 export const TERMINAL = new Set(["completed", "failed", "expired", "cancelled"]);
 
@@ -40,6 +40,17 @@ export function usage(batch) {
   return `${number(u.input_tokens)} in · ${number(u.output_tokens)} out`;
 }
 
+/** The batch's `cost` extension: billed, and what the same work costs in real time (null
+ * while nothing priced was recorded: the model has no price, or nothing finished yet). */
+export function cost(batch, tag = "span") {
+  const c = batch.cost;
+  if (!c || !c.amount) return null;
+  const realtime = c.realtime_equivalent;
+  return el(tag, { class: "cost" },
+    el("span", { "data-cost": "amount" }, money(c.amount)),
+    realtime ? el("span", { class: "muted", "data-cost": "realtime" }, ` · real time ${money(realtime)}`) : null);
+}
+
 export function statusBadge(status) {
   return el("span", { class: `status status-${status}` }, status);
 }
@@ -71,7 +82,7 @@ export function showBatches(root, ctx) {
     el("div", { class: "card" },
       el("table", { class: "batches" },
         el("thead", {}, el("tr", {},
-          ["Batch", "Status", "Progress", "ETA", "Requests", "Usage (tokens)", "Created", ""]
+          ["Batch", "Status", "Progress", "ETA", "Requests", "Usage (tokens) · cost", "Created", ""]
             .map((h) => el("th", {}, h)))),
         body),
       note),
@@ -90,7 +101,7 @@ export function showBatches(root, ctx) {
         el("td", { class: "small nowrap", title: b.estimated_completion_at ? time(b.estimated_completion_at) : null }, eta(b)),
         el("td", { class: "small nowrap" }, `${number(c.completed)} ok · ${number(c.failed)} failed`,
           el("div", { class: "muted" }, `of ${number(c.total)}`)),
-        el("td", { class: "small nowrap" }, usage(b)),
+        el("td", { class: "small nowrap" }, usage(b), cost(b, "div")),
         el("td", { class: "small" }, time(b.created_at)),
         el("td", {}, cancelButton(b, refresh)),
       );

@@ -51,3 +51,18 @@ export function seconds(s) {
   if (s === null || s === undefined) return "–";
   return s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(2)} s`;
 }
+
+/** An amount object of the API (`{value, currency}`, currency lowercase) as text: "$0.0042". */
+export function money(amount) {
+  if (!amount || amount.value === null || amount.value === undefined) return "";
+  const code = String(amount.currency || "").toUpperCase();
+  const value = Number(amount.value);
+  // up to 6 decimals (the API is exact to the micro-unit), at least 2
+  try {
+    return new Intl.NumberFormat(undefined, {
+      style: "currency", currency: code, minimumFractionDigits: 2, maximumFractionDigits: 6,
+    }).format(value);
+  } catch {
+    return `${value.toLocaleString(undefined, { maximumFractionDigits: 6 })} ${code}`;
+  }
+}
