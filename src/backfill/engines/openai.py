@@ -39,6 +39,9 @@ alone; so only the first page (and the first after a failed scrape) is parsed wh
 refuses text that is not Prometheus', and later pages only their load samples (`parse_load`).
 An upstream that answers anything else than 200, or such text, is remembered as having no
 metrics and asked again only every `METRICS_RETRY_SECONDS`.
+
+Health (`probe`): `GET <base>/v1/models`, which every OpenAI-compatible server answers; any
+answer below 500 means the server is up. `engines/replicas.py` probes a drained replica with it.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ DNS_CACHE_SECONDS = 300
 METRICS_RETRY_SECONDS = 30.0
 #: budget of one metrics scrape
 METRICS_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+#: budget of one health probe
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 #: the samples `load_metrics` returns (by name prefix): the load figures the governor reads
 #: (`dispatch/governor.py`): running, waiting, KV usage and the TPOT sum and count, under the
 #: names of vLLM (current and older), SGLang and llama.cpp (`backfill.metrics.LOAD_SAMPLES`)
@@ -246,6 +251,18 @@ class OpenAIEngine:
                 resp.release()  # read to the end: the connection goes back to the pool
             else:
                 resp.close()  # the client left early: drop the connection (vLLM aborts)
+
+    async def probe(self) -> bool:
+        """Whether the upstream answers (`GET /v1/models` below 500) within `PROBE_TIMEOUT`."""
+        session = self._session
+        if session is None:
+            return False
+        try:
+            async with session.get(self.url_for("/v1/models"), timeout=PROBE_TIMEOUT) as resp:
+                await resp.read()
+                return resp.status < 500
+        except (TimeoutError, aiohttp.ClientError, OSError, asyncio.IncompleteReadError):
+            return False
 
     async def load_metrics(self) -> dict[str, float] | None:
         """The upstream's `/metrics` (its `LOAD_SAMPLES`, every label folded: see `parse_load`),

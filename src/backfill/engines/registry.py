@@ -8,6 +8,9 @@ a third-party package adds a kind by declaring an entry point, without touching 
     [project.entry-points."backfill.engines"]
     mykind = "my_package.engine:MyEngine"
 
+A model of kind `openai` that names several `urls` is served by a `ReplicaSet`
+(`engines/replicas.py`): one `OpenAIEngine` per replica behind the same interface.
+
 An entry point is loaded only when a model asks for its kind, so a deployment that only forwards
 to HTTP upstreams never imports the in-process engines (and those import torch and transformers
 only in `start()`).
@@ -76,6 +79,10 @@ def default_models(*, chat: bool = True) -> list[ModelConfig]:
 
 def build_engine(config: ModelConfig) -> Engine:
     """One engine for one model; unknown kinds are a configuration error."""
+    if config.kind == "openai" and len(config.upstream_urls) > 1:
+        from backfill.engines.replicas import ReplicaSet
+
+        return ReplicaSet(config)
     factory = engine_factory(config.kind)
     if factory is None:
         known = ", ".join(sorted(engine_kinds()))
