@@ -37,11 +37,13 @@ from typing import Any
 import orjson
 
 from backfill.dispatch.admission import estimate_prompt_tokens
+from backfill.dispatch.dedup import Dedup
 from backfill.dispatch.deferral import Deferral
 from backfill.dispatch.pacing import PacingGate
 from backfill.dispatch.policy import Decision
 from backfill.dispatch.window import Window
 from backfill.domain import exact_json
+from backfill.domain.duplicates import body_key, may_share
 from backfill.domain.retry import RetryPolicy
 from backfill.engines.base import Engine, EngineReply
 from backfill.errors import EngineError, EngineUnavailable
@@ -116,6 +118,8 @@ class DispatchStats:
     shed: int = 0  # attempts aborted by `shed()` and sent again later
     deferred: int = 0  # requests waiting now because their prompt is long (`set_defer`)
     bad_bodies: int = 0  # 2xx answers whose body was not a JSON object (failed attempts)
+    requests: int = 0  # requests asked of the dispatcher (input lines)
+    shared: int = 0  # of those, answered by an identical request's call (`dedup.py`)
 
 
 INVALID_UPSTREAM_RESPONSE = "invalid_upstream_response"
@@ -152,6 +156,7 @@ class Dispatcher:
         rand: Callable[[], float] = random.random,
         priority: int | None = None,
         wall: Callable[[], float] = time.time,
+        dedup: str = "off",
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -168,6 +173,9 @@ class Dispatcher:
         self._shed: set[asyncio.Task[Any]] = set()
         self._pacing = PacingGate(self._window, self._clock)
         self._deferral = Deferral(self._window, wall, self._count_deferred)
+        #: identical requests run once (`domain/duplicates.py`: "deterministic", "all", "off")
+        self.dedup_mode = dedup
+        self.dedup = Dedup()
 
     @classmethod
     def from_config(
@@ -188,6 +196,7 @@ class Dispatcher:
             policy=policy,
             sleep=sleep,
             priority=priority if config.priority else None,
+            dedup=config.dedup,
         )
 
     # -- state --------------------------------------------------------------------------------
@@ -274,11 +283,33 @@ class Dispatcher:
         timeout: float | None = None,  # noqa: ASYNC109 (a per-request budget, passed to the engine)
         defer_until: float = math.inf,
         stopped: Callable[[], bool] | None = None,
+        group: bytes | None = None,
     ) -> Outcome:
         """Send one request, retrying per the policy; always returns an `Outcome`.
         `defer_until` (epoch seconds): wait behind shorter prompts at most until then (see
         `set_defer`; a time past: never). `stopped`: checked right before each attempt goes to
-        the engine; once true, nothing more is sent (`Outcome.sent` is False)."""
+        the engine; once true, nothing more is sent (`Outcome.sent` is False). Identical
+        requests (per `dedup`) share one call: see `dispatch/dedup.py`."""
+        self.stats.requests += 1
+        if may_share(self.dedup_mode, endpoint, body):
+            key = body_key(endpoint, body)
+            outcome, shared = await self.dedup.run(
+                key,
+                lambda: self._run(endpoint, body, timeout, defer_until, stopped, group),
+            )
+            self.stats.shared += shared
+            return outcome
+        return await self._run(endpoint, body, timeout, defer_until, stopped, group)
+
+    async def _run(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        timeout: float | None,  # noqa: ASYNC109 (a per-request budget, passed to the engine)
+        defer_until: float,
+        stopped: Callable[[], bool] | None,
+        group: bytes | None,
+    ) -> Outcome:
         if self.priority is not None:
             body = {**body, "priority": self.priority}
         per_call = self.timeout if timeout is None else timeout

@@ -79,13 +79,17 @@ async def run_request(
     where: str = "",
     defer_until: float = float("inf"),
     stopped: Callable[[], bool] | None = None,
+    group: bytes | None = None,
 ) -> Line | None:
-    """Run one request to its line (see the module doc). `where` names it in the log."""
+    """Run one request to its line (see the module doc). `where` names it in the log;
+    `group` is its prefix group (`domain/planning.py`), for the dispatcher's order."""
     try:
         if dispatcher is None:
             message = "The model is no longer served."
             return Line(ERROR, error_line(custom_id, MODEL_GONE, message), Usage(), False)
-        outcome = await dispatcher.run(endpoint, body, defer_until=defer_until, stopped=stopped)
+        outcome = await dispatcher.run(
+            endpoint, body, defer_until=defer_until, stopped=stopped, group=group
+        )
         if not outcome.sent:
             return None
         return replace(outcome_line(custom_id, outcome), engine_seconds=outcome.engine_seconds)

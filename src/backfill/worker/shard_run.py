@@ -24,6 +24,14 @@ the next owner, or given `batch_cancelled`/`batch_expired` by finalization). So:
   the next owner re-runs those requests, as after a kill). While checkpoints fail, no new
   request starts once `_max_buffered` results wait, so memory stays bounded;
 - the shard is finished only when every line is accounted for; otherwise it is given back.
+
+Order (`settings.plan_prefixes`, on by default): the run first reads the shard once and keeps,
+per line not yet recorded, a key of a few dozen bytes (`domain/planning.py`: prefix group,
+expected output length, deeper prefix, body digest), then dispatches in key order, reading the
+bodies again `in_hand` lines at a time with coalesced ranged reads. Requests sharing a prompt
+prefix reach the engine together, and identical bodies side by side (the dispatcher sends them
+once). Results still go to segments by line number, so the output keeps input order and a
+resumed run skips recorded lines exactly as in file order.
 """
 
 from __future__ import annotations
@@ -39,7 +47,16 @@ from typing import Any
 from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.domain import paths
-from backfill.domain.inputs import iter_requests
+from backfill.domain.duplicates import body_key
+from backfill.domain.inputs import iter_requests, numbered_spans, parse_request
+from backfill.domain.planning import (
+    Planned,
+    chunks,
+    coalesce,
+    dispatch_key,
+    group_of,
+    plan,
+)
 from backfill.domain.pricing import PriceTable
 from backfill.domain.records import BatchRecord, Cost, Segment, Shard, Usage
 from backfill.domain.results import ResultKind, segment_record
@@ -50,6 +67,9 @@ from backfill.outages import outage_of
 from backfill.settings import Settings
 from backfill.store.base import Store
 from backfill.worker.outcomes import run_request
+
+#: a request to start: line number, custom_id, body, prefix group (None: not planned)
+Request = tuple[int, str, dict[str, Any], bytes | None]
 
 log = logging.getLogger("backfill.worker")
 
@@ -132,11 +152,11 @@ class ShardRun:
         if batch is None:
             return
         self._model = batch.model
-        raw, done = await self._load(batch)
+        requests = await self._load(batch)
         heartbeat = asyncio.create_task(self._heartbeat())
         flusher = asyncio.create_task(self._flusher())
         try:
-            started = await self._dispatch_all(batch, raw, done)
+            started = await self._dispatch_all(batch, requests)
             while self._pending is not None or self._buffer:
                 await self._flush_until_recorded()
             missing = len(started - self._accounted)
@@ -166,9 +186,7 @@ class ShardRun:
             flusher.cancel()
             await asyncio.gather(heartbeat, flusher, return_exceptions=True)
 
-    async def _dispatch_all(
-        self, batch: BatchRecord, lines: AsyncIterator[bytes], done: set[int]
-    ) -> set[int]:
+    async def _dispatch_all(self, batch: BatchRecord, requests: AsyncIterator[Request]) -> set[int]:
         """Start requests lazily, at most `cap` at a time, so memory stays bounded by the
         window, not the shard; on stop, send nothing more and abort what is in flight after the
         grace period. Returns the line numbers started."""
@@ -201,9 +219,7 @@ class ShardRun:
         started: set[int] = set()
         watcher = asyncio.create_task(abort_on_stop())
         try:
-            async for line_no, cid, body in iter_requests(lines, self.shard.first_line):
-                if line_no in done:
-                    continue
+            async for line_no, cid, body, group in requests:
                 await slots.acquire()
                 while not self._room.is_set() and not self._stop.is_set():
                     await _first(self._room.wait(), self._stop.wait())
@@ -219,6 +235,7 @@ class ShardRun:
                         cid,
                         body,
                         defer_until=defer_until,
+                        group=group,
                     )
                 )
                 running.add(task)
@@ -229,9 +246,9 @@ class ShardRun:
             watcher.cancel()
         return started
 
-    async def _load(self, batch: BatchRecord) -> tuple[AsyncIterator[bytes], set[int]]:
-        """The shard's input lines (read as they are needed) and the line numbers already
-        recorded as done (read from the segments' record headers: lines are not kept)."""
+    async def _load(self, batch: BatchRecord) -> AsyncIterator[Request]:
+        """The shard's requests not yet recorded as done (the line numbers in its segments'
+        record headers), read as they are needed: in planned order or in input order."""
         shard = self.shard
         done: set[int] = set()
         segments = await asyncio.to_thread(self._store.segments, shard.batch_id, shard.index)
@@ -241,8 +258,43 @@ class ShardRun:
             self._seq = max(self._seq, seg.seq + 1)
         file = await asyncio.to_thread(self._store.get_file, batch.input_file_id)
         if file is None:
-            return _no_lines(), done
-        return iter_lines(self._ranges(file.blob_path, shard.start, shard.end)), done
+            return _no_requests()
+        if self._settings.plan_prefixes:
+            return self._planned(batch.endpoint, file.blob_path, done)
+        return self._in_order(file.blob_path, done)
+
+    async def _in_order(self, path: str, done: set[int]) -> AsyncIterator[Request]:
+        shard = self.shard
+        lines = iter_lines(self._ranges(path, shard.start, shard.end))
+        async for line_no, cid, body in iter_requests(lines, shard.first_line):
+            if line_no not in done:
+                yield line_no, cid, body, None
+
+    async def _planned(self, endpoint: str, path: str, done: set[int]) -> AsyncIterator[Request]:
+        """Read the shard once for the keys (`domain/planning.py`), then the bodies again in
+        key order, a dispatcher's `in_hand` at a time, with coalesced ranged reads."""
+        shard = self.shard
+        entries: list[Planned] = []
+        lines = iter_lines(self._ranges(path, shard.start, shard.end))
+        async for line_no, start, raw in numbered_spans(lines, shard.first_line, shard.start):
+            if line_no in done:
+                continue
+            _, body = parse_request(raw)
+            key = dispatch_key(endpoint, body, body_key(endpoint, body))
+            entries.append(Planned(key, line_no, start, start + len(raw)))
+        order = plan(entries)
+        del entries
+        dispatcher = self._dispatchers.get(self._model or "")
+        size = dispatcher.in_hand() if dispatcher is not None else 16
+        for piece in chunks(order, size):
+            raws: dict[int, bytes] = {}
+            for start, end, members in coalesce(piece):
+                data = await self._blobs.get_range(path, start, end)
+                for p in members:
+                    raws[p.line_no] = data[p.start - start : p.end - start]
+            for p in piece:
+                cid, body = parse_request(raws.pop(p.line_no))
+                yield p.line_no, cid, body, group_of(p.key)
 
     async def _ranges(self, path: str, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end) of the input, one ranged read per `INPUT_CHUNK` as the run needs
@@ -261,6 +313,7 @@ class ShardRun:
         body: dict[str, Any],
         *,
         defer_until: float,
+        group: bytes | None = None,
     ) -> None:
         done = await run_request(
             dispatcher,
@@ -270,6 +323,7 @@ class ShardRun:
             where=f"(line {line_no} of batch {self.shard.batch_id})",
             defer_until=defer_until,
             stopped=self._stop.is_set,
+            group=group,
         )
         if done is not None:  # None: stopped before it reached the engine
             self._add(
@@ -475,6 +529,6 @@ async def _first(*aws: Any) -> None:
             t.cancel()
 
 
-async def _no_lines() -> AsyncIterator[bytes]:
+async def _no_requests() -> AsyncIterator[Request]:
     return
     yield  # an async generator that yields nothing
