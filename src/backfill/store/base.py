@@ -199,12 +199,15 @@ class Store(Protocol):
         now: float,
         lease_seconds: float,
         weights: Mapping[str, float] | None = None,
+        skip_models: Collection[str] | None = None,
     ) -> Shard | None:
         """Lease one shard of an `in_progress` batch without a stop_reason: a pending shard, or
         a leased one whose lease has expired. Batches are tried in the order of
         `backfill.domain.ordering.order_candidates` (at-risk first, then fair shares between
-        projects by `weights` keyed by project name, then earliest deadline). None if there
-        is nothing to lease."""
+        projects by `weights` keyed by project name, then earliest deadline). Batches whose
+        model is in `skip_models` (models with no room left in the asking worker) are not
+        candidates; their live leases still count in the fair shares. None if there is
+        nothing to lease."""
 
     def revoke_leases(self, batch_id: str) -> int:
         """End every lease on the batch's shards (leased -> pending), so a stalled worker can

@@ -336,7 +336,9 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin, MemoryProjectsMixin):
         now: float,
         lease_seconds: float,
         weights: Mapping[str, float] | None = None,
+        skip_models: Collection[str] | None = None,
     ) -> Shard | None:
+        skip = frozenset(skip_models or ())
         with self._lock:
             names = {p.id: p.name for p in self._projects.values()}
             free_by_batch: dict[str, list[Shard]] = {}
@@ -352,6 +354,8 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin, MemoryProjectsMixin):
                     live[project] = live.get(project, 0) + 1
                     continue
                 if stored.record.status != BatchStatus.IN_PROGRESS or stored.record.stop_reason:
+                    continue
+                if stored.record.model is not None and stored.record.model in skip:
                     continue
                 if shard.status in (ShardStatus.PENDING, ShardStatus.LEASED):
                     free_by_batch.setdefault(shard.batch_id, []).append(shard)

@@ -7,7 +7,8 @@ concern. The mixin relies on `SqlStore._run` (one short transaction, exceptions 
 - Leasing tries batches in the order of `backfill.domain.ordering` (at-risk first, fair shares
   between projects, earliest deadline), then takes the batch's lowest free shard with
   `SELECT ... FOR UPDATE SKIP LOCKED` (ignored by SQLite, where `BEGIN IMMEDIATE` serializes
-  writers) and a guarded UPDATE that re-checks the shard is still free.
+  writers) and a guarded UPDATE that re-checks the shard is still free. A worker names the
+  models it has no room for (`skip_models`): their batches are left for others.
 - Fenced writes name the lease token in their WHERE clause; rowcount 0 means the lease is gone
   and nothing was written.
 - Claims are rows `(name, owner, expires_at)`: taken by a guarded UPDATE (expired or ours) or
@@ -17,7 +18,7 @@ concern. The mixin relies on `SqlStore._run` (one short transaction, exceptions 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Select, and_, func, insert, or_, select, update
@@ -49,6 +50,7 @@ class SqlWorkMixin:
         now: float,
         lease_seconds: float,
         weights: Mapping[str, float] | None = None,
+        skip_models: Collection[str] | None = None,
     ) -> Shard | None:
         s = _shards_table
         free = or_(
@@ -74,6 +76,10 @@ class SqlWorkMixin:
                 has_free,
             )
         )
+        if skip_models:
+            candidates_q = candidates_q.where(
+                or_(batches.c.model.is_(None), batches.c.model.not_in(sorted(set(skip_models))))
+            )
         leases_q = (
             select(projects.c.name, func.count())
             .select_from(s.join(batches, batches.c.id == s.c.batch_id))

@@ -1,9 +1,26 @@
-"""The worker loop: keep up to `worker_shards` shards running, leasing more as they finish.
+"""The worker loop: keep shards running while the models can take more, leasing as they end.
 
-Several shards run at once so the per-model concurrency window stays full while one shard
-drains its last slow requests. Leasing polls the store; an idle worker backs off to the poll
-interval. While the store or the blobs fail, leasing backs off further (`backfill.outages`)
-and the failures are logged once per episode, not once per attempt.
+How many shards run at once follows the models' capacity, not a fixed number:
+
+- Up to `worker_shards` (4) shards run whatever the models' room. One large shard alone keeps
+  its model's window full (it keeps `in_hand()` requests started), so for large batches this
+  is what it always was: several shards, so the window stays full while one drains its last
+  slow requests, and batches of one model share the window fairly between projects.
+- Beyond that, the worker leases more while some model's dispatcher has room its running
+  shards do not fill (`_Capacity`): its `limit` minus the requests it holds (`in_flight`,
+  `waiting` for a slot, `deferred`), minus what shards leased moments ago will start and do
+  not show there yet. Only batches of models with room are leased (`lease_shard`'s
+  `skip_models` names the full ones; the store's order across batches, fair between projects,
+  applies among the rest). Sixteen one-request batches of 3 s requests then run at once, not
+  four at a time.
+- At most `worker_max_shards` (256) shards run at once. Memory stays bounded: each `ShardRun`
+  keeps at most `in_hand()` requests started and at most `_max_buffered` results (or
+  4 x `FLUSH_BYTES`) waiting for a checkpoint, and shards beyond the floor are leased only for
+  requests the windows can take now.
+
+Leasing polls the store; an idle worker backs off to the poll interval. While the store or the
+blobs fail, leasing backs off further (`backfill.outages`) and the failures are logged once per
+episode, not once per attempt.
 
 The projects' fair-share weights are read from the store at most every
 `project_settings_ttl` seconds (`domain/ordering.merged_weights`: a project's own weight wins
@@ -26,6 +43,7 @@ from backfill.domain.ordering import merged_weights
 from backfill.outages import Outages
 from backfill.settings import Settings
 from backfill.store.base import Store
+from backfill.worker.capacity import RunningShard, full_models
 from backfill.worker.shard_run import ShardRun
 
 log = logging.getLogger("backfill.worker")
@@ -47,6 +65,12 @@ class Worker:
         self._dispatchers = dispatchers
         self._clock = clock
         self._runs: dict[asyncio.Task[None], ShardRun] = {}
+        #: what each run may ask of its model (`worker/capacity.py`)
+        self._running: dict[asyncio.Task[None], RunningShard] = {}
+        #: the model of each batch leased lately (a batch's model never changes)
+        self._models: dict[str, str | None] = {}
+        #: the most shards this worker has run at once (for tests and benchmarks)
+        self.peak_shards = 0
         self._weights: dict[str, float] = dict(settings.project_weights)
         self._weights_until = float("-inf")
         self._outages = Outages(
@@ -61,9 +85,10 @@ class Worker:
         poll = self._settings.scheduler_interval
         while not stop.is_set():
             leased = backing_off = False
-            if len(self._runs) < self._settings.worker_shards:
+            skip = self._skip_models()
+            if skip is not None:
                 try:
-                    leased = await self._lease_one()
+                    leased = await self._lease_one(skip)
                     self._outages.succeeded()
                 except Exception as exc:
                     if not self._outages.failed(exc):
@@ -82,7 +107,24 @@ class Worker:
             shard_run.stop()
         await asyncio.gather(*self._runs, return_exceptions=True)
 
-    async def _lease_one(self) -> bool:
+    def _skip_models(self) -> frozenset[str] | None:
+        """The models to skip when leasing now, or None when no shard should be leased: under
+        `worker_shards` shards nothing is skipped; beyond it, up to `worker_max_shards`, only
+        models with room are leased, and nothing while every model is full."""
+        settings = self._settings
+        running = len(self._runs)
+        if running >= settings.worker_max_shards:
+            return None
+        if running < settings.worker_shards:
+            return frozenset()
+        loads = {
+            model: (d.limit, d.in_flight + d.waiting + d.stats.deferred)
+            for model, d in self._dispatchers.items()
+        }
+        full, some_room = full_models(loads, self._running.values(), time.monotonic())
+        return full if some_room else None
+
+    async def _lease_one(self, skip: frozenset[str]) -> bool:
         token = new_token()
         shard = await asyncio.to_thread(
             self._store.lease_shard,
@@ -91,9 +133,13 @@ class Worker:
             self._clock(),
             self._settings.lease_seconds,
             await self.weights() or None,
+            skip or None,
         )
         if shard is None:
             return False
+        model = await self._model_of(shard.batch_id)
+        dispatcher = self._dispatchers.get(model or "")
+        demand = min(shard.count - shard.done, dispatcher.in_hand()) if dispatcher else 0
         shard_run = ShardRun(
             settings=self._settings,
             store=self._store,
@@ -106,8 +152,23 @@ class Worker:
         )
         task = asyncio.create_task(self._guard(shard_run))
         self._runs[task] = shard_run
-        task.add_done_callback(lambda t: self._runs.pop(t, None))
+        self._running[task] = RunningShard(model, max(demand, 0), time.monotonic())
+        task.add_done_callback(self._ended)
+        self.peak_shards = max(self.peak_shards, len(self._runs))
         return True
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._runs.pop(task, None)
+        self._running.pop(task, None)
+
+    async def _model_of(self, batch_id: str) -> str | None:
+        """The batch's model (cached: it never changes once the batch runs)."""
+        if batch_id not in self._models:
+            batch = await asyncio.to_thread(self._store.get_batch, batch_id)
+            if len(self._models) >= 4096:
+                self._models.clear()
+            self._models[batch_id] = None if batch is None else batch.model
+        return self._models[batch_id]
 
     async def weights(self) -> Mapping[str, float]:
         """The projects' weights by name, re-read from the store when older than the TTL."""
