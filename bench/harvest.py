@@ -1,6 +1,7 @@
-"""Harvest idle capacity without hurting real-time traffic: three policies on one simulated GPU.
+"""Harvest idle capacity without hurting real-time traffic: the policies on one simulated GPU.
 
-    python bench/harvest.py [--speedup 2] [--duration 240] [--batch 10000]
+    python bench/harvest.py [--speedup 2] [--duration 240] [--batch 10000] [--only abcd]
+                            [--fixed 32 64]
 
 One `backfill sim` (llama-3.1-8b on one H100, vLLM v1 scheduler) serves, one after the other:
 
@@ -9,7 +10,13 @@ One `backfill sim` (llama-3.1-8b on one H100, vLLM v1 scheduler) serves, one aft
       through backfill's real-time gateway with aiohttp;
   (b) the same trace + a 10,000-request batch through backfill's Batch API at a fixed 256 in
       flight, governor off (what a plain client loop or `vllm run-batch` does);
-  (c) the same trace + the same batch with backfill's governor.
+  (c) the same trace + the same batch with backfill's governor;
+  (d) the same with the AIMD admission baseline (`governor_policy = "aimd"`, its targets the
+      budget x (a)'s p99s, converted to wall ms);
+  and with `--fixed N ...`, a fixed window of N (governor off) per level.
+
+The oracle frontier needs the burst schedule inside the server, which no product setting
+gives: `bench/harvest_sim.py` computes it on this same trace (same seed) in simulated time.
 
 Every latency is the simulator's exact simulated figure (the `sim` field of each answer), not
 wall time. The measured window is the trace after a warm-up (`--warmup` simulated seconds)
@@ -89,6 +96,40 @@ def trace(
         t += rng.expovariate(rate)
         if t >= duration:
             return out, mean_rate
+        r = mix[i % len(mix)]
+        i += 1
+        out.append((t, length(r.prompt), r.max_tokens))
+
+
+#: the diurnal trace: real-time rate per hour of the day as a share of its peak hour (a
+#: service with users in one region: quiet from midnight to 6, busy from 10 to 17)
+DAY = (0.12, 0.08, 0.06, 0.06, 0.08, 0.12, 0.25, 0.45, 0.65, 0.8, 0.92, 1.0,
+       1.0, 0.95, 0.95, 0.92, 0.88, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # fmt: skip
+DAY_PEAK_LOAD = 0.65  # the peak hour's real-time tokens as a share of the capacity
+
+
+def diurnal_trace(
+    capacity: float, hour: float, seed: int
+) -> tuple[list[tuple[float, int, int]], float]:
+    """A compressed day: 24 "hours" of `hour` simulated seconds, Poisson arrivals at a rate that
+    follows `DAY` (linear between hours), the peak hour at `DAY_PEAK_LOAD` of the capacity.
+    Returns the arrivals (simulated seconds, prompt tokens, max tokens) and the peak rate."""
+    mix = sharegpt_like(20000, seed=seed)
+    mean_tokens = sum(length(r.prompt) + r.max_tokens for r in mix) / len(mix)
+    peak = DAY_PEAK_LOAD * capacity / mean_tokens
+    rng = random.Random(seed)
+    out: list[tuple[float, int, int]] = []
+    t = 0.0
+    i = 0
+    while True:  # thinning: candidates at the peak rate, each kept with rate(t) / peak
+        t += rng.expovariate(peak)
+        if t >= 24 * hour:
+            return out, peak
+        h = t / hour
+        lo = DAY[int(h) % 24]
+        share = lo + (DAY[(int(h) + 1) % 24] - lo) * (h - int(h))
+        if rng.random() >= share:
+            continue
         r = mix[i % len(mix)]
         i += 1
         out.append((t, length(r.prompt), r.max_tokens))
@@ -235,6 +276,7 @@ def run_phase(
     *,
     governor: bool,
     limit: int,
+    extra_env: dict[str, str] | None = None,
 ) -> Phase:
     phase = Phase(name)
     data = work / f"data-{name}"
@@ -244,6 +286,7 @@ def run_phase(
         "BACKFILL_REALTIME_RPM": "0",
         "BACKFILL_SCHEDULER_INTERVAL": "0.2",
         "BACKFILL_GOVERNOR_WINDOW_SECONDS": str(args.window),
+        **(extra_env or {}),
     }
     wall0 = time.monotonic()
     with BackfillProcess(data, api_keys=[KEY], extra_args=["--config", str(cfg)], env=env) as bf:
@@ -323,7 +366,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--window", type=float, default=60.0, help="governor window, wall s")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--only", default="abc", help="phases to run (default abc)")
+    parser.add_argument(
+        "--only", default="abcd", help="phases: a alone, b fixed 256, c governor, d AIMD"
+    )
+    parser.add_argument("--fixed", type=int, nargs="*", default=[], help="more fixed levels")
     args = parser.parse_args()
 
     wall0 = time.monotonic()
@@ -349,11 +395,32 @@ def main() -> int:
             "a": (None, False, 256),
             "b": (batch, False, 256),
             "c": (batch, True, 1024),
+            "d": (batch, True, 1024),
         }
-        for name in args.only:
+        for n in args.fixed:
+            plan[f"f{n}"] = (batch, False, n)
+        for name in [*args.only, *(f"f{n}" for n in args.fixed)]:
+            extra: dict[str, str] = {}
+            if name == "d":  # AIMD: its absolute targets are the budget x (a)'s p99s, in wall ms
+                if "a" not in phases:
+                    raise SystemExit("phase d (AIMD) needs phase a first")
+                a = summarize(phases["a"], args.warmup)
+                extra = {
+                    "BACKFILL_GOVERNOR_POLICY": "aimd",
+                    "BACKFILL_GOVERNOR_AIMD_TTFT_MS": f"{1.10 * a['ttft99'] / args.speedup:.3f}",
+                    "BACKFILL_GOVERNOR_AIMD_TPOT_MS": f"{1.20 * a['tpot99'] / args.speedup:.3f}",
+                }
             work_batch, governor, limit = plan[name]
             phases[name] = run_phase(
-                name, sim, work, items, work_batch, args, governor=governor, limit=limit
+                name,
+                sim,
+                work,
+                items,
+                work_batch,
+                args,
+                governor=governor,
+                limit=limit,
+                extra_env=extra,
             )
             p, s = phases[name], summarize(phases[name], args.warmup)
             print(
@@ -377,6 +444,8 @@ def main() -> int:
         "a": "(a) real-time alone",
         "b": "(b) + batch, fixed 256",
         "c": "(c) + batch, governor",
+        "d": "(d) + batch, AIMD",
+        **{f"f{n}": f"+ batch, fixed {n}" for n in args.fixed},
     }
     idle = capacity - rows["a"]["rt_tps"] if "a" in rows else float("nan")
     print()
@@ -400,15 +469,26 @@ def main() -> int:
             f"saturated capacity on the batch's prompts of at most {LONG} tokens: "
             f"{saturated_capacity(short):,.0f} tokens/s"
         )
-        for name in ("b", "c"):
-            if name in rows:
+        for name in rows:
+            if name != "a":
                 print(verdict(labels[name], rows[name], a, idle))
+        if "c" in rows and "d" in rows:
+            c, d = rows["c"], rows["d"]
+            better = c["ttft99"] <= d["ttft99"] and c["tpot99"] <= d["tpot99"]
+            print(
+                f"governor / AIMD idle share: {c['batch_tps'] / d['batch_tps']:.2f}x (target >= "
+                f"1.3x at equal or better p99; p99 {'equal or better' if better else 'worse'})"
+            )
+        print(
+            "the oracle frontier on this trace: `bench/harvest_sim.py --seed "
+            f"{args.seed}` (simulated time; no HTTP run can set a limit by the burst schedule)"
+        )
         # before the first burst (45-60 s) the governor has seen no peak and runs cautiously
         early = {name: summarize(p, args.early) for name, p in phases.items()}
         idle_early = capacity - early["a"]["rt_tps"]
         print(f"measured from {args.early:g} s instead (the governor's cold start included):")
-        for name in ("b", "c"):
-            if name in early:
+        for name in early:
+            if name != "a":
                 print("  " + verdict(labels[name], early[name], early["a"], idle_early))
     print(f"total wall time {time.monotonic() - wall0:.0f} s")
     return 0

@@ -1,38 +1,60 @@
-"""`bench/harvest.py` in simulated time, without HTTP: fast, deterministic policy tuning.
+"""`bench/harvest.py` in simulated time, without HTTP: every policy on the same traces.
 
-    python bench/harvest_sim.py [--only abc] [--duration 240] [--speedup 2] [--quiet 60]
-                                [--oracle 100 130 160] [--engine k=v ...] [--policy k=v ...]
+    python bench/harvest_sim.py [--seed 7] [--duration 240] [--speedup 2] [--jobs 2]
+                                [--fixed 16 32 64 128 256] [--valleys ...] [--bursts ...]
+                                [--hour 30] [--no-diurnal] [--policy k=v ...] [--engine k=v ...]
 
 The same real-time trace and the same 10,000-request batch as `bench/harvest.py` are replayed
 straight into `backfill.sim.engine.Engine` (no server, no sockets), with a faithful in-process
 model of what backfill does around it:
 
 - the gateway: real-time requests go in at their arrival with priority 0; "in flight" is the
-  gateway's count (arrived, not finished);
+  gateway's count (arrived, not finished); each one's TTFT (at its first token) and TPOT (at
+  its end) reach the policy as the gateway would report them (wall seconds);
 - the worker + dispatcher: the worker keeps up to `max_concurrency` batch requests waiting on
   the dispatcher (its lookahead), the dispatcher sends them in file order within its limit,
-  at priority 10 (admission through the real `dispatch.admission.Admission` when the
-  governor is on); shed requests are aborted at the engine and go back to the end of the queue,
-  re-sent with the same prompt (prefix-cache hits);
-- the governor: the real `dispatch.policy.GovernorPolicy` every `--interval` wall seconds
-  (`interval * speedup` simulated seconds, as in the HTTP bench), fed what it would read from
-  vLLM's /metrics (running, waiting, KV usage, the TPOT histogram's deltas) and the gateway.
+  at priority 10 (admission through the real `dispatch.admission.Admission`); shed requests
+  are aborted at the engine and go back to the end of the queue, re-sent with the same prompt
+  (prefix-cache hits);
+- the policy every `--interval` wall seconds (`interval * speedup` simulated seconds, as in the
+  HTTP bench), fed what it would read from vLLM's /metrics (running, waiting, KV usage, the
+  TPOT histogram's deltas) and the gateway.
 
-`--oracle V ...` adds, per valley limit V, a policy that knows the trace's burst schedule:
-limit V in the valleys, `--oracle-burst` (5) during bursts, with the governor's pacing and
-shedding. Sweeping V draws the frontier that any concurrency limit with this pacing can reach
-(latency inflation against idle capacity used), and shows how far the governor, which has to
-detect bursts, is from it. `--engine k=v` overrides simulator profile fields (for example
-`long_prefill_token_threshold=128` or `max_num_batched_tokens=512`) for every policy and for
-the capacity measurement alike. `--quiet S` runs S more simulated seconds without real time
-after the trace (not measured) and says how many long-prompt batch requests (deferred while
-real time was active) finished during the trace and in that quiet period.
+Policies, all on the same trace and batch, in one run:
+
+- (a) real time alone: the baseline every ratio is against;
+- fixed N: a plain window of N batch requests, nothing paced, deferred or shed (a client loop,
+  `vllm run-batch`); `--fixed` levels;
+- AIMD (`dispatch/aimd.py`): +1 per tick while the real-time p99 TTFT and TPOT of the last 10 s
+  are inside the budget, x0.5 on a breach or a 429/503, as llm-d's and AIBrix's admission
+  control do; its absolute targets are the budget x (a)'s p99s, which a deployment does not
+  know (a head start for the baseline);
+- the governor (`dispatch/policy.GovernorPolicy`, the product's);
+- the oracle frontier: the per-phase limits chosen with hindsight. The trace's burst schedule
+  is known; each candidate sends at most V batch requests in the valleys and B during the
+  bursts (switching at the phase boundary, with the governor's pacing, deferral and
+  shedding, so only the knowledge differs), for every V in `--valleys` and B in `--bursts`
+  (a fixed limit is V = B). The oracle is the candidate with the largest idle share whose
+  p99 TTFT and TPOT are inside the budget (<= 1.10x and <= 1.20x of (a)); the frontier line
+  also gives, per B, where share against TPOT crosses the budget (linear between the last
+  candidate inside and the first outside).
+
+Targets (printed as met or missed): the governor inside the budget with at least 0.97x the
+oracle's idle share, and at least 1.3x AIMD's at equal or better p99.
+
+The diurnal trace (`--hour` simulated seconds per hour, `harvest.DAY`): a compressed day with
+quiet hours and a batch sized to 85% of the day's idle capacity; real time alone, the governor,
+AIMD and fixed levels. Reported: p99 ratios over the day, the share of the idle capacity used
+while the batch ran (target: >= 90% inside the budget) and of the whole day's, and the hour
+the batch finished against the earliest it could have (all idle capacity used).
+
+Also `(c') restarted`: the governor again, seeded with the peak the first run would have saved
+(`Governor.restore_peak`), measured from `--early`: what a fresh start that is not blind gives.
 
 Wall-clock effects of the real run are not modelled: HTTP and scrape delays, the simulator's
-lag on a busy host, the gateway's streaming chunking. Use it to compare policies, then confirm
-with the real run. Prints the same table as `bench/harvest.py`; as there, the run goes on
-after the trace until its last real-time request has finished (the batch still running), and
-only batch requests that finished inside the window count.
+lag on a busy host, the gateway's streaming chunking. As in `bench/harvest.py`, the bursty run
+goes on after the trace until its last real-time request has finished, and only batch
+requests that finished inside the window count.
 """
 
 from __future__ import annotations
@@ -44,7 +66,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import pairwise
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -52,15 +74,45 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from backfill.dispatch.admission import Admission
+from backfill.dispatch.aimd import AimdConfig, AimdPolicy
 from backfill.dispatch.policy import Decision, GovernorPolicy, PolicyConfig
 from backfill.dispatch.signals import EngineLoad, Signals
 from backfill.sim import Distribution, SimRequest, get_profile, sharegpt_like
 from backfill.sim.engine import FINISHED, Engine
 from backfill.sim.tokens import Prompt
-from harvest import BURST, CYCLE, LOAD, LONG, PROFILE, length, saturated_capacity, trace, verdict
+from harvest import (
+    BURST,
+    CYCLE,
+    DAY,
+    LOAD,
+    LONG,
+    PROFILE,
+    diurnal_trace,
+    length,
+    saturated_capacity,
+    trace,
+)
 
 #: the product's default: batch prompts over this many tokens wait while real time is active
 DEFER_OVER = LONG or None
+TTFT_BUDGET, TPOT_BUDGET = 1.10, 1.20
+
+Trace = list[tuple[float, int, int]]
+Batch = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One policy to simulate."""
+
+    label: str
+    kind: str  # "alone" | "fixed" | "governor" | "aimd" | "oracle"
+    ceiling: int = 1024
+    valley: int = 0  # oracle: limit in the valleys
+    burst: int = 0  # oracle: limit during the bursts
+    aimd: tuple[tuple[str, float], ...] = ()  # AimdConfig overrides
+    targets: tuple[float, float] = (0.0, 0.0)  # AIMD: p99 TTFT and TPOT targets, wall s
+    seed_reference: float | None = None  # governor: a stored peak to start from
 
 
 @dataclass
@@ -72,6 +124,7 @@ class Run:
     decisions: list[tuple[float, Decision]] = field(default_factory=list)
     shed: int = 0
     waiting_long: int = 0  # long-prompt batch requests not sent yet at the end
+    reference: float = 0.0  # governor: the live reference at the end (what it would save)
 
 
 @dataclass
@@ -84,37 +137,44 @@ class BatchItem:
     sent_at: float = 0.0
 
 
-def simulate(
-    name: str,
-    items: list[tuple[float, int, int]],
-    batch: list[tuple[int, int]] | None,
-    args: argparse.Namespace,
-    *,
-    governor: bool,
-    ceiling: int,
-    oracle: int | None = None,
-) -> Run:
-    engine = Engine(get_profile(PROFILE, **args.engine_overrides))
-    run = Run(name)
-    speedup = args.speedup
-    tick_sim = args.interval * speedup
-    delay = args.send_delay * speedup  # wall seconds from a free slot to the engine, in sim s
-    overrides = {k: float(v) for k, v in (kv.split("=") for kv in args.policy)}
-    defer_over = overrides.pop("defer_over", DEFER_OVER) or None  # defer_over=0: off
-    policy = (
-        GovernorPolicy(
+def make_policy(spec: Spec, args: argparse.Namespace) -> GovernorPolicy | AimdPolicy | None:
+    if spec.kind in ("governor", "oracle"):
+        overrides = {k: float(v) for k, v in (kv.split("=") for kv in args.policy)}
+        defer_over = overrides.pop("defer_over", DEFER_OVER) or None  # defer_over=0: off
+        policy = GovernorPolicy(
             PolicyConfig(
-                ceiling=ceiling,
+                ceiling=spec.ceiling,
                 window=args.window,
                 idle_after=args.idle_after,
                 defer_over=defer_over,
                 **overrides,  # type: ignore[arg-type]
             )
         )
-        if governor
-        else None
-    )
-    admission = Admission(ceiling if policy is None else policy.limit)
+        if spec.seed_reference is not None:
+            policy.seed_reference(spec.seed_reference)
+        return policy
+    if spec.kind == "aimd":
+        ttft, tpot = spec.targets
+        extra: dict[str, Any] = dict(spec.aimd)
+        return AimdPolicy(
+            AimdConfig(ceiling=spec.ceiling, ttft_target=ttft, tpot_target=tpot, **extra)
+        )
+    return None
+
+
+def simulate(
+    spec: Spec, items: Trace, batch: Batch | None, args: argparse.Namespace, end: float
+) -> Run:
+    """Replay `items` (and `batch`, if any) under `spec` until `end` simulated seconds and the
+    last real-time request's end."""
+    engine = Engine(get_profile(PROFILE, **args.engine_overrides))
+    run = Run(spec.label)
+    speedup = args.speedup
+    tick_sim = args.interval * speedup
+    delay = args.send_delay * speedup  # wall seconds from a free slot to the engine, in sim s
+    policy = make_policy(spec, args) if batch is not None else None
+    governor = policy if isinstance(policy, GovernorPolicy) else None
+    admission = Admission(spec.ceiling if policy is None else policy.limit)
     clock = lambda: engine.now / speedup  # noqa: E731 (the dispatcher's wall clock)
     pending: list[BatchItem] = []  # waiting on the dispatcher, in the worker's order
     feed = iter(enumerate(batch or []))
@@ -123,11 +183,13 @@ def simulate(
     seq = 0
     defer: float | None = None  # prompt tokens above which batch requests wait (policy)
     rt_live: set[SimRequest] = set()
+    rt_unstarted: set[SimRequest] = set()  # no first token yet (the gateway's TTFT)
+    rt_ttft: list[float] = []
+    rt_tpot: list[float] = []
     rt_arrivals = 0
     next_rt = 0
     next_tick = 0.0
     tpot_sum = tpot_count = 0.0
-    end = args.duration + args.quiet  # no real-time arrival after the trace's duration
 
     def shed(n: int) -> None:
         """Abort the `n` newest batch requests at the engine (as `Dispatcher.shed`); they go
@@ -137,7 +199,8 @@ def simulate(
             engine.abort(r)
             run.shed += 1
 
-    lookahead = ceiling * (2 if policy is not None and policy.config.defer_over else 1)
+    deferring = governor is not None and governor.config.defer_over
+    lookahead = spec.ceiling * (2 if deferring else 1)
 
     def refill() -> None:
         while len(pending) + len(in_flight) < lookahead:
@@ -182,32 +245,38 @@ def simulate(
             )
             engine.add(r)
             rt_live.add(r)
+            rt_unstarted.add(r)
             run.rt.append(r)
             rt_arrivals += 1
             next_rt += 1
         # the oracle: the burst schedule is known, the limit is set by phase (same tick, same
         # pacing and shedding as the governor, so only the knowledge differs)
-        while oracle is not None and policy is not None and next_tick <= now:
-            limit = args.oracle_burst if now % CYCLE >= CYCLE - BURST else oracle
-            admission.configure(limit, policy.config.pace, policy.config.burst)
-            defer = policy.config.defer_over
+        while spec.kind == "oracle" and governor is not None and next_tick <= now:
+            limit = spec.burst if now % CYCLE >= CYCLE - BURST else spec.valley
+            admission.configure(limit, governor.config.pace, governor.config.burst)
+            defer = governor.config.defer_over
             run.limits.append((next_tick, limit))
             excess = len(in_flight) - limit
             if excess > max(4.0, 0.1 * limit):  # the policy's hysteresis
                 shed(excess)
             next_tick += tick_sim
-        # governor ticks
-        while oracle is None and policy is not None and next_tick <= now:
+        # policy ticks
+        while spec.kind != "oracle" and policy is not None and next_tick <= now:
             m = engine.metrics
             tpot = None
             if m.tpot.count > tpot_count:
                 tpot = (m.tpot.sum - tpot_sum) / (m.tpot.count - tpot_count)
             tpot_sum, tpot_count = m.tpot.sum, m.tpot.count
+            for r in [r for r in rt_unstarted if r.first_token_time >= 0]:
+                rt_unstarted.discard(r)
+                rt_ttft.append((r.first_token_time - r.arrival) / speedup)
             signals = Signals(
                 now=next_tick / speedup,
                 rt_in_flight=len(rt_live),
                 rt_arrivals=rt_arrivals,
                 batch_in_flight=len(in_flight),
+                rt_tpot=tuple(rt_tpot),
+                rt_ttft=tuple(rt_ttft),
                 engine=EngineLoad(
                     running=float(engine.num_running),
                     waiting=float(engine.num_waiting),
@@ -216,6 +285,8 @@ def simulate(
                 ),
             )
             rt_arrivals = 0
+            rt_ttft.clear()
+            rt_tpot.clear()
             decision = policy.decide(signals)
             admission.configure(decision.limit, decision.pace, decision.burst)
             defer = decision.defer_over
@@ -244,11 +315,19 @@ def simulate(
         for r in result.finished:
             if r in rt_live:
                 rt_live.discard(r)
+                if r in rt_unstarted:
+                    rt_unstarted.discard(r)
+                    if r.first_token_time >= 0:
+                        rt_ttft.append((r.first_token_time - r.arrival) / speedup)
+                if r.status == FINISHED and (tpot_s := r.timings()["tpot_s"]) > 0:
+                    rt_tpot.append(tpot_s / speedup)
             elif r in in_flight:
                 item = in_flight.pop(r)
                 admission.answered(item.tokens, clock() - item.sent_at)
                 run.batch_done.append(r)
     run.waiting_long = sum(1 for it in pending if it.tokens > LONG)
+    if governor is not None:
+        run.reference = governor.live_reference
     return run
 
 
@@ -316,6 +395,288 @@ def describe(run: Run, args: argparse.Namespace) -> None:
         )
 
 
+def ratios(s: dict[str, float], a: dict[str, float], idle: float) -> tuple[float, float, float]:
+    """p99 TTFT and TPOT over (a)'s, and the share of the idle capacity used."""
+    return s["ttft99"] / a["ttft99"], s["tpot99"] / a["tpot99"], s["batch_tps"] / idle
+
+
+def inside(r: tuple[float, float, float]) -> bool:
+    return r[0] <= TTFT_BUDGET and r[1] <= TPOT_BUDGET
+
+
+def bursty_job(
+    spec: Spec, items: Trace, batch: Batch | None, args: argparse.Namespace
+) -> dict[str, Any]:
+    run = simulate(spec, items, batch, args, args.duration)
+    if args.verbose and spec.kind in ("governor", "aimd"):
+        print(spec.label)
+        describe(run, args)
+    row: dict[str, Any] = summarize(run, args.warmup, args.duration)
+    row["shed"] = run.shed
+    row["early"] = summarize(run, args.early, args.duration)
+    row["reference"] = run.reference
+    return row
+
+
+def diurnal_job(
+    spec: Spec, items: Trace, batch: Batch | None, args: argparse.Namespace
+) -> dict[str, Any]:
+    day = 24 * args.hour
+    run = simulate(spec, items, batch, args, day)
+    rt = [r for r in run.rt if r.status == FINISHED and r.arrival <= day]
+    ttft = Distribution.of([r.timings()["ttft_s"] for r in rt])
+    tpot = Distribution.of([t for r in rt if (t := r.timings()["tpot_s"]) > 0])
+    return {
+        "ttft99": ttft.p99 * 1e3,
+        "tpot99": tpot.p99 * 1e3,
+        "rt_done": sorted(
+            (r.finish_time, r.prompt_len + r.num_output) for r in run.rt if r.finished
+        ),
+        "batch_done": sorted(
+            (r.finish_time, r.prompt_len + r.num_output)
+            for r in run.batch_done
+            if r.finish_time <= day
+        ),
+        "shed": run.shed,
+    }
+
+
+def oracle_specs(args: argparse.Namespace) -> list[Spec]:
+    return [
+        Spec(f"oracle V{v} B{b}", "oracle", valley=v, burst=b)
+        for b in args.bursts
+        for v in args.valleys
+        if v >= b
+    ]
+
+
+def frontier(
+    rows: dict[str, dict[str, Any]], specs: list[Spec], a: dict[str, float], idle: float
+) -> tuple[Spec | None, list[str]]:
+    """The oracle (best candidate inside the budget) and, per burst limit, the frontier's
+    crossing of the budget."""
+    best: Spec | None = None
+    best_share = -1.0
+    lines = []
+    for b in sorted({s.burst for s in specs}):
+        line = sorted((s for s in specs if s.burst == b), key=lambda s: s.valley)
+        points = [(s, ratios(rows[s.label], a, idle)) for s in line]
+        for s, r in points:
+            if inside(r) and r[2] > best_share:
+                best, best_share = s, r[2]
+        crossing = ""
+        for (_, r0), (_, r1) in pairwise(points):
+            if inside(r0) and not inside(r1):
+                # linear between the two along whichever ratio left the budget first
+                over = [
+                    (lim, x0, x1)
+                    for lim, x0, x1 in ((TTFT_BUDGET, r0[0], r1[0]), (TPOT_BUDGET, r0[1], r1[1]))
+                    if x1 > lim
+                ]
+                lim, x0, x1 = over[0]
+                f = (lim - x0) / (x1 - x0) if x1 != x0 else 0.0
+                crossing = f"; crosses the budget at about {r0[2] + f * (r1[2] - r0[2]):.1%}"
+                break
+        lines.append(
+            f"  B {b:>3}: "
+            + ", ".join(f"V{s.valley} {r[2]:.0%} {r[0]:.2f}x/{r[1]:.2f}x" for s, r in points)
+            + crossing
+        )
+    return best, lines
+
+
+def one_seed(
+    args: argparse.Namespace, seed: int, pool: ProcessPoolExecutor, show: bool
+) -> dict[str, Any]:
+    say = print if show else lambda *_: None
+    mix = sharegpt_like(args.batch, seed=seed + 1)
+    batch = [(length(r.prompt), r.max_tokens) for r in mix]
+    capacity = saturated_capacity(batch, **args.engine_overrides)
+    items, rate = trace(capacity, args.duration, seed)
+    say(
+        f"GPU: {PROFILE} (simulated, sim time only); saturated capacity on the batch mix: "
+        f"{capacity:,.0f} tokens/s\nbursty trace (seed {seed}): {len(items)} requests over "
+        f"{args.duration:g} s, mean {rate:.1f} req/s (~{LOAD:.0%} of capacity), {BURST:g} s of "
+        f"every {CYCLE:g} s at 3x; batch {len(batch):,} requests; window {args.warmup:g}-"
+        f"{args.duration:g} s; budget p99 TTFT <= {TTFT_BUDGET}x, TPOT <= {TPOT_BUDGET}x of (a)"
+    )
+    alone = Spec("(a) real time alone", "alone")
+    governor = Spec("(c) governor", "governor")
+    fixed = [Spec(f"fixed {n}", "fixed", ceiling=n) for n in args.fixed]
+    oracles = oracle_specs(args)
+    first = [alone, governor, *fixed, *oracles]
+    futures = {
+        s.label: pool.submit(bursty_job, s, items, None if s is alone else batch, args)
+        for s in first
+    }
+    a = futures[alone.label].result()
+    wall_targets = (
+        TTFT_BUDGET * a["ttft99"] / 1e3 / args.speedup,
+        TPOT_BUDGET * a["tpot99"] / 1e3 / args.speedup,
+    )
+    aimds = [
+        Spec(
+            f"AIMD +{inc:g}/tick x{dec:g}",
+            "aimd",
+            aimd=(("increase", inc), ("decrease", dec)),
+            targets=wall_targets,
+        )
+        for inc, dec in args.aimd
+    ]
+    for s in aimds:
+        futures[s.label] = pool.submit(bursty_job, s, items, batch, args)
+    g = futures[governor.label].result()
+    restarted = Spec("(c') governor, restarted", "governor", seed_reference=g["reference"])
+    futures[restarted.label] = pool.submit(bursty_job, restarted, items, batch, args)
+    rows = {label: f.result() for label, f in futures.items()}
+    idle = capacity - a["rt_tps"]
+    best, lines = frontier(rows, oracles, a, idle)
+    order = [alone, *fixed, *aimds, governor, restarted]
+    if best is not None:
+        order.append(best)
+    say(
+        f"idle capacity = {capacity:,.0f} - {a['rt_tps']:,.0f} (real time alone) = "
+        f"{idle:,.0f} tokens/s"
+    )
+    say(
+        f"{'policy':<28}{'TTFT p99':>10}{'TPOT p99':>10}{'TTFT x':>8}{'TPOT x':>8}"
+        f"{'batch tok/s':>12}{'idle used':>10}{'shed':>7}  budget"
+    )
+    for s in order:
+        row = rows[s.label]
+        r = ratios(row, a, idle)
+        label = f"(o) oracle: {s.label[7:]}" if s is best else s.label
+        say(
+            f"{label:<28}{row['ttft99']:>8.1f}ms{row['tpot99']:>8.1f}ms{r[0]:>7.2f}x{r[1]:>7.2f}x"
+            f"{row['batch_tps']:>12,.0f}{r[2]:>10.1%}{row['shed']:>7}  "
+            + ("-" if s is alone else "inside" if inside(r) else "OUTSIDE")
+        )
+    say("oracle frontier (valley limit V: idle used, p99 TTFT x / TPOT x), per burst limit B:")
+    for line in lines:
+        say(line)
+    gr = ratios(g, a, idle)
+    out: dict[str, Any] = {"governor": gr, "restarted": None, "oracle": None, "aimd": None}
+    early_idle = capacity - a["early"]["rt_tps"]
+    out["restarted"] = (
+        ratios(g["early"], a["early"], early_idle),
+        ratios(rows[restarted.label]["early"], a["early"], early_idle),
+    )
+    say(
+        f"from {args.early:g} s (the cold start included): governor fresh "
+        + "{:.2f}x / {:.2f}x / {:.1%}".format(*out["restarted"][0])
+        + f", restarted with the stored peak ({g['reference']:.0f}) "
+        + "{:.2f}x / {:.2f}x / {:.1%}".format(*out["restarted"][1])
+    )
+    if best is not None:
+        o = ratios(rows[best.label], a, idle)
+        out["oracle"] = o
+        met = inside(gr) and gr[2] >= 0.97 * o[2]
+        say(
+            f"governor / oracle idle share: {gr[2] / o[2]:.3f}x (target >= 0.97x, governor inside "
+            f"the budget: {inside(gr)}): " + ("MET" if met else "MISSED")
+        )
+    inside_aimd = [(s, ratios(rows[s.label], a, idle)) for s in aimds]
+    if inside_aimd:
+        s, r = max(inside_aimd, key=lambda x: (inside(x[1]), x[1][2]))
+        out["aimd"] = r
+        better = gr[0] <= r[0] and gr[1] <= r[1]
+        met = gr[2] >= 1.3 * r[2] and better
+        say(
+            f"governor / best AIMD ({s.label}, {'inside' if inside(r) else 'OUTSIDE'} the budget) "
+            f"idle share: {gr[2] / r[2]:.2f}x (target >= 1.3x at equal or better p99; p99 "
+            f"{'equal or better' if better else 'worse'}: {gr[0]:.2f}x/{gr[1]:.2f}x vs "
+            f"{r[0]:.2f}x/{r[1]:.2f}x): " + ("MET" if met else "MISSED")
+        )
+    return out
+
+
+def diurnal(args: argparse.Namespace, seed: int, pool: ProcessPoolExecutor) -> None:
+    mix = sharegpt_like(args.batch, seed=seed + 1)
+    capacity = saturated_capacity(
+        [(length(r.prompt), r.max_tokens) for r in mix], **args.engine_overrides
+    )
+    items, peak = diurnal_trace(capacity, args.hour, seed)
+    day = 24 * args.hour
+    rt_tokens = sum(p + o for _, p, o in items)
+    idle_guess = capacity * day - rt_tokens
+    per_request = sum(length(r.prompt) + r.max_tokens for r in mix) / len(mix)
+    count = int(0.85 * idle_guess / per_request)
+    bmix = sharegpt_like(count, seed=seed + 2)
+    batch = [(length(r.prompt), r.max_tokens) for r in bmix]
+    total = sum(p + o for p, o in batch)
+    print(
+        f"\ndiurnal trace (seed {seed}): a day of 24 x {args.hour:g} s, {len(items):,} real-time "
+        f"requests, peak hour {peak:.1f} req/s (~{DAY[11]:.0%} of the peak rate at 11-12), "
+        f"quietest {min(DAY):.0%} of it; batch {count:,} requests, {total / 1e6:.1f} M tokens "
+        f"(85% of the day's idle capacity, estimated)"
+    )
+    alone = Spec("(a) real time alone", "alone")
+    governor = Spec("(c) governor", "governor")
+    fixed = [Spec(f"fixed {n}", "fixed", ceiling=n) for n in args.diurnal_fixed]
+    futures = {
+        s.label: pool.submit(diurnal_job, s, items, None if s is alone else batch, args)
+        for s in (alone, governor, *fixed)
+    }
+    a = futures[alone.label].result()
+    targets = (
+        TTFT_BUDGET * a["ttft99"] / 1e3 / args.speedup,
+        TPOT_BUDGET * a["tpot99"] / 1e3 / args.speedup,
+    )
+    inc, dec = args.aimd[0]
+    aimd = Spec(
+        f"AIMD +{inc:g}/tick x{dec:g}",
+        "aimd",
+        aimd=(("increase", inc), ("decrease", dec)),
+        targets=targets,
+    )
+    futures[aimd.label] = pool.submit(diurnal_job, aimd, items, batch, args)
+    rows = {label: f.result() for label, f in futures.items()}
+    rt_done = a["rt_done"]
+
+    def idle_until(t: float) -> float:
+        return capacity * t - sum(tok for ft, tok in rt_done if ft <= t)
+
+    ideal = None
+    lo, hi = 0.0, day
+    if idle_until(day) >= total:
+        for _ in range(40):  # bisection: idle capacity only grows with time
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if idle_until(mid) >= total else (mid, hi)
+        ideal = hi
+    day_idle = idle_until(day)
+    print(
+        f"the day's idle capacity: {day_idle / 1e6:.1f} M tokens "
+        f"({day_idle / (capacity * day):.0%} of the GPU's); all of it used, the batch would "
+        "finish at hour " + (f"{ideal / args.hour:.1f}" if ideal else "- (never)")
+    )
+    print(
+        f"{'policy':<28}{'TTFT p99':>10}{'TPOT p99':>10}{'TTFT x':>8}{'TPOT x':>8}"
+        f"{'idle used':>10}{'of day':>8}{'finished':>10}{'shed':>7}  budget"
+    )
+    for label in (alone.label, *(s.label for s in fixed), aimd.label, governor.label):
+        row = rows[label]
+        tx, px = row["ttft99"] / a["ttft99"], row["tpot99"] / a["tpot99"]
+        done = row["batch_done"]
+        tokens = sum(tok for _, tok in done)
+        finished = done[-1][0] if label != alone.label and tokens >= total * 0.999 else None
+        until = finished if finished is not None else day
+        used = tokens / idle_until(until) if label != alone.label else 0.0
+        ok = tx <= TTFT_BUDGET and px <= TPOT_BUDGET
+        print(
+            f"{label:<28}{row['ttft99']:>8.1f}ms{row['tpot99']:>8.1f}ms{tx:>7.2f}x{px:>7.2f}x"
+            f"{used:>10.1%}{tokens / day_idle:>8.1%}"
+            + (f"{'h ' + format(finished / args.hour, '.1f'):>10}" if finished else f"{'no':>10}")
+            + f"{row['shed']:>7}  "
+            + ("-" if label == alone.label else "inside" if ok else "OUTSIDE")
+        )
+        if label == governor.label:
+            met = ok and used >= 0.90
+            print(
+                f"governor: {used:.1%} of the idle capacity while the batch ran (target >= 90% "
+                f"inside the budget): " + ("MET" if met else "MISSED")
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--speedup", type=float, default=2.0, help="of the HTTP run modelled")
@@ -328,136 +689,61 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.1, help="governor tick, wall s")
     parser.add_argument("--send-delay", type=float, default=0.002, help="wall s per send")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[], help="also: mean over seeds")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--fixed", type=int, nargs="*", default=[16, 32, 64, 128, 256])
     parser.add_argument(
-        "--seeds", type=int, nargs="*", default=[], help="several seeds: mean and worst"
+        "--aimd", nargs="*", default=["1:0.5", "4:0.5"], help="AIMD variants increase:decrease"
     )
-    parser.add_argument("--only", default="abc")
     parser.add_argument(
-        "--quiet", type=float, default=0.0, help="simulated seconds without real time after it"
+        "--valleys", type=int, nargs="*", default=[90, 110, 130, 150, 170, 200, 240]
     )
+    parser.add_argument("--bursts", type=int, nargs="*", default=[2, 5, 10, 20])
+    parser.add_argument("--hour", type=float, default=30.0, help="diurnal: sim s per hour")
+    parser.add_argument("--diurnal-fixed", type=int, nargs="*", default=[32, 64])
+    parser.add_argument("--no-diurnal", action="store_true")
+    parser.add_argument("--no-bursty", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="print the limit over time")
     parser.add_argument("--policy", nargs="*", default=[], help="PolicyConfig overrides k=v")
     parser.add_argument("--engine", nargs="*", default=[], help="sim profile overrides k=v")
-    parser.add_argument(
-        "--oracle",
-        type=int,
-        nargs="*",
-        default=[],
-        help="also run an oracle that knows the burst schedule, one per valley limit given",
-    )
-    parser.add_argument("--oracle-burst", type=int, default=5, help="the oracle's burst limit")
     args = parser.parse_args()
     args.engine_overrides = {k: int(v) for k, v in (kv.split("=") for kv in args.engine)}
+    args.aimd = [tuple(float(x) for x in v.split(":")) for v in args.aimd]
 
     wall0 = time.monotonic()
-    if args.seeds:
-        over_seeds(args)
-    else:
-        one_seed(args, args.seed, show=True)
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        if not args.no_bursty:
+            one_seed(args, args.seed, pool, show=True)
+        if args.seeds:
+            over_seeds(args, pool)
+        if not args.no_diurnal:
+            diurnal(args, args.seed, pool)
     print(f"wall {time.monotonic() - wall0:.0f} s")
     return 0
 
 
-def one_seed(
-    args: argparse.Namespace, seed: int, show: bool
-) -> dict[str, tuple[float, float, float]]:
-    """Run the policies on one seed's trace and batch; print the table when `show`. Returns
-    per policy but (a): p99 TTFT and TPOT over (a)'s, and the share of the idle capacity."""
-    mix = sharegpt_like(args.batch, seed=seed + 1)
-    batch = [(length(r.prompt), r.max_tokens) for r in mix]
-    capacity = saturated_capacity(batch, **args.engine_overrides)
-    items, rate = trace(capacity, args.duration, seed)
-    say = print if show else lambda *_: None
-    say(
-        f"GPU: {PROFILE} (simulated, sim time only); saturated capacity on the batch mix: "
-        f"{capacity:,.0f} tokens/s; real-time trace: {len(items)} requests over "
-        f"{args.duration:g} s, mean {rate:.1f} req/s (~{LOAD:.0%} of capacity)"
-    )
-    plan: dict[str, tuple[list[tuple[int, int]] | None, bool, int]] = {
-        "a": (None, False, 256),
-        "b": (batch, False, 256),
-        "c": (batch, True, 1024),
-    }
-    labels = {"a": "(a) real-time alone", "b": "(b) + batch, fixed 256", "c": "(c) + governor"}
-    only = args.only if "a" in args.only or not args.seeds else "a" + args.only
-    runs: list[tuple[str, list[tuple[int, int]] | None, bool, int, int | None]] = [
-        (labels[name], *plan[name], None) for name in only
-    ]
-    runs += [(f"(o) oracle, valley {v}", batch, True, 1024, v) for v in args.oracle]
-    rows: dict[str, dict[str, Any]] = {}
-    early: dict[str, dict[str, Any]] = {}  # measured from --early (the cold start included)
-    for label, work, governor, ceiling, oracle in runs:
-        run = simulate(label, items, work, args, governor=governor, ceiling=ceiling, oracle=oracle)
-        rows[label] = summarize(run, args.warmup, args.duration)
-        rows[label]["shed"] = run.shed
-        early[label] = summarize(run, args.early, args.duration)
-        if args.quiet and work is not None:
-            long = [r for r in run.batch_done if r.prompt_len > LONG]
-            after = sum(1 for r in long if r.finish_time > args.duration)
-            say(
-                f"{label}: long prompts finished {len(long) - after} during the trace, {after} in "
-                f"the {args.quiet:g} s quiet period after it; {run.waiting_long} still waiting"
-            )
-            last = max((r.finish_time for r in run.batch_done), default=0.0)
-            say(  # (a shed request is aborted, so each request finishes once)
-                f"{label}: {len(run.batch_done):,} of {len(work):,} batch requests done, "
-                f"the last at {last:.0f} s"
-            )
-        if args.verbose and show:
-            print(label)
-            describe(run, args)
-    idle = capacity - rows[labels["a"]]["rt_tps"] if labels["a"] in rows else float("nan")
-    say(
-        f"{'policy':<26}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}"
-        f"{'rt tok/s':>10}{'batch tok/s':>12}{'idle used':>10}{'shed':>7}"
-    )
-    for label, s in rows.items():
-        say(
-            f"{label:<26}{s['ttft50']:>8.1f}ms{s['ttft99']:>8.1f}ms{s['tpot50']:>8.1f}ms"
-            f"{s['tpot99']:>8.1f}ms{s['rt_tps']:>10,.0f}{s['batch_tps']:>12,.0f}"
-            f"{s['batch_tps'] / idle:>10.0%}{s['shed']:>7}"
-        )
-    if labels["a"] not in rows:
-        return {}
-    a = rows[labels["a"]]
-    for label, s in rows.items():
-        if label != labels["a"]:
-            say(verdict(label, s, a, idle))
-    a_early = early[labels["a"]]
-    for label, s in early.items():
-        if label != labels["a"]:
-            say(
-                f"  from {args.early:g} s, "
-                + verdict(label, s, a_early, capacity - a_early["rt_tps"])
-            )
-    return {
-        label: (s["ttft99"] / a["ttft99"], s["tpot99"] / a["tpot99"], s["batch_tps"] / idle)
-        for label, s in rows.items()
-        if label != labels["a"]
-    }
-
-
-def over_seeds(args: argparse.Namespace) -> None:
-    """`--seeds`: one process per seed (as many at once as there are cores); per policy the
-    mean and the worst seed of each ratio, then each seed's."""
-    with ProcessPoolExecutor(max_workers=min(len(args.seeds), os.cpu_count() or 1)) as pool:
-        results = list(pool.map(one_seed, repeat(args), args.seeds, repeat(False)))
-    print(f"seeds {' '.join(map(str, args.seeds))}; window from {args.warmup:g} s")
-    print(
-        f"{'policy':<26}{'TTFT p99 x':>12}{'(worst)':>8}{'TPOT p99 x':>12}{'(worst)':>8}"
-        f"{'idle used':>10}{'(least)':>8}"
-    )
-    for label in results[0]:
-        ttft, tpot, share = zip(*(r[label] for r in results), strict=True)
+def over_seeds(args: argparse.Namespace, pool: ProcessPoolExecutor) -> None:
+    """`--seeds`: the governor against the oracle and the best AIMD, per seed and on average."""
+    print(f"\nseeds {' '.join(map(str, args.seeds))}: p99 TTFT x / TPOT x / idle used")
+    results = [one_seed(args, seed, pool, show=False) for seed in args.seeds]
+    for name in ("governor", "oracle", "aimd"):
+        got = [r[name] for r in results if r[name] is not None]
+        if not got:
+            continue
+        t, p, u = zip(*got, strict=True)
         print(
-            f"{label:<26}{mean(ttft):>11.3f}x{max(ttft):>7.2f}x{mean(tpot):>11.3f}x"
-            f"{max(tpot):>7.2f}x{mean(share):>10.1%}{min(share):>8.0%}"
+            f"  {name:<9} mean {mean(t):.3f}x / {mean(p):.3f}x / {mean(u):.1%}; worst "
+            f"{max(t):.2f}x / {max(p):.2f}x; least {min(u):.1%}; per seed "
+            + ", ".join(f"{x[0]:.2f}/{x[1]:.2f}/{x[2]:.0%}" for x in got)
         )
-    for seed, r in zip(args.seeds, results, strict=True):
+    ratio_o = [r["governor"][2] / r["oracle"][2] for r in results if r["oracle"]]
+    ratio_a = [r["governor"][2] / r["aimd"][2] for r in results if r["aimd"]]
+    if ratio_o:
         print(
-            f"  seed {seed}: "
-            + "; ".join(f"{k} {t:.2f}x / {p:.2f}x / {u:.0%}" for k, (t, p, u) in r.items())
+            f"  governor / oracle idle share: mean {mean(ratio_o):.3f}x, least {min(ratio_o):.3f}x"
         )
+    if ratio_a:
+        print(f"  governor / AIMD idle share: mean {mean(ratio_a):.2f}x, least {min(ratio_a):.2f}x")
 
 
 if __name__ == "__main__":

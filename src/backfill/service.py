@@ -45,8 +45,7 @@ from typing import TYPE_CHECKING, Any
 from backfill.blobs import open_blobs
 from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
-from backfill.dispatch.governor import Governor, policy_config
-from backfill.dispatch.policy import GovernorPolicy
+from backfill.dispatch.governor import Governor, make_policy
 from backfill.dispatch.signals import RealtimeStats
 from backfill.domain.validation import TokenCounter
 from backfill.engines.base import Engine, TokenCounting
@@ -197,12 +196,12 @@ class Service:
             self.dispatchers[config.name] = dispatcher
             # on unless turned off: dormant without engine metrics until real time comes
             if config.governor is not False and settings.run_worker:
-                policy = GovernorPolicy(policy_config(settings, config))
                 self.governors[config.name] = Governor(
                     dispatcher,
                     self.realtime_stats[config.name],
-                    policy,
+                    make_policy(settings, config),
                     interval=settings.governor_interval,
+                    peaks=self.store,  # the reference peak across restarts
                 )
                 log.info("governor on for model %s", config.name)
 

@@ -114,6 +114,23 @@ class ModelConfig(BaseModel):
     #: (`domain/duplicates.py`): "deterministic" (temperature 0, a fixed seed, embeddings),
     #: "all" (any body), "off"
     dedup: Literal["deterministic", "all", "off"] = "deterministic"
+    #: prefix groups in the window (`dispatch/hot_groups.py`; needs `plan_prefixes`): a freed
+    #: slot goes to a request whose group is at the engine or just finished (aging bounds the
+    #: wait of the others), and a cold group sends one request first; false: first come first
+    #: served, every request of a group at once
+    hot_groups: bool = True
+    #: seconds after a cold group's first request reached the engine at which the group's
+    #: others go even if it has not ended yet (`dispatch/warmup.py`); 0: no warm-up. Default:
+    #: 2 s for one upstream (1.19x on bench/prefix.py), 0 for replicas (with 4 replicas it cost
+    #: ~15% more GPU-seconds in bench/replicas.py --plan: while a cold group sends one request,
+    #: the window fills with other groups' first requests, more prefixes than each replica holds)
+    group_warmup: float | None = Field(default=None, ge=0)
+
+    @property
+    def warmup_seconds(self) -> float:
+        if self.group_warmup is not None:
+            return self.group_warmup
+        return 0.0 if len(self.urls) > 1 else 2.0
 
     @model_validator(mode="after")
     def _kind_defaults(self) -> ModelConfig:
@@ -259,6 +276,12 @@ class Settings(BaseSettings):
     #: while real time is active, batch prompts over this many (estimated) tokens go only when
     #: no shorter batch request is waiting (`Dispatcher.set_defer`); 0: never defer
     governor_defer_prompt_tokens: int = 512
+    #: "governor": the step-time model (`dispatch/policy.py`); "aimd": the admission baseline
+    #: it is measured against (`dispatch/aimd.py`, for comparisons), which needs the absolute
+    #: p99 targets below (ms, as the gateway measures them; 0: aimd refuses to start)
+    governor_policy: Literal["governor", "aimd"] = "governor"
+    governor_aimd_ttft_ms: float = Field(default=0.0, ge=0)
+    governor_aimd_tpot_ms: float = Field(default=0.0, ge=0)
 
     # HTTP limits (`api/protocol.py`, `api/auth.py`, `api/health.py`; README "HTTP limits"):
     # what one client may hold of the server before it is cut off or refused

@@ -27,7 +27,7 @@ from backfill.testing.postgres import libpq_url, scratch_postgres_database
 
 TABLES = (
     "projects", "api_keys", "files", "batches", "shards", "segments", "claims",
-    "webhook_endpoints", "webhook_deliveries", "usage_ledger",
+    "webhook_endpoints", "webhook_deliveries", "usage_ledger", "governor_peaks",
 )  # fmt: skip
 
 

@@ -26,6 +26,20 @@ metrics), for `/metrics`; a change between the two is logged, once per change, a
 policy waking from dormancy.
 
 The last decisions are kept in `history` (time, decision) for logs, tests and benches.
+
+The planned real-time peak (the policy's `reference`, a high quantile of the real-time load
+over the last `window` seconds) is kept across restarts when the governor has a store
+(`peaks`): `run` first reads the model's last saved peak and seeds the policy with it
+(`GovernorPolicy.seed_reference`: the floor of the reference until a whole window has been
+watched), then saves the live quantile every `PEAK_SAVE_SECONDS` (30 s), only once a whole
+window has been watched (a restart never writes its blind first seconds, nor refreshes an old
+seed) and only when it is above 0 (a quiet window says the peak is not now, not that it will
+not return). A peak older than `PEAK_MAX_AGE` (24 h) is ignored: it answers "what may real time
+do in the minutes after a restart", and one a day old belongs to a traffic pattern (a
+deployment, a model version, a user base) that may have changed since; any model with real
+time in the last day has a fresher row, since every active window is saved, and one without
+starts as a new model does. Store errors are logged and skipped: the peak is a head start, not
+something the governor waits for.
 """
 
 from __future__ import annotations
@@ -36,13 +50,16 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
+from backfill.dispatch.aimd import AimdConfig, AimdPolicy
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.policy import Decision, GovernorPolicy, PolicyConfig
 from backfill.dispatch.signals import EngineLoad, RealtimeStats, Signals
 from backfill.engines.base import Engine, MetricsSource
 from backfill.metrics import KV_USAGE, RUNNING, TPOT, WAITING
 from backfill.settings import ModelConfig, Settings
+from backfill.store.base import GovernorPeak
 
 log = logging.getLogger("backfill.governor")
 
@@ -53,6 +70,18 @@ RESCRAPE_AFTER_METRICS = 5.0
 #: a missed scrape within this many seconds of the last good one keeps that reading (its
 #: running/waiting/KV; no TPOT): one slow or failed scrape is not a switch of signal source
 HOLD_READING_SECONDS = 2.0
+#: seconds between two saves of the reference peak (wall clock)
+PEAK_SAVE_SECONDS = 30.0
+#: a saved peak older than this (seconds) is not used at start
+PEAK_MAX_AGE = 24 * 3600.0
+
+
+class PeakStore(Protocol):
+    """What the governor needs of the store (`store.base.Store` has it)."""
+
+    def save_governor_peak(self, model: str, reference: float, now: float) -> None: ...
+
+    def governor_peak(self, model: str) -> GovernorPeak | None: ...
 
 
 def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
@@ -76,21 +105,47 @@ def policy_config(settings: Settings, config: ModelConfig) -> PolicyConfig:
     )
 
 
+def make_policy(settings: Settings, config: ModelConfig) -> GovernorPolicy | AimdPolicy:
+    """The policy `governor_policy` names, for one model."""
+    base = policy_config(settings, config)
+    if settings.governor_policy != "aimd":
+        return GovernorPolicy(base)
+    if settings.governor_aimd_ttft_ms <= 0 or settings.governor_aimd_tpot_ms <= 0:
+        raise ValueError(
+            "governor_policy = 'aimd' needs governor_aimd_ttft_ms and governor_aimd_tpot_ms "
+            "(the absolute p99 targets it keeps real time under)"
+        )
+    return AimdPolicy(
+        AimdConfig(
+            ceiling=base.ceiling,
+            floor=base.floor,
+            ttft_target=settings.governor_aimd_ttft_ms / 1e3,
+            tpot_target=settings.governor_aimd_tpot_ms / 1e3,
+            abort=False,
+        )
+    )
+
+
 class Governor:
     def __init__(
         self,
         dispatcher: Dispatcher,
         stats: RealtimeStats,
-        policy: GovernorPolicy,
+        policy: GovernorPolicy | AimdPolicy,
         *,
         interval: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        peaks: PeakStore | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.dispatcher = dispatcher
         self.engine: Engine = dispatcher.engine
         self.stats = stats
         self.policy = policy
         self.interval = interval
+        self.peaks = peaks
+        self._wall = wall_clock
+        self._peak_saved = -float("inf")  # wall clock of the last save (or try)
         self.history: deque[tuple[float, Decision]] = deque(maxlen=100_000)
         self._clock = clock
         self._arrivals = stats.arrivals
@@ -225,11 +280,62 @@ class Governor:
         self.history.append((signals.now, decision))
         return decision
 
+    # -- the reference peak across restarts (see the module doc) --------------------------------
+    async def restore_peak(self) -> float | None:
+        """Seed the policy with the model's last saved peak, unless none, too old or no store;
+        returns the peak used."""
+        policy = self.policy
+        if self.peaks is None or not isinstance(policy, GovernorPolicy):
+            return None
+        model = self.engine.model
+        try:
+            peak = await asyncio.to_thread(self.peaks.governor_peak, model)
+        except Exception:
+            log.warning("governor for %s: stored peak not read", model, exc_info=True)
+            return None
+        if peak is None:
+            return None
+        age = self._wall() - peak.saved_at
+        if age > PEAK_MAX_AGE or age < -60:  # old, or from a clock far ahead of ours
+            log.info("governor for %s: stored peak %.0f s old, not used", model, age)
+            return None
+        policy.seed_reference(peak.reference)
+        log.info(
+            "governor for %s: starting from the stored real-time peak %.1f (saved %.0f s ago)",
+            model,
+            peak.reference,
+            age,
+        )
+        return peak.reference
+
+    async def save_peak(self) -> bool:
+        """Save the policy's live reference if due (every `PEAK_SAVE_SECONDS`), a whole window
+        has been watched, and it is above 0; True if saved."""
+        policy = self.policy
+        if self.peaks is None or not isinstance(policy, GovernorPolicy):
+            return False
+        wall = self._wall()
+        if wall - self._peak_saved < PEAK_SAVE_SECONDS:
+            return False
+        if policy.watched(self._clock()) < policy.config.window or policy.live_reference <= 0:
+            return False
+        self._peak_saved = wall
+        try:
+            await asyncio.to_thread(
+                self.peaks.save_governor_peak, self.engine.model, policy.live_reference, wall
+            )
+        except Exception:
+            log.warning("governor for %s: peak not saved", self.engine.model, exc_info=True)
+            return False
+        return True
+
     async def run(self, stop: asyncio.Event) -> None:
+        await self.restore_peak()
         while not stop.is_set():
             started = self._clock()
             try:
                 await self.tick()
+                await self.save_peak()
             except Exception:
                 log.exception("governor tick failed for %s", self.engine.model)
             delay = max(0.0, self.interval - (self._clock() - started))

@@ -250,6 +250,11 @@ class GovernorPolicy:
         #: no engine metrics and no real-time request yet (see `_dormant`)
         self.dormant = True
         self._metrics_seen = False
+        #: a reference peak from before a restart (`seed_reference`) and the first tick's time
+        self._seed: float | None = None
+        self._started: float | None = None
+        #: the quantile of the load watched here (without the seed), for the governor to save
+        self.live_reference = 0.0
 
     # -- pieces ---------------------------------------------------------------------------------
     def realtime_load(self, s: Signals) -> int:
@@ -289,8 +294,22 @@ class GovernorPolicy:
         scale = per_tick * tick / span  # load per arrival counted
         return max(float(load), bound * scale), max(float(load), count * scale)
 
+    def seed_reference(self, peak: float) -> None:
+        """Start from `peak` (a reference saved before a restart, `Governor.restore_peak`): it
+        is the reference's floor until a whole window has been watched, so a fresh start does
+        not take the first seconds' load for the peak (and fill the valley as if bursts were
+        that small, or call every return to the usual load a burst)."""
+        self._seed = peak if peak > 0 else None
+
+    def watched(self, now: float) -> float:
+        """Seconds of real-time load watched since the first tick."""
+        return 0.0 if self._started is None else now - self._started
+
     def reference(self, now: float, load: int) -> float:
-        """A high quantile of the real-time load over the window."""
+        """A high quantile of the real-time load over the window (at least the seeded peak
+        during the first window)."""
+        if self._started is None:
+            self._started = now
         history = self._history
         history.append((now, load))
         horizon = now - self.config.window
@@ -298,7 +317,12 @@ class GovernorPolicy:
             history.popleft()
         ordered = sorted(v for _, v in history)
         index = min(len(ordered) - 1, math.ceil(self.config.reference_quantile * len(ordered)) - 1)
-        return float(ordered[max(0, index)])
+        live = self.live_reference = float(ordered[max(0, index)])
+        if self._seed is not None:
+            if now - self._started < self.config.window:
+                return max(live, self._seed)
+            self._seed = None  # a whole window watched: the live quantile knows the peak
+        return live
 
     def _learn(self, s: Signals, load: int) -> None:
         if s.engine is not None:

@@ -54,6 +54,16 @@ class ApiKey:
     admin: bool = False  # reads every project's usage and costs (`keys create --admin`)
 
 
+@dataclass(frozen=True, slots=True)
+class GovernorPeak:
+    """A model's planned real-time peak (the governor's `reference`, in concurrent requests),
+    as last saved by a governor."""
+
+    model: str
+    reference: float
+    saved_at: float  # Unix seconds
+
+
 #: `cli`: made by `backfill keys create`; `flag`: given at serve start (`--api-key`, the config
 #: file, `BACKFILL_API_KEYS`), valid only while given; `legacy`: made before keys had ids
 KEY_SOURCES = ("cli", "flag", "legacy")
@@ -367,3 +377,10 @@ class Store(Protocol):
         aggregated by the store (SQL `GROUP BY`), only buckets and groups that have entries, in
         `usage_reports.sort_key` order. A filter of None keeps everything; `batch` keeps batch
         (True) or real-time (False) entries."""
+
+    # -- the governor's reference peak (dispatch/governor.py) ---------------------------------
+    def save_governor_peak(self, model: str, reference: float, now: float) -> None:
+        """Store `reference` as `model`'s real-time peak, saved at `now` (replaces the last)."""
+
+    def governor_peak(self, model: str) -> GovernorPeak | None:
+        """The last peak saved for `model` (None: never); the reader judges its age."""

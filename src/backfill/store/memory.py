@@ -37,6 +37,7 @@ from backfill.domain.statuses import TERMINAL, BatchStatus
 from backfill.domain.usage import segment_usage
 from backfill.errors import Conflict, StoreError
 from backfill.store.base import ApiKey, Page
+from backfill.store.memory_peaks import MemoryPeaksMixin
 from backfill.store.memory_projects import MemoryProjectsMixin
 from backfill.store.memory_usage import MemoryUsageMixin
 from backfill.store.memory_webhooks import MemoryWebhooksMixin
@@ -67,7 +68,7 @@ class _StoredBatch:
     request_hash: str | None
 
 
-class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin, MemoryProjectsMixin):
+class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin, MemoryProjectsMixin, MemoryPeaksMixin):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
@@ -81,6 +82,7 @@ class MemoryStore(MemoryWebhooksMixin, MemoryUsageMixin, MemoryProjectsMixin):
         self._init_webhooks()
         self._init_usage()
         self._init_projects()
+        self._init_peaks()
 
     def __repr__(self) -> str:
         return "MemoryStore()"

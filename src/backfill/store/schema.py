@@ -174,6 +174,16 @@ claims = Table(
     Column("expires_at", Float, nullable=False),
 )
 
+# The governor's planned real-time peak per model (`dispatch/governor.py`), saved every so often
+# and read at start so a fresh start does not begin blind; the reader ignores old rows.
+governor_peaks = Table(
+    "governor_peaks",
+    metadata,
+    Column("model", String(255), primary_key=True),
+    Column("reference", Float, nullable=False),
+    Column("saved_at", Float, nullable=False),  # Unix seconds
+)
+
 # Webhook endpoints, per project (`domain/webhooks.py`). `event_types` is a comma-separated
 # list; `removed_at` ends an endpoint (its pending deliveries then end as failed).
 webhook_endpoints = Table(

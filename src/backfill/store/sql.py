@@ -81,6 +81,7 @@ from backfill.store.rules import (
 )
 from backfill.store.schema import api_keys, batches, files, projects, segments
 from backfill.store.schema import shards as _shards_table  # `shards` is also a method name
+from backfill.store.sql_peaks import SqlPeaksMixin
 from backfill.store.sql_projects import (
     SqlProjectsMixin,
     check_active_batches,
@@ -120,7 +121,7 @@ _SHUTDOWN = frozenset({"57P01", "57P02", "57P03"})
 _TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 
-class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin, SqlProjectsMixin):
+class SqlStore(SqlWorkMixin, SqlWebhooksMixin, SqlUsageMixin, SqlProjectsMixin, SqlPeaksMixin):
     def __init__(
         self, url: str, *, pool_size: int = 5, max_overflow: int = 20, busy_timeout: float = 5.0
     ) -> None:
