@@ -5,7 +5,9 @@ Phases (each a fresh simulator and a fresh serve, so no cache carries over):
 - shared: a shuffled workload over `--prefixes` shared prompts of 1-2k tokens, each request
   the shared prompt plus a short question of its own; in file order (`BACKFILL_PLAN_PREFIXES`
   false), planned (the default), and the oracle (the file sorted by prefix, sent in file
-  order): makespan and the prefix-cache hit rate of each;
+  order): makespan and the prefix-cache hit rate of each; with `--hot both` (the default)
+  planned twice, hot groups off (`hot_groups = false`: first come first served in the
+  window, no warm-up) and on, for the before/after of `dispatch/hot_groups.py` in one run;
 - unique: the same sizes without any shared prefix, file order vs planned (planning must not
   slow a workload it cannot help);
 - dup: the shared workload with `--dup` of the lines copies of others (temperature 0), dedup
@@ -108,7 +110,9 @@ def write_batch(path: Path, work: list[tuple[int, dict[str, object]]]) -> None:
             fh.write(json.dumps({**line, "body": body}, separators=(",", ":")) + "\n")
 
 
-def config(sim: SimProcess, path: Path, concurrency: int, dedup: str) -> Path:
+def config(
+    sim: SimProcess, path: Path, concurrency: int, dedup: str, hot: bool, warmup: float
+) -> Path:
     path.write_text(
         f"""
 [models.{MODEL}]
@@ -118,6 +122,8 @@ governor = false
 max_concurrency = {concurrency}
 timeout = 3600
 dedup = "{dedup}"
+hot_groups = {"true" if hot else "false"}
+group_warmup = {warmup}
 """
     )
     return path
@@ -131,6 +137,7 @@ def run_phase(
     *,
     planned: bool,
     dedup: str = "off",
+    hot: bool = True,
 ) -> Result:
     wall0 = time.monotonic()
     with start_sim(
@@ -138,7 +145,7 @@ def run_phase(
     ) as sim:
         path = tmp / f"{name}.jsonl"
         write_batch(path, work)
-        cfg = config(sim, tmp / f"{name}.toml", args.concurrency, dedup)
+        cfg = config(sim, tmp / f"{name}.toml", args.concurrency, dedup, hot, args.warmup)
         env = {
             "BACKFILL_PLAN_PREFIXES": "true" if planned else "false",
             "BACKFILL_SCHEDULER_INTERVAL": "0.2",
@@ -204,6 +211,15 @@ def main() -> int:
     parser.add_argument("--only", default="sud", help="s(hared) u(nique) d(uplicates)")
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument(
+        "--hot",
+        choices=("on", "off", "both"),
+        default="both",
+        help="hot prefix groups in the window (shared phase: 'both' runs planned off and on)",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="group_warmup seconds with hot groups on (0 off)"
+    )
     args = parser.parse_args()
     print(
         f"{PROFILE} (simulated, {args.gpu_blocks} KV blocks of 16 tokens, speedup "
@@ -218,7 +234,15 @@ def main() -> int:
             work = shared_workload(args.requests, args.prefixes, args.seed)
             print(f"shared: {args.prefixes} prefixes of 1-2k tokens, shuffled", flush=True)
             base = run_phase("shared, file order", work, args, tmp, planned=False)
-            plan = run_phase("shared, planned", work, args, tmp, planned=True)
+            cold = None
+            if args.hot in ("off", "both"):
+                cold = run_phase(
+                    "shared, planned, hot off", work, args, tmp, planned=True, hot=False
+                )
+            plan = cold
+            if args.hot in ("on", "both"):
+                plan = run_phase("shared, planned", work, args, tmp, planned=True)
+            assert plan is not None
             oracle_work = sorted(work, key=lambda item: item[0])
             oracle = run_phase("shared, oracle order", oracle_work, args, tmp, planned=False)
             print(
@@ -228,6 +252,15 @@ def main() -> int:
                 f"{oracle.hit_rate:.1%} (planned/oracle {plan.hit_rate / oracle.hit_rate:.2f})",
                 flush=True,
             )
+            if cold is not None and plan is not cold:
+                print(
+                    f"  hot groups on vs off (planned both): makespan "
+                    f"{cold.makespan_s / plan.makespan_s:.3f}x faster, hit rate "
+                    f"{plan.hit_rate:.1%} vs {cold.hit_rate:.1%}; vs file order "
+                    f"{base.makespan_s / plan.makespan_s:.2f}x vs "
+                    f"{base.makespan_s / cold.makespan_s:.2f}x",
+                    flush=True,
+                )
         if "u" in args.only:
             work = unique_workload(args.requests, args.seed + 1)
             print("unique: no shared prefixes", flush=True)

@@ -82,7 +82,14 @@ def workload(path: Path, requests: int, prefixes: int, max_tokens: int, seed: in
     return tokens
 
 
-def config(path: Path, sims: list[SimProcess], routing: str, concurrency: int) -> Path:
+def config(
+    path: Path,
+    sims: list[SimProcess],
+    routing: str,
+    concurrency: int,
+    hot: bool = True,
+    warmup: float = 2.0,
+) -> Path:
     urls = ", ".join(f'"{s.url}"' for s in sims)
     path.write_text(
         f"""
@@ -93,19 +100,24 @@ routing = "{routing}"
 governor = false
 max_concurrency = {concurrency}
 timeout = 3600
+hot_groups = {"true" if hot else "false"}
+group_warmup = {warmup}
 """
     )
     return path
 
 
-def run(routing: str, work: Path, batch: Path, args: argparse.Namespace) -> dict[str, object]:
+def run(
+    routing: str, work: Path, batch: Path, args: argparse.Namespace, hot: bool = True
+) -> dict[str, object]:
     blocks = args.gpu_blocks or None
     with ExitStack() as stack:
         sims = [
             stack.enter_context(start_sim(PROFILE, speedup=args.speedup, num_gpu_blocks=blocks))
             for _ in range(args.replicas)
         ]
-        cfg = config(work / f"{routing}.toml", sims, routing, args.concurrency)
+        name = f"{routing}-{'hot' if hot else 'fifo'}"
+        cfg = config(work / f"{name}.toml", sims, routing, args.concurrency, hot, args.warmup)
         env = {
             "BACKFILL_SCHEDULER_INTERVAL": "0.2",
             "BACKFILL_SHARD_SIZE": "500",
@@ -113,7 +125,7 @@ def run(routing: str, work: Path, batch: Path, args: argparse.Namespace) -> dict
         }
         bf = stack.enter_context(
             BackfillProcess(
-                work / f"data-{routing}", api_keys=[KEY], extra_args=["--config", str(cfg)], env=env
+                work / f"data-{name}", api_keys=[KEY], extra_args=["--config", str(cfg)], env=env
             )
         )
         bf.start()
@@ -163,6 +175,15 @@ def main() -> int:
     parser.add_argument(
         "--plan", action="store_true", help="prefix-aware planning on (default: file order)"
     )
+    parser.add_argument(
+        "--hot",
+        choices=("on", "off", "both"),
+        default="on",
+        help="hot prefix groups in the window (needs --plan); 'both': each policy off, then on",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="group_warmup seconds with hot groups (0 off)"
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="per batch, wall s")
     parser.add_argument("--seed", type=int, default=16)
     args = parser.parse_args()
@@ -185,34 +206,47 @@ def main() -> int:
             f"{'prefix-planned order' if args.plan else 'file order (planning off)'}",
             flush=True,
         )
+        modes = {"on": [True], "off": [False], "both": [False, True]}[args.hot]
         for routing in policies:
-            r = results[routing] = run(routing, work, batch, args)
-            busy = r["busy"]
-            assert isinstance(busy, list)
-            rates = r["hit_rates"]
-            assert isinstance(rates, list)
-            print(
-                f"  {routing:<13} done in {r['wall']:.1f} s wall; GPU-s {sum(busy):.1f} "
-                f"(busiest {max(busy):.1f}); hit rate {r['hit_rate']:.1%} overall, per replica "
-                + " ".join(f"{x:.1%}" for x in rates)
-                + f"; requests per replica {r['requests']}, spilled {r['spilled']}; "
-                f"max sim lag {r['lag']:.2f} s",
-                flush=True,
-            )
-    if "affinity" in results:
-        a = results["affinity"]
-        for routing, r in results.items():
-            if routing == "affinity":
-                continue
-            wall_a, wall_r = a["wall"], r["wall"]
-            busy_a, busy_r = a["busy"], r["busy"]
-            assert isinstance(wall_a, float) and isinstance(wall_r, float)
-            assert isinstance(busy_a, list) and isinstance(busy_r, list)
-            print(
-                f"{routing} / affinity: completion time {wall_r / wall_a:.2f}x, GPU-seconds "
-                f"{sum(busy_r) / sum(busy_a):.2f}x, hit rate {r['hit_rate']:.1%} vs "
-                f"{a['hit_rate']:.1%}"
-            )
+            for hot in modes:
+                label = f"{routing}{'' if args.hot != 'both' else (', hot' if hot else ', fifo')}"
+                r = results[label] = run(routing, work, batch, args, hot)
+                busy = r["busy"]
+                assert isinstance(busy, list)
+                rates = r["hit_rates"]
+                assert isinstance(rates, list)
+                print(
+                    f"  {label:<19} done in {r['wall']:.1f} s wall; GPU-s {sum(busy):.1f} "
+                    f"(busiest {max(busy):.1f}); hit rate {r['hit_rate']:.1%} overall, per "
+                    "replica "
+                    + " ".join(f"{x:.1%}" for x in rates)
+                    + f"; requests per replica {r['requests']}, spilled {r['spilled']}; "
+                    f"max sim lag {r['lag']:.2f} s",
+                    flush=True,
+                )
+
+    def ratio(label: str, a: dict[str, object], r: dict[str, object]) -> None:
+        wall_a, wall_r = a["wall"], r["wall"]
+        busy_a, busy_r = a["busy"], r["busy"]
+        assert isinstance(wall_a, float) and isinstance(wall_r, float)
+        assert isinstance(busy_a, list) and isinstance(busy_r, list)
+        print(
+            f"{label}: completion time {wall_r / wall_a:.2f}x, GPU-seconds "
+            f"{sum(busy_r) / sum(busy_a):.2f}x, hit rate {r['hit_rate']:.1%} vs "
+            f"{a['hit_rate']:.1%}"
+        )
+
+    suffixes = [""] if args.hot != "both" else [", fifo", ", hot"]
+    for suffix in suffixes:
+        base = results.get(f"affinity{suffix}")
+        if base is None:
+            continue
+        for routing in policies:
+            if routing != "affinity":
+                ratio(f"{routing}{suffix} / affinity{suffix}", base, results[routing + suffix])
+    if args.hot == "both":
+        for routing in policies:
+            ratio(f"{routing}: fifo / hot", results[f"{routing}, hot"], results[f"{routing}, fifo"])
     print(f"total wall time {time.monotonic() - wall0:.0f} s")
     return 0
 

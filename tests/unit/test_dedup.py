@@ -148,3 +148,23 @@ def test_recent_answers_are_bounded_in_bytes() -> None:
     assert cache.get(bytes([0]) * 16) is None and cache.get(bytes([9]) * 16) is not None
     cache.put(b"k" * 16, Outcome(200, b"x" * 200))  # over a quarter: not kept
     assert cache.get(b"k" * 16) is None
+
+
+def test_identical_requests_of_two_projects_never_share() -> None:
+    async def main() -> None:
+        async def answer(endpoint: str, body: dict[str, Any]) -> tuple[int, Any]:
+            await asyncio.sleep(0.01)
+            return 200, {"text": "x", "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+
+        d, engine = dispatcher(answer)
+        same = chat("hello", temperature=0)
+        a = [asyncio.create_task(d.run(CHAT, same, scope="proj_a")) for _ in range(3)]
+        b = [asyncio.create_task(d.run(CHAT, same, scope="proj_b")) for _ in range(3)]
+        outcomes = await asyncio.gather(*a, *b)
+        assert all(o.ok for o in outcomes)
+        assert len(engine.calls) == 2  # one per project, never one for both
+        await d.run(CHAT, same, scope="proj_c")  # a third project: not from the cache either
+        assert len(engine.calls) == 3
+        assert [o.engine_seconds > 0 for o in outcomes].count(True) == 2  # each project's own
+
+    asyncio.run(main())

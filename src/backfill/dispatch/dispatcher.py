@@ -21,6 +21,14 @@ with retries, and always gives an `Outcome`.
   (`pacing.py`), long-prompt deferral (`deferral.py`) and shedding.
 - Priority: for upstreams that accept vLLM's `priority` (`ModelConfig.priority`), every batch
   request carries `batch_priority`, so real-time requests at a lower number go first.
+- Prefix groups (`group`, from `domain/planning.py`; `hot_groups.py` has the reasoning):
+  with `hot_groups` on, a freed slot goes to the oldest waiter whose group is at the engine now
+  or just finished, within an aging bound (shards of this model that drifted apart meet on the
+  same prefix again); and a group not seen lately sends one request first and holds its others
+  before the window (`warmup.py`) until that one ends or has been at the engine for
+  `warmup_seconds`, so they hit the prefix it put in the engine's cache instead of all
+  computing it at once. Both need planning on (without it requests carry no group) and change
+  nothing for requests without one; `hot_groups=False` is the first-come-first-served window.
 - Counters are plain ints on `DispatchStats`; the metrics endpoint reads them as they are.
 """
 
@@ -39,8 +47,10 @@ import orjson
 from backfill.dispatch.admission import estimate_prompt_tokens
 from backfill.dispatch.dedup import Dedup
 from backfill.dispatch.deferral import Deferral
+from backfill.dispatch.hot_groups import HotGroups, real_group
 from backfill.dispatch.pacing import PacingGate
 from backfill.dispatch.policy import Decision
+from backfill.dispatch.warmup import WARMUP_SECONDS, Lead, WarmUpGate
 from backfill.dispatch.window import Window
 from backfill.domain import exact_json
 from backfill.domain.duplicates import body_key, may_share
@@ -120,6 +130,7 @@ class DispatchStats:
     bad_bodies: int = 0  # 2xx answers whose body was not a JSON object (failed attempts)
     requests: int = 0  # requests asked of the dispatcher (input lines)
     shared: int = 0  # of those, answered by an identical request's call (`dedup.py`)
+    held: int = 0  # requests that waited for their cold prefix group's first (`warmup.py`)
 
 
 INVALID_UPSTREAM_RESPONSE = "invalid_upstream_response"
@@ -157,6 +168,8 @@ class Dispatcher:
         priority: int | None = None,
         wall: Callable[[], float] = time.time,
         dedup: str = "off",
+        hot_groups: bool = False,
+        warmup_seconds: float = WARMUP_SECONDS,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -164,7 +177,12 @@ class Dispatcher:
         self.priority = priority
         self.max_concurrency = max_concurrency
         self.stats = DispatchStats()
-        self._window = Window(max_concurrency)
+        #: prefix groups at the engine and just finished (None: first come first served)
+        self.hot = HotGroups() if hot_groups else None
+        self._window = Window(max_concurrency, self.hot)
+        self._warmup = (
+            WarmUpGate(self.hot, warmup_seconds, self._count_held) if self.hot is not None else None
+        )
         self._sleep = sleep
         self._rand = rand
         self._clock = time.monotonic
@@ -197,6 +215,8 @@ class Dispatcher:
             sleep=sleep,
             priority=priority if config.priority else None,
             dedup=config.dedup,
+            hot_groups=config.hot_groups,
+            warmup_seconds=config.warmup_seconds,
         )
 
     # -- state --------------------------------------------------------------------------------
@@ -210,8 +230,10 @@ class Dispatcher:
 
     @property
     def waiting(self) -> int:
-        """Requests waiting for a slot in the window (not counting deferred ones)."""
-        return self._window.waiting
+        """Requests waiting for a slot in the window, or before it for their prefix group's
+        first request (`warmup.py`); not counting deferred ones."""
+        held = self._warmup.held if self._warmup is not None else 0
+        return self._window.waiting + held
 
     @property
     def defer_over(self) -> float | None:
@@ -274,6 +296,9 @@ class Dispatcher:
     def _count_deferred(self, n: int) -> None:
         self.stats.deferred = n
 
+    def _count_held(self) -> None:
+        self.stats.held += 1
+
     # -- one request --------------------------------------------------------------------------
     async def run(
         self,
@@ -284,15 +309,19 @@ class Dispatcher:
         defer_until: float = math.inf,
         stopped: Callable[[], bool] | None = None,
         group: bytes | None = None,
+        scope: str = "",
     ) -> Outcome:
         """Send one request, retrying per the policy; always returns an `Outcome`.
         `defer_until` (epoch seconds): wait behind shorter prompts at most until then (see
         `set_defer`; a time past: never). `stopped`: checked right before each attempt goes to
         the engine; once true, nothing more is sent (`Outcome.sent` is False). Identical
-        requests (per `dedup`) share one call: see `dispatch/dedup.py`."""
+        requests (per `dedup`) share one call: see `dispatch/dedup.py`; only within one `scope`
+        (the batch's project): another project's identical request never shares an answer, so
+        no tenant can tell by timing what another one asked, and each project's engine time is
+        its own."""
         self.stats.requests += 1
         if may_share(self.dedup_mode, endpoint, body):
-            key = body_key(endpoint, body)
+            key = scope.encode() + b"\x00" + body_key(endpoint, body)
             outcome, shared = await self.dedup.run(
                 key,
                 lambda: self._run(endpoint, body, timeout, defer_until, stopped, group),
@@ -314,6 +343,29 @@ class Dispatcher:
             body = {**body, "priority": self.priority}
         per_call = self.timeout if timeout is None else timeout
         tokens = estimate_prompt_tokens(body)
+        group = real_group(group) if self.hot is not None else None
+        lead: Lead | None = None
+        if self._warmup is not None:
+            lead = await self._warmup.enter(group)
+        try:
+            return await self._attempts(
+                endpoint, body, tokens, per_call, defer_until, stopped, group, lead
+            )
+        finally:
+            if lead is not None and self._warmup is not None:
+                self._warmup.release(lead)  # however it ended: its group goes now
+
+    async def _attempts(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        tokens: int,
+        per_call: float | None,
+        defer_until: float,
+        stopped: Callable[[], bool] | None,
+        group: bytes | None,
+        lead: Lead | None,
+    ) -> Outcome:
         current = asyncio.current_task()
         attempt = 1
         spent = _EngineTime()
@@ -321,7 +373,7 @@ class Dispatcher:
             await self._deferral.wait(tokens, defer_until)
             try:
                 reply = await self._attempt(
-                    endpoint, body, tokens, per_call, attempt, stopped, spent
+                    endpoint, body, tokens, per_call, attempt, stopped, spent, group, lead
                 )
             except asyncio.CancelledError:
                 if not self._resend_shed(current):
@@ -352,11 +404,17 @@ class Dispatcher:
         attempt: int,
         stopped: Callable[[], bool] | None,
         spent: _EngineTime,
+        group: bytes | None = None,
+        lead: Lead | None = None,
     ) -> EngineReply | None:
         """One attempt holding a window slot: the pacing gate, then `stopped` (checked right
-        before the engine), then the engine. None: stopped, not sent."""
+        before the engine), then the engine. None: stopped, not sent. The group counts as
+        running (hot) while the slot is held, and as just finished from its release on."""
         stats = self.stats
-        await self._window.acquire()
+        hot = self.hot
+        await self._window.acquire(group)
+        if hot is not None:
+            hot.started(group)
         stats.in_flight += 1
         stats.sent += 1
         if attempt > 1:
@@ -370,6 +428,8 @@ class Dispatcher:
                 stats.sent -= 1  # counted above, never went
                 stats.retried -= attempt > 1
                 return None
+            if lead is not None and self._warmup is not None:
+                self._warmup.arm(lead)
             sent_at = self._clock()
             try:
                 reply = await self.engine.send(endpoint, body, timeout=timeout)
@@ -380,6 +440,8 @@ class Dispatcher:
             if current is not None:
                 del self._active[current]
             stats.in_flight -= 1
+            if hot is not None:
+                hot.ended(group)  # before the release: the freed slot may go to this group
             self._window.release()
             if self._deferral.parked:
                 self._deferral.unpark()

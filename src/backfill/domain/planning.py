@@ -18,7 +18,7 @@ body digest puts identical bodies side by side (the dispatcher answers them with
 Why hashes and not the input order of first appearance: every shard of every batch of a model
 sorts the same prefix to the same place, so shards running at once in one worker walk the
 prefix groups in the same order and meet at the engine on the same prefixes (the dispatcher's
-hot groups, `dispatch/window.py`, pull them closer still). A workload without shared prefixes
+hot groups, `dispatch/hot_groups.py`, pull them closer still). A workload without shared prefixes
 gets an order as random as any: no slower, the engine has nothing to share either way.
 
 Memory: the planning pass holds one `Planned` per unfinished line of the shard (a key of at

@@ -80,15 +80,17 @@ async def run_request(
     defer_until: float = float("inf"),
     stopped: Callable[[], bool] | None = None,
     group: bytes | None = None,
+    scope: str = "",
 ) -> Line | None:
     """Run one request to its line (see the module doc). `where` names it in the log;
-    `group` is its prefix group (`domain/planning.py`), for the dispatcher's order."""
+    `group` is its prefix group (`domain/planning.py`), for the dispatcher's order; `scope`
+    (the batch's project) bounds which identical requests may share one call."""
     try:
         if dispatcher is None:
             message = "The model is no longer served."
             return Line(ERROR, error_line(custom_id, MODEL_GONE, message), Usage(), False)
         outcome = await dispatcher.run(
-            endpoint, body, defer_until=defer_until, stopped=stopped, group=group
+            endpoint, body, defer_until=defer_until, stopped=stopped, group=group, scope=scope
         )
         if not outcome.sent:
             return None

@@ -236,6 +236,7 @@ class ShardRun:
                         body,
                         defer_until=defer_until,
                         group=group,
+                        scope=batch.project_id,
                     )
                 )
                 running.add(task)
@@ -314,6 +315,7 @@ class ShardRun:
         *,
         defer_until: float,
         group: bytes | None = None,
+        scope: str = "",
     ) -> None:
         done = await run_request(
             dispatcher,
@@ -324,6 +326,7 @@ class ShardRun:
             defer_until=defer_until,
             stopped=self._stop.is_set,
             group=group,
+            scope=scope,
         )
         if done is not None:  # None: stopped before it reached the engine
             self._add(
