@@ -329,6 +329,15 @@ class Settings(BaseSettings):
     #: delivered and failed deliveries are kept this long (`backfill webhooks list` shows them)
     webhook_retention_seconds: float = 7 * 86400.0
 
+    @model_validator(mode="after")
+    def _worker_bounds(self) -> Settings:
+        if self.worker_max_shards < self.worker_shards:
+            raise ValueError(
+                f"worker_max_shards ({self.worker_max_shards}) is below worker_shards "
+                f"({self.worker_shards}), the number a worker always runs"
+            )
+        return self
+
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{(self.data_dir / 'backfill.db').resolve()}"

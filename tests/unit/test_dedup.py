@@ -168,3 +168,10 @@ def test_identical_requests_of_two_projects_never_share() -> None:
         assert [o.engine_seconds > 0 for o in outcomes].count(True) == 2  # each project's own
 
     asyncio.run(main())
+
+
+def test_the_recent_answers_keep_bytes_not_decoded_bodies() -> None:
+    cache = RecentAnswers(1000)
+    cache.put(b"k", Outcome(status=200, body=b'{"a": 1}', parsed={"a": 1}))
+    kept = cache.get(b"k")
+    assert kept is not None and kept.parsed is None and kept.body == b'{"a": 1}'

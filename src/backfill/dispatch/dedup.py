@@ -56,7 +56,9 @@ class RecentAnswers:
         old = self._items.pop(key, None)
         if old is not None:
             self.bytes -= len(old.body) + len(key)
-        self._items[key] = outcome
+        # the body's bytes only: a copy re-parses it (`outcomes.outcome_line`), so the cache's
+        # memory is what it counts, not several times that in decoded dicts
+        self._items[key] = replace(outcome, parsed=None)
         self.bytes += size
         while self.bytes > self.max_bytes:
             k, o = self._items.popitem(last=False)
