@@ -275,6 +275,7 @@ def test_service_exports_every_dispatcher_counter(tmp_path: Path) -> None:
         stats = dispatcher.stats
         stats.sent, stats.retried, stats.succeeded, stats.failed = 9, 3, 5, 1
         stats.transport_errors, stats.bad_bodies, stats.shed, stats.throttled = 2, 1, 4, 6
+        stats.requests, stats.shared, stats.held = 12, 5, 7
         service.realtime_stats["m"].started()
         text = Exposition(lambda: by_model(service.metric_families())).render().decode()
     finally:
@@ -293,6 +294,9 @@ def test_service_exports_every_dispatcher_counter(tmp_path: Path) -> None:
         "backfill_batch_shed_total": ("counter", 4),
         "backfill_batch_throttled_total": ("counter", 6),
         "backfill_batch_deferred": ("gauge", 0),
+        "backfill_batch_requests_total": ("counter", 12),
+        "backfill_batch_shared_total": ("counter", 5),
+        "backfill_batch_held_total": ("counter", 7),
         "backfill_realtime_in_flight": ("gauge", 1),
         "backfill_realtime_requests_total": ("counter", 1),
     }
