@@ -325,3 +325,37 @@ def test_sim_render_reads_back_with_vllm_types() -> None:
     assert values["vllm:inter_token_latency_seconds_count"] == 5
     assert values["vllm:inter_token_latency_seconds_sum"] == pytest.approx(100.08)
     assert values['vllm:request_success_total{finished_reason="length"}'] == 0
+
+
+def test_real_time_ledger_writes_and_losses_are_on_metrics(tmp_path: Path) -> None:
+    """A real-time entry a store failure loses is logged and counted on /metrics, never
+    silent (and never the client's error)."""
+    from backfill.api.app import create_app
+    from backfill.api.context import ApiContext
+    from backfill.blobs import open_blobs
+    from backfill.domain.records import Usage
+    from backfill.errors import StoreBusy
+    from backfill.store.memory import MemoryStore
+
+    store = MemoryStore()
+    ctx = ApiContext(Settings(data_dir=tmp_path), store, open_blobs(None, tmp_path))
+    app = create_app(ctx)
+    ledger = ctx.realtime_ledger
+    assert ledger is not None
+    project = store.ensure_project("p")
+
+    async def main() -> httpx.Response:
+        await ledger.record(project, "m", "/v1/chat/completions", Usage(3, 0, 2), 0.1, 1)
+
+        def broken(entry: object) -> bool:
+            raise StoreBusy("locked")
+
+        store.record_usage = broken  # type: ignore[method-assign]
+        await ledger.record(project, "m", "/v1/chat/completions", Usage(3, 0, 2), 0.1, 2)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.get("/metrics")
+
+    values = parse(asyncio.run(main()).text, drop_labels=())
+    assert values['backfill_realtime_ledger_recorded_total{model="m"}'] == 1.0
+    assert values['backfill_realtime_ledger_unrecorded_total{model="m"}'] == 1.0

@@ -44,6 +44,7 @@ from backfill.api.auth import Authenticator
 from backfill.api.context import ApiContext
 from backfill.api.errors import install_error_handlers, route_methods
 from backfill.api.health import Readiness
+from backfill.api.ledger import RealtimeLedger
 from backfill.api.middleware import RequestIdMiddleware
 from backfill.api.responses import JsonResponse
 from backfill.api.text import reject_invalid_text
@@ -72,6 +73,8 @@ def create_app(ctx: ApiContext, lifespan: Lifespan | None = None) -> FastAPI:
         failure_window=settings.auth_failure_window_seconds,
     )
     app.state.auth = auth
+    if ctx.realtime_ledger is None:  # one ledger writer, shared by the gateway and /metrics
+        ctx.realtime_ledger = RealtimeLedger(settings, ctx.store)
     resources = (files, batches, partial, dashboard, models, realtime, webhooks, organization)
     routers = [(m.router(ctx, auth), "/v1") for m in resources]
     for router, prefix in routers:
@@ -82,7 +85,8 @@ def create_app(ctx: ApiContext, lifespan: Lifespan | None = None) -> FastAPI:
             dependencies=[Depends(reject_invalid_text)],
         )
 
-    routers.append((metrics.router(ctx.metrics), ""))
+    ledger = ctx.realtime_ledger
+    routers.append((metrics.router(lambda: [*ctx.metrics(), *ledger.metric_families()]), ""))
     app.include_router(routers[-1][0])
     routers.append((dashboard.ui_router(), ""))
     app.include_router(routers[-1][0])

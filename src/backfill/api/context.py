@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from backfill.api.metrics import MetricFamily
 from backfill.blobs.base import Blobs
@@ -18,6 +19,9 @@ from backfill.dispatch.signals import RealtimeStats
 from backfill.engines.base import Engine
 from backfill.settings import Settings
 from backfill.store.base import Store
+
+if TYPE_CHECKING:
+    from backfill.api.ledger import RealtimeLedger
 
 
 @dataclass
@@ -79,6 +83,8 @@ class ApiContext:
     metrics: Callable[[], list[MetricFamily]] = list
     #: each model's load for the dashboard's models view (`api/dashboard.py`)
     model_loads: Callable[[], list[ModelLoad]] = list
+    #: where the gateway writes real-time usage (`api/ledger.py`); made by `create_app`
+    realtime_ledger: RealtimeLedger | None = None
 
     def now(self) -> int:
         return int(self.clock())

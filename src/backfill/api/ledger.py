@@ -22,6 +22,7 @@ import contextlib
 import logging
 import re
 import uuid
+from collections import Counter
 
 import orjson
 
@@ -30,6 +31,7 @@ from backfill.domain.pricing import PriceTable
 from backfill.domain.records import Project, Usage
 from backfill.domain.results import usage_from_body
 from backfill.domain.usage import realtime_usage
+from backfill.metrics import Family as MetricFamily
 from backfill.settings import Settings
 from backfill.store.base import Store
 
@@ -47,8 +49,10 @@ class RealtimeLedger:
         self._store = store
         self._prices = PriceTable.from_config(settings.prices, settings.batch_discount)
         self._tasks: set[asyncio.Task[None]] = set()
-        self.recorded = 0
-        self.unrecorded = 0  # entries lost to store failures (logged)
+        #: per model: entries written, and entries lost to store failures (logged); on
+        #: `/metrics` as `backfill_realtime_ledger_recorded_total` / `_unrecorded_total`
+        self.recorded: Counter[str] = Counter()
+        self.unrecorded: Counter[str] = Counter()
 
     async def record(
         self,
@@ -74,7 +78,7 @@ class RealtimeLedger:
         try:
             await call(self._store.record_usage, entry)
         except Exception as exc:
-            self.unrecorded += 1
+            self.unrecorded[model] += 1
             log.warning(
                 "real-time usage of project %s (%s, %d+%d tokens) not recorded: %s: %s",
                 project.id,
@@ -85,7 +89,23 @@ class RealtimeLedger:
                 exc,
             )
         else:
-            self.recorded += 1
+            self.recorded[model] += 1
+
+    def metric_families(self) -> list[MetricFamily]:
+        return [
+            MetricFamily(
+                "backfill_realtime_ledger_recorded_total",
+                "counter",
+                "real-time requests written to the usage ledger",
+                {m: float(n) for m, n in self.recorded.items()},
+            ),
+            MetricFamily(
+                "backfill_realtime_ledger_unrecorded_total",
+                "counter",
+                "real-time requests whose ledger entry a store failure lost (logged)",
+                {m: float(n) for m, n in self.unrecorded.items()},
+            ),
+        ]
 
     def record_soon(
         self,
