@@ -48,14 +48,15 @@ def started(tmp_path: Path) -> Iterator[list[BackfillProcess]]:
 def test_real_time_overtakes_queued_batch_requests(
     tmp_path: Path, vllm: VllmProcess, started: list[BackfillProcess]
 ) -> None:
-    # the governor is off so that only vLLM's scheduler decides who runs next
+    # the governor is off so that only vLLM's scheduler decides who runs next, and so are hot
+    # prefix groups: their warm-up would send one of these same-prompt requests first and
+    # hold the rest, and the test needs the whole batch queued at vLLM at once
     rounds = 6
     batch_size = rounds * MAX_NUM_SEQS
-    server = backfill_for(
-        tmp_path / "priority",
-        vllm,
-        model_options=f"priority = true\ngovernor = false\nmax_concurrency = {batch_size}",
+    options = (
+        f"priority = true\ngovernor = false\nhot_groups = false\nmax_concurrency = {batch_size}"
     )
+    server = backfill_for(tmp_path / "priority", vllm, model_options=options)
     started.append(server.start())
     client = OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
     lines = [
