@@ -11,8 +11,6 @@ prints it once. A revoked key is refused within the API's auth cache time (10 s)
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,42 +20,19 @@ from backfill.cli.options import (
     Config,
     Database,
     DataDir,
-    configure_logging,
-    settings_from,
+    columns,
+    command_settings,
+    store_alone,
+    when,
 )
 from backfill.errors import NotFound
-from backfill.settings import Settings
-from backfill.store.base import Store
 
-__all__ = ["app", "command_settings", "store_alone", "when"]
+__all__ = ["app"]
 
 app = typer.Typer(help="Manage API keys: create, list, revoke.", no_args_is_help=True)
 
 #: the project of `keys create --admin` without `--project`
 ADMIN_PROJECT = "admin"
-
-
-def command_settings(
-    ctx: typer.Context, config: Path | None, data_dir: Path, database: str | None
-) -> Settings:
-    configure_logging()
-    return settings_from(ctx, config, data_dir=data_dir, database=database)
-
-
-def store_alone(settings: Settings) -> Store:
-    """The store alone: listing and revoking keys needs no engines and registers no keys."""
-    from backfill.store import open_store
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.database_url, busy_timeout=settings.store_busy_timeout)
-    store.migrate()
-    return store
-
-
-def when(ts: int | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 @app.command("create")
@@ -123,9 +98,7 @@ def list_keys(
         rows.append(
             (k.id, prefix, k.project, admin, when(k.created_at), k.source, when(k.revoked_at))
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(columns(rows))
 
 
 @app.command("revoke")

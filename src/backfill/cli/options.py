@@ -1,4 +1,5 @@
-"""Options the server commands share (serve, worker, run, keys), and settings built from them.
+"""Options the server commands share (serve, worker, run, keys...), settings built from them,
+the store opened alone, and the tables the commands print.
 
 Settings come from `BACKFILL_*` variables < the `--config` file < options (`settings.py`).
 `--help` shows each option's default: a field of `Settings` shows the field's default, read
@@ -11,12 +12,17 @@ in the data dir, the model's concurrency) are described in words instead.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from backfill.settings import Settings, build_settings
+
+if TYPE_CHECKING:
+    from backfill.store.base import Store
 
 __all__ = [
     "DATA_DIR",
@@ -28,9 +34,13 @@ __all__ = [
     "LogLevel",
     "Models",
     "Storage",
+    "columns",
+    "command_settings",
     "configure_logging",
     "given",
     "settings_from",
+    "store_alone",
+    "when",
 ]
 
 DATA_DIR: Path = Settings.model_fields["data_dir"].default
@@ -99,6 +109,41 @@ def settings_from(
         model_specs=models,
         extra_api_keys=api_keys,
         **given(ctx, **options),
+    )
+
+
+def command_settings(
+    ctx: typer.Context, config: Path | None, data_dir: Path, database: str | None
+) -> Settings:
+    """The settings of a command that works on the store alone (keys, projects, usage,
+    webhooks): logging configured, environment < `config` < the options typed."""
+    configure_logging()
+    return settings_from(ctx, config, data_dir=data_dir, database=database)
+
+
+def store_alone(settings: Settings) -> Store:
+    """The store alone, migrated: those commands need no engines and register no keys."""
+    from backfill.store import open_store
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.database_url, busy_timeout=settings.store_busy_timeout)
+    store.migrate()
+    return store
+
+
+def when(ts: int | None) -> str:
+    """A Unix time as the commands print it (UTC), `-` for none."""
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def columns(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as left-aligned columns two spaces apart (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
     )
 
 

@@ -19,8 +19,15 @@ from typing import Annotated, Any
 
 import typer
 
-from backfill.cli.keys import command_settings, store_alone
-from backfill.cli.options import DATA_DIR, Config, Database, DataDir
+from backfill.cli.options import (
+    DATA_DIR,
+    Config,
+    Database,
+    DataDir,
+    columns,
+    command_settings,
+    store_alone,
+)
 from backfill.domain.projects import ProjectLoad, ProjectSettings
 
 __all__ = ["app"]
@@ -198,9 +205,7 @@ def list_projects(
                 tokens_cell(s, load),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(columns(rows))
 
 
 def tokens_cell(settings: ProjectSettings, load: ProjectLoad) -> str:

@@ -22,8 +22,16 @@ from typing import Annotated, Any
 
 import typer
 
-from backfill.cli.keys import command_settings, store_alone, when
-from backfill.cli.options import DATA_DIR, Config, Database, DataDir
+from backfill.cli.options import (
+    DATA_DIR,
+    Config,
+    Database,
+    DataDir,
+    columns,
+    command_settings,
+    store_alone,
+    when,
+)
 from backfill.domain.pricing import micros_to_amount
 from backfill.domain.usage_reports import UsageTotal
 
@@ -135,10 +143,7 @@ def table(rows: list[Row], total: Row, by: list[str]) -> str:
                 _money(row.list_cost),
             ]
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    return columns(lines)
 
 
 @app.command("usage")

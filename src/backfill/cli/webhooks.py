@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
 from typing import Annotated
 
 import typer
 
-from backfill.cli.keys import command_settings, store_alone, when
-from backfill.cli.options import DATA_DIR, Config, Database, DataDir
+from backfill.cli.options import (
+    DATA_DIR,
+    Config,
+    Database,
+    DataDir,
+    columns,
+    command_settings,
+    store_alone,
+    when,
+)
 from backfill.domain.webhooks import EVENT_TYPES, new_secret
 from backfill.errors import Conflict, NotFound
 
@@ -32,12 +39,6 @@ app = typer.Typer(
 
 #: deliveries `list` counts per endpoint (the newest)
 COUNTED = 10_000
-
-
-def _table(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 @app.command("add")
@@ -102,7 +103,7 @@ def list_endpoints(
         rows.append(
             (e.id, e.project, e.url, events, e.source, when(e.created_at), counts, last[:80])
         )
-    _table(rows)
+    print(columns(rows))
 
 
 @app.command("remove")
@@ -153,7 +154,7 @@ def deliveries(
         last = d.last_error or (str(d.last_status) if d.last_status else "-")
         rows.append((d.event_id, d.event_type, d.batch_id, d.endpoint_id, d.state,
                      str(d.attempts), nxt, last[:80]))  # fmt: skip
-    _table(rows)
+    print(columns(rows))
 
 
 @app.command("secret")
