@@ -124,3 +124,16 @@ def test_the_config_file_form(tmp_path: object) -> None:
     assert (hook.url, hook.secret, hook.project, hook.events) == (
         "http://127.0.0.1:9/h", secret, "p", ["batch.completed"],
     )  # fmt: skip
+
+
+def test_a_bad_config_entry_leaves_the_stored_endpoints_alone() -> None:
+    store = MemoryStore()
+    good = WebhookConfig(url="http://127.0.0.1:9/a", secret=new_secret(), project="p")
+    sync_config_endpoints(store, [good], 1)
+    before = [e.id for e in store.webhook_endpoints()]
+    bad = WebhookConfig(url="nope", secret=new_secret(), project="q")
+    moved = good.model_copy(update={"url": "http://127.0.0.1:9/b"})
+    with pytest.raises(InvalidRequest, match="URL"):
+        sync_config_endpoints(store, [moved, bad], 2)
+    assert [e.id for e in store.webhook_endpoints()] == before  # nothing removed
+    assert [p.name for p, _ in store.projects()] == ["p"]  # no project made for the bad one

@@ -55,14 +55,19 @@ def make_endpoint(
 
 
 def sync_config_endpoints(store: Store, configured: list[WebhookConfig], now: int) -> None:
-    wanted: dict[tuple[str, str, str, tuple[str, ...]], WebhookConfig] = {}
+    # every entry checked before anything is written: a bad one refuses the start and leaves
+    # the store as it was (no endpoint removed, no project made)
+    checked: list[tuple[WebhookConfig, tuple[str, ...]]] = []
     for c in configured:
-        project = store.ensure_project(c.project)
         try:
-            events = check_event_types(c.events)
+            check_url(c.url)
+            check_secret(c.secret)
+            checked.append((c, check_event_types(c.events)))
         except ValueError as exc:
             raise InvalidRequest(f"[[webhooks]] {c.url}: {exc}") from exc
-        wanted[(project.id, c.url, c.secret, events)] = c
+    wanted: dict[tuple[str, str, str, tuple[str, ...]], WebhookConfig] = {}
+    for c, events in checked:
+        wanted[(store.ensure_project(c.project).id, c.url, c.secret, events)] = c
     have = {
         (e.project_id, e.url, e.secret, e.event_types): e
         for e in store.webhook_endpoints()
