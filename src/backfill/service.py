@@ -376,6 +376,9 @@ class Service:
                 async with self.background():
                     yield
             finally:
+                # real-time usage entries still being written land before the store closes
+                if ctx.realtime_ledger is not None:
+                    await ctx.realtime_ledger.drain()
                 # Here rather than after uvicorn returns: uvicorn re-raises SIGTERM after a
                 # graceful shutdown, so code after `Server.run()` may never run.
                 self.close()

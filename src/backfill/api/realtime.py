@@ -467,7 +467,9 @@ def router(ctx: ApiContext, auth: Authenticator) -> APIRouter:
     CurrentProject = Annotated[Project, Depends(auth.require)]
     limiter = RateLimiter(ctx.settings.realtime_rpm, ctx.settings.realtime_tpm)
     limits = ProjectLimits(ctx.store, ctx.settings.project_settings_ttl)
-    ledger = ctx.realtime_ledger or RealtimeLedger(ctx.settings, ctx.store)
+    ledger = ctx.realtime_ledger  # made by create_app, which shows its counts on /metrics
+    if ledger is None:
+        raise RuntimeError("the real-time gateway needs ctx.realtime_ledger (create_app makes it)")
 
     def make(endpoint: str) -> Callable[[Request, Project], Any]:
         async def endpoint_handler(request: Request, project: CurrentProject) -> Response:

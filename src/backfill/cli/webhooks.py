@@ -84,7 +84,12 @@ def list_endpoints(
     """List endpoints with their deliveries: delivered / pending / failed, and the last error."""
     store = store_alone(command_settings(ctx, config, data_dir, database))
     try:
-        project_id = None if project is None else store.ensure_project(project).id
+        project_id = None
+        if project is not None:  # looked up, never made: a listing writes nothing
+            found = [p for p, _ in store.projects() if p.name == project]
+            if not found:
+                raise NotFound(f"no project {project!r} (see `backfill projects list`)")
+            project_id = found[0].id
         endpoints = store.webhook_endpoints(project_id)
         tallies = {
             e.id: store.webhook_deliveries(endpoint_id=e.id, limit=COUNTED) for e in endpoints
