@@ -127,8 +127,7 @@ def run(
             BackfillProcess(
                 work / f"data-{name}", api_keys=[KEY], extra_args=["--config", str(cfg)], env=env
             )
-        )
-        bf.start()
+        )  # entering the context starts it
         client = OpenAI(base_url=bf.base_url, api_key=KEY, max_retries=2, timeout=120)
         busy0 = [s.stats()["busy_s"] for s in sims]
         f = client.files.create(file=batch.open("rb"), purpose="batch")

@@ -117,6 +117,17 @@ TPOT = (
 #: every sample the governor reads, the `only` of its scrapes
 LOAD_SAMPLES = RUNNING + WAITING + KV_USAGE + tuple(name for pair in TPOT for name in pair)
 
+
+def first_of(figures: dict[str, float], names: tuple[str, ...]) -> float | None:
+    """The first of `names` (an engine's names for one figure, newest first) that `figures`
+    holds, or None."""
+    for name in names:
+        value = figures.get(name)
+        if value is not None:
+            return value
+    return None
+
+
 #: the content type of `Exposition.render()`'s text (what `generate_latest` writes)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -121,8 +121,9 @@ class ModelConfig(BaseModel):
     hot_groups: bool = True
     #: seconds after a cold group's first request reached the engine at which the group's
     #: others go even if it has not ended yet (`dispatch/warmup.py`); 0: no warm-up. Default:
-    #: 2 s for one upstream (1.19x on bench/prefix.py), 0 for replicas (with 4 replicas it cost
-    #: ~15% more GPU-seconds in bench/replicas.py --plan: while a cold group sends one request,
+    #: 2 s for one upstream (1.115x on bench/prefix.py's 20,000 requests), 0 for replicas
+    #: (with 4 replicas it cost ~15% more GPU-seconds in bench/replicas.py --plan: while a
+    #: cold group sends one request,
     #: the window fills with other groups' first requests, more prefixes than each replica holds)
     group_warmup: float | None = Field(default=None, ge=0)
 

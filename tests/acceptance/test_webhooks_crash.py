@@ -126,8 +126,11 @@ def test_cli_endpoints_take_effect_while_the_server_runs(
     assert failed.id in cli("webhooks", "deliveries", "--endpoint", endpoint_id, *data)
     assert "Removed" in cli("webhooks", "remove", endpoint_id, *data)
     assert endpoint_id not in cli("webhooks", "list", *data)
-    run_batch(client, [chat_line("y", "hi")])
-    assert len(receiver.deliveries) == 1  # removed: the next batch's end is sent nowhere
+    after = run_batch(client, [chat_line("y", "hi")])
+    # removed: the next batch's end makes no delivery (the outbox row would have been written
+    # with its status, so the store says so at once, not after some wait for the receiver)
+    assert after.id not in cli("webhooks", "deliveries", *data)
+    assert len(receiver.deliveries) == 1
 
 
 def test_config_file_endpoints(
@@ -149,10 +152,12 @@ def test_config_file_endpoints(
     servers.append(proc)
     proc.start()
     client = OpenAI(base_url=proc.base_url, api_key=KEY, max_retries=1, timeout=15.0)
-    run_batch(client, [chat_line("x", "hi", model="unknown")])  # failed: not wanted
+    failed = run_batch(client, [chat_line("x", "hi", model="unknown")])  # failed: not wanted
     done = run_batch(client, [chat_line("y", "hi")])
     [d] = poll(lambda: receiver.accepted, what="the batch.completed delivery")
     assert d.event.data.id == done.id  # type: ignore[union-attr]
+    made = cli("webhooks", "deliveries", "--data-dir", str(tmp_path))
+    assert done.id in made and failed.id not in made  # batch.failed: no delivery written
     [listed] = client.webhooks.list()
     assert listed.url == receiver.url
     with pytest.raises(openai.ConflictError):

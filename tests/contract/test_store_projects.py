@@ -118,7 +118,7 @@ def test_concurrent_starts_cannot_both_pass_the_limit(backend: Backend) -> None:
     outcomes: list[str] = []
 
     def start(i: int) -> None:
-        barrier.wait()
+        barrier.wait(timeout=30)
         b = batches[i]
         try:
             stores[i].start_batch(
@@ -127,11 +127,13 @@ def test_concurrent_starts_cannot_both_pass_the_limit(backend: Backend) -> None:
             outcomes.append("started")
         except QuotaExceeded:
             outcomes.append("refused")
+        except Exception as exc:  # anything else is the test's failure, not a lost thread
+            outcomes.append(f"{type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=start, args=(i,)) for i in range(len(stores))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=60)
     assert sorted(outcomes) == ["refused", "refused", "refused", "started"]
     assert stores[0].project_load(p.id).enqueued_tokens == {"m": 60}

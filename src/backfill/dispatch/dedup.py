@@ -69,19 +69,12 @@ class Dedup:
     def __init__(self, cache_bytes: int = CACHE_BYTES) -> None:
         self._flying: dict[bytes, asyncio.Future[Outcome | None]] = {}
         self.recent = RecentAnswers(cache_bytes)
-        #: requests answered by another's call (in flight together, or just finished)
-        self.shared = 0
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._flying)
 
     async def run(self, key: bytes, call: Callable[[], Awaitable[Outcome]]) -> tuple[Outcome, bool]:
         """The request's outcome, and whether another request's call gave it."""
         while True:
             cached = self.recent.get(key)
             if cached is not None:
-                self.shared += 1
                 return replace(cached, engine_seconds=0.0), True
             leader = self._flying.get(key)
             if leader is None:
@@ -89,7 +82,6 @@ class Dedup:
             # shield: our own cancellation must not cancel the leader's future
             outcome = await asyncio.shield(leader)
             if outcome is not None:
-                self.shared += 1
                 return replace(outcome, engine_seconds=0.0), True
             # the leader ended without an outcome: run it ourselves (or follow a new leader)
 
@@ -103,6 +95,6 @@ class Dedup:
         finally:
             del self._flying[key]
             shared = outcome if outcome is not None and outcome.sent else None
+            future.set_result(shared)  # first: followers never wait on the cache below
             if shared is not None and shared.ok:
                 self.recent.put(key, shared)
-            future.set_result(shared)

@@ -57,7 +57,7 @@ from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.policy import Decision, GovernorPolicy, PolicyConfig
 from backfill.dispatch.signals import EngineLoad, RealtimeStats, Signals
 from backfill.engines.base import Engine, MetricsSource
-from backfill.metrics import KV_USAGE, RUNNING, TPOT, WAITING
+from backfill.metrics import KV_USAGE, RUNNING, TPOT, WAITING, first_of
 from backfill.settings import ModelConfig, Settings
 from backfill.store.base import GovernorPeak
 
@@ -82,14 +82,6 @@ class PeakStore(Protocol):
     def save_governor_peak(self, model: str, reference: float, now: float) -> None: ...
 
     def governor_peak(self, model: str) -> GovernorPeak | None: ...
-
-
-def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
-    for name in names:
-        value = metrics.get(name)
-        if value is not None:
-            return value
-    return None
 
 
 def policy_config(settings: Settings, config: ModelConfig) -> PolicyConfig:
@@ -170,7 +162,7 @@ class Governor:
         metrics = await engine.load_metrics()
         if not metrics:
             return None
-        running = _first(metrics, RUNNING)
+        running = first_of(metrics, RUNNING)
         if running is None:
             return None
         tpot: float | None = None
@@ -187,8 +179,8 @@ class Governor:
                     tpot = (total - self._tpot_sum) / tokens
             self._tpot_sum, self._tpot_count = total, count
             break
-        waiting = _first(metrics, WAITING)
-        kv_usage = _first(metrics, KV_USAGE)
+        waiting = first_of(metrics, WAITING)
+        kv_usage = first_of(metrics, KV_USAGE)
         self.engine_missing = frozenset(
             name for name, value in (("waiting", waiting), ("kv_usage", kv_usage)) if value is None
         )

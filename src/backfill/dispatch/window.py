@@ -33,10 +33,6 @@ class Window:
         self._waiters: Lineup[asyncio.Future[None]] = Lineup(hot)
 
     @property
-    def lineup(self) -> Lineup[asyncio.Future[None]]:
-        return self._waiters
-
-    @property
     def limit(self) -> int:
         return self._limit
 

@@ -29,7 +29,6 @@ most 8 x 8 + 9 bytes plus three ints), never a body. The bodies are read again i
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -121,8 +120,3 @@ def chunks(order: list[Planned], size: int) -> Iterator[list[Planned]]:
     """The planned order cut into pieces of `size` (the bodies held at once)."""
     for i in range(0, len(order), max(1, size)):
         yield order[i : i + size]
-
-
-def body_digest(raw: bytes) -> bytes:
-    """A short digest of bytes (the sort's tie-break between identical bodies)."""
-    return hashlib.blake2b(raw, digest_size=8).digest()

@@ -20,6 +20,7 @@ produce none.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -367,6 +368,11 @@ COMPLETIONS = "/v1/completions"
 COMPLETIONS_DEFAULT_OUTPUT = 16
 
 
+log = logging.getLogger("backfill.validation")
+#: kinds of token-counting failure already logged (each is logged once per process)
+_COUNT_FAILURES_LOGGED: set[type[BaseException]] = set()
+
+
 def request_tokens(
     endpoint: str,
     raw: bytes,
@@ -381,8 +387,11 @@ def request_tokens(
     if counter is not None:
         try:
             prompt = counter(endpoint, body)
-        except Exception:  # a tokenizer that trips on this body: the estimate will do
+        except Exception as exc:  # a tokenizer that trips on this body: the estimate will do
             prompt = None
+            if type(exc) not in _COUNT_FAILURES_LOGGED:  # once per kind: never silent, no flood
+                _COUNT_FAILURES_LOGGED.add(type(exc))
+                log.warning("counting tokens failed, estimating instead: %r", exc, exc_info=True)
     if prompt is None:
         prompt = len(raw) // 4
     return prompt + output_cap(endpoint, body, default_output)

@@ -261,7 +261,8 @@ class OpenAIEngine:
             async with session.get(self.url_for("/v1/models"), timeout=PROBE_TIMEOUT) as resp:
                 await resp.read()
                 return resp.status < 500
-        except (TimeoutError, aiohttp.ClientError, OSError, asyncio.IncompleteReadError):
+        except (TimeoutError, aiohttp.ClientError, OSError, asyncio.IncompleteReadError,
+                ValueError):  # fmt: skip
             return False
 
     async def load_metrics(self) -> dict[str, float] | None:

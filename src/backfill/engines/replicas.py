@@ -56,7 +56,7 @@ from backfill.engines.base import EngineReply, StreamReply
 from backfill.engines.openai import OpenAIEngine
 from backfill.engines.routing import Router
 from backfill.errors import EngineUnavailable
-from backfill.metrics import RATIOS, RUNNING, TPOT, WAITING
+from backfill.metrics import RATIOS, RUNNING, TPOT, WAITING, first_of
 from backfill.settings import ModelConfig
 
 log = logging.getLogger("backfill.replicas")
@@ -67,14 +67,6 @@ WATCH_INTERVAL = 0.25
 MAX_FAILED_BODIES = 65536
 #: counter names whose last known value per replica is kept (TPOT histogram sums and counts)
 COUNTERS = frozenset(name for pair in TPOT for name in pair)
-
-
-def _first(figures: dict[str, float], names: tuple[str, ...]) -> float | None:
-    for name in names:
-        value = figures.get(name)
-        if value is not None:
-            return value
-    return None
 
 
 def merge_loads(
@@ -281,8 +273,8 @@ class ReplicaSet:
                 continue
             self._last[i] = figures
             current.append(figures)
-            running = _first(figures, RUNNING)
-            waiting = _first(figures, WAITING)
+            running = first_of(figures, RUNNING)
+            waiting = first_of(figures, WAITING)
             router.observe(i, None if running is None else running + (waiting or 0.0))
         return merge_loads(current, self._last)
 
@@ -295,7 +287,13 @@ class ReplicaSet:
             due = [i for i in range(len(self.replicas)) if router.probe_due(i, now)]
             if not due:
                 continue
-            answers = await asyncio.gather(*(self.replicas[i].probe() for i in due))
+            try:
+                answers = await asyncio.gather(*(self.replicas[i].probe() for i in due))
+            except Exception:  # a probe bug must not end the watch: drained replicas stay out
+                log.exception("model %r: probing drained replicas failed", self.model)
+                for i in due:
+                    router.probe_failed(i, self._clock())
+                continue
             for i, ok in zip(due, answers, strict=True):
                 if ok:
                     router.recovered(i)

@@ -44,8 +44,9 @@ MAX_GROUPS = 65536
 #: a mapped replica is passed over when its load exceeds the least load times (1 + this) ...
 SPILL_RATIO = 1.0
 #: ... plus this many requests (as SGLang's cache-aware router: imbalance is both relative
-#: and absolute; `bench/replicas.py`: at 1.5x + 8 a window of 64 over 4 replicas spilled so
-#: often that the hit rate fell from 91% to 80%, below round-robin's)
+#: and absolute; in one development run of `bench/replicas.py` (not reproducible from its
+#: flags), 1.5x + 8 with a window of 64 over 4 replicas spilled so often that the hit rate
+#: fell from 91% to 80%)
 SPILL_MARGIN = 16
 #: answers >= 500 in a row that drain a replica
 DRAIN_AFTER = 3
