@@ -272,6 +272,8 @@ class Settings(BaseSettings):
     governor_interval: float = 0.1  # seconds between decisions (and metrics scrapes)
     governor_min_limit: int = 1  # batch requests always allowed in flight
     governor_window_seconds: float = 60.0  # memory of real-time load (the reference peak)
+    #: memory of the highest reference peak: quiet hours are planned against the day's peak
+    governor_day_seconds: float = Field(default=86400.0, gt=0)
     governor_idle_seconds: float = 5.0  # no real-time traffic this long: grow to the ceiling
     governor_abort: bool = True  # abort batch requests over the limit when real-time load jumps
     #: while real time is active, batch prompts over this many (estimated) tokens go only when

@@ -1,12 +1,12 @@
-"""The governor's reference peak across restarts: saved once a whole window was watched, read
-back at start as the reference's floor for the first window, ignored when older than a day."""
+"""The governor's reference peak: the day's highest, kept across restarts with the time it was
+seen, read back at start as the reference's floor until it is a day old, ignored when older."""
 
 from __future__ import annotations
 
 import asyncio
 
 from backfill.dispatch.dispatcher import Dispatcher
-from backfill.dispatch.governor import PEAK_MAX_AGE, PEAK_SAVE_SECONDS, Governor
+from backfill.dispatch.governor import PEAK_SAVE_SECONDS, Governor
 from backfill.dispatch.policy import Decision, GovernorPolicy, PolicyConfig
 from backfill.dispatch.signals import EngineLoad, RealtimeStats, Signals
 from backfill.engines.base import EngineReply
@@ -15,6 +15,7 @@ from backfill.store.memory import MemoryStore
 
 WALL = 1_800_000_000.0
 WINDOW = 60.0
+DAY = 600.0  # the policy's memory of the peak, seconds
 
 
 class Busy:
@@ -40,7 +41,7 @@ class Busy:
 def governor(store: MemoryStore, clock: list[float]) -> tuple[Governor, Busy]:
     fake = Busy()
     dispatcher = Dispatcher.from_config(fake, ModelConfig(name="m", url="x", max_concurrency=512))  # type: ignore[arg-type]
-    policy = GovernorPolicy(PolicyConfig(ceiling=512, window=WINDOW))
+    policy = GovernorPolicy(PolicyConfig(ceiling=512, window=WINDOW, day=DAY))
     gov = Governor(
         dispatcher,
         RealtimeStats(clock=lambda: clock[0]),
@@ -61,27 +62,36 @@ async def ticks(gov: Governor, clock: list[float], n: int) -> list[Decision]:
     return out
 
 
-def test_the_live_peak_is_saved_once_a_window_was_watched() -> None:
+def test_the_days_peak_is_saved_with_the_time_it_was_seen() -> None:
     store = MemoryStore()
     clock = [0.0]
     gov, fake = governor(store, clock)
     fake.running = 40.0  # real time the gateway does not see: the engine shows it
-    asyncio.run(ticks(gov, clock, int(WINDOW * 10) - 20))
-    assert store.governor_peak("m") is None  # a window not yet watched: nothing written
-    asyncio.run(ticks(gov, clock, 40))
+    asyncio.run(ticks(gov, clock, 20 * 10))
     saved = store.governor_peak("m")
     assert saved is not None and saved.reference >= 35
-    fake.running = 0.0  # real time gone: a quiet window is not saved over the peak
-    asyncio.run(ticks(gov, clock, int((WINDOW + PEAK_SAVE_SECONDS) * 10)))
-    last = store.governor_peak("m")  # (saved while the peak was still in the window)
+    fake.running = 3.0  # the quiet hours: the peak stays what the day saw
+    asyncio.run(ticks(gov, clock, int((WINDOW + 2 * PEAK_SAVE_SECONDS) * 10)))
+    last = store.governor_peak("m")
     assert last is not None and last.reference == saved.reference
-    asyncio.run(ticks(gov, clock, int(3 * PEAK_SAVE_SECONDS * 10)))
-    assert store.governor_peak("m") == last
+    # saved again since, but stamped with the last time the window held the peak (the load
+    # fell at 20 s), not the time of the save, so a restart still ages it out on time
+    assert last.saved_at <= WALL + 20 + WINDOW + 0.2 < WALL + clock[0] - PEAK_SAVE_SECONDS
+    asyncio.run(ticks(gov, clock, int(DAY * 10)))  # a day later the peak is the quiet one
+    assert store.governor_peak("m").reference < 3  # type: ignore[union-attr]
 
 
-def test_a_fresh_start_begins_from_the_stored_peak_for_one_window() -> None:
+def test_nothing_is_saved_before_real_time_was_seen() -> None:
     store = MemoryStore()
-    store.save_governor_peak("m", 40.0, WALL - 3600)
+    clock = [0.0]
+    gov, _ = governor(store, clock)
+    asyncio.run(ticks(gov, clock, int(2 * PEAK_SAVE_SECONDS * 10)))
+    assert store.governor_peak("m") is None
+
+
+def test_a_fresh_start_plans_against_the_stored_peak_until_it_is_a_day_old() -> None:
+    store = MemoryStore()
+    store.save_governor_peak("m", 40.0, WALL - 100)  # seen 100 s before the start
     clock = [0.0]
     gov, fake = governor(store, clock)
     fake.running = 5.0  # a valley at start
@@ -94,13 +104,16 @@ def test_a_fresh_start_begins_from_the_stored_peak_for_one_window() -> None:
     blind_first = asyncio.run(ticks(blind, [0.0], 10))
     assert all(d.reference < 10 for d in blind_first)
     assert first[-1].limit > blind_first[-1].limit  # it fills the valley below the known peak
-    later = asyncio.run(ticks(gov, clock, int(WINDOW * 10)))
-    assert later[-1].reference < 10  # a whole window watched: the live quantile again
+    later = asyncio.run(ticks(gov, clock, int((DAY - 100 - 5) * 10)))
+    assert later[-1].reference == 40.0  # still inside the day it was seen in
+    gone = asyncio.run(ticks(gov, clock, int((5 + PEAK_SAVE_SECONDS) * 10)))
+    assert gone[-1].reference < 10  # a day old: the live quantile again
+    assert store.governor_peak("m").reference < 10  # type: ignore[union-attr]
 
 
 def test_a_peak_older_than_a_day_is_not_used() -> None:
     store = MemoryStore()
-    store.save_governor_peak("m", 40.0, WALL - PEAK_MAX_AGE - 1)
+    store.save_governor_peak("m", 40.0, WALL - DAY - 1)
     clock = [0.0]
     gov, fake = governor(store, clock)
     fake.running = 5.0
@@ -119,9 +132,9 @@ def test_a_store_that_fails_is_skipped() -> None:
     assert asyncio.run(ticks(gov, clock, 1))[0].limit >= 1
 
 
-def test_the_policy_seed_is_a_floor_only_during_the_first_window() -> None:
-    p = GovernorPolicy(PolicyConfig(ceiling=512, window=WINDOW))
-    p.seed_reference(30.0)
+def test_the_policy_plans_against_the_days_peak_not_the_windows() -> None:
+    p = GovernorPolicy(PolicyConfig(ceiling=512, window=WINDOW, day=DAY))
+    p.seed_reference(30.0, age=DAY - 200)
 
     def tick(now: float, load: float) -> Decision:
         engine = EngineLoad(running=load, waiting=0.0, kv_usage=0.1, tpot=0.01)
@@ -133,4 +146,17 @@ def test_the_policy_seed_is_a_floor_only_during_the_first_window() -> None:
 
     assert tick(0.1, 50).reference == 50  # the live quantile above the seed wins
     assert tick(WINDOW - 1, 2).reference == 50
-    assert tick(WINDOW + 70, 2).reference == 2  # a window later: the seed is gone
+    quiet = tick(WINDOW + 70, 2)  # the window's peak is 2; the day's is 50
+    assert quiet.reference == 50 and p.live_reference == 2
+    # seen last at WINDOW - 1 (the window still held the load of 50): 71 s before
+    assert p.day_peak(WINDOW + 70) == (50.0, 71.0)
+    assert tick(DAY + WINDOW + 10, 2).reference == 2  # a day after the peak: forgotten
+    assert p.day_peak(DAY + WINDOW + 10)[0] == 2.0
+
+
+def test_a_seed_older_than_the_day_is_ignored() -> None:
+    p = GovernorPolicy(PolicyConfig(ceiling=512, window=WINDOW, day=DAY))
+    p.seed_reference(30.0, age=DAY + 1)
+    engine = EngineLoad(running=2.0, waiting=0.0, kv_usage=0.1, tpot=0.01)
+    d = p.decide(Signals(now=1.0, rt_in_flight=2, rt_arrivals=0, batch_in_flight=0, engine=engine))
+    assert d.reference == 2

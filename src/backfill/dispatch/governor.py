@@ -27,18 +27,15 @@ policy waking from dormancy.
 
 The last decisions are kept in `history` (time, decision) for logs, tests and benches.
 
-The planned real-time peak (the policy's `reference`, a high quantile of the real-time load
-over the last `window` seconds) is kept across restarts when the governor has a store
-(`peaks`): `run` first reads the model's last saved peak and seeds the policy with it
-(`GovernorPolicy.seed_reference`: the floor of the reference until a whole window has been
-watched), then saves the live quantile every `PEAK_SAVE_SECONDS` (30 s), only once a whole
-window has been watched (a restart never writes its blind first seconds, nor refreshes an old
-seed) and only when it is above 0 (a quiet window says the peak is not now, not that it will
-not return). A peak older than `PEAK_MAX_AGE` (24 h) is ignored: it answers "what may real time
-do in the minutes after a restart", and one a day old belongs to a traffic pattern (a
-deployment, a model version, a user base) that may have changed since; any model with real
-time in the last day has a fresher row, since every active window is saved, and one without
-starts as a new model does. Store errors are logged and skipped: the peak is a head start, not
+The planned real-time peak (the policy's `reference`: the highest of a high quantile of the
+real-time load over each window of the last `day`) is kept across restarts when the governor
+has a store (`peaks`): `run` first reads the model's saved peak and seeds the policy with it
+(`GovernorPolicy.seed_reference`, as if watched when it was), then saves the day's peak every
+`PEAK_SAVE_SECONDS` (30 s) when it is above 0, with the wall time it was seen at (not the time
+of the save, so a peak carried over restarts still ages out). A peak seen more than a `day`
+ago (24 h by default) is not used: a day-old one belongs to a traffic pattern (a deployment, a
+model version, a user base) that may have changed since, and any model with real time in the
+last day has a fresher one. Store errors are logged and skipped: the peak is a head start, not
 something the governor waits for.
 """
 
@@ -72,8 +69,6 @@ RESCRAPE_AFTER_METRICS = 5.0
 HOLD_READING_SECONDS = 2.0
 #: seconds between two saves of the reference peak (wall clock)
 PEAK_SAVE_SECONDS = 30.0
-#: a saved peak older than this (seconds) is not used at start
-PEAK_MAX_AGE = 24 * 3600.0
 
 
 class PeakStore(Protocol):
@@ -91,6 +86,7 @@ def policy_config(settings: Settings, config: ModelConfig) -> PolicyConfig:
         ttft_inflation=settings.governor_ttft_inflation,
         tpot_inflation=settings.governor_tpot_inflation,
         window=settings.governor_window_seconds,
+        day=max(settings.governor_day_seconds, settings.governor_window_seconds),
         idle_after=settings.governor_idle_seconds,
         abort=settings.governor_abort,
         defer_over=settings.governor_defer_prompt_tokens or None,
@@ -288,12 +284,12 @@ class Governor:
         if peak is None:
             return None
         age = self._wall() - peak.saved_at
-        if age > PEAK_MAX_AGE or age < -60:  # old, or from a clock far ahead of ours
+        if age > policy.config.day or age < -60:  # old, or from a clock far ahead of ours
             log.info("governor for %s: stored peak %.0f s old, not used", model, age)
             return None
-        policy.seed_reference(peak.reference)
+        policy.seed_reference(peak.reference, age)
         log.info(
-            "governor for %s: starting from the stored real-time peak %.1f (saved %.0f s ago)",
+            "governor for %s: starting from the stored real-time peak %.1f (seen %.0f s ago)",
             model,
             peak.reference,
             age,
@@ -301,20 +297,21 @@ class Governor:
         return peak.reference
 
     async def save_peak(self) -> bool:
-        """Save the policy's live reference if due (every `PEAK_SAVE_SECONDS`), a whole window
-        has been watched, and it is above 0; True if saved."""
+        """Save the day's peak and when it was seen if due (every `PEAK_SAVE_SECONDS`) and it
+        is above 0; True if saved."""
         policy = self.policy
         if self.peaks is None or not isinstance(policy, GovernorPolicy):
             return False
         wall = self._wall()
         if wall - self._peak_saved < PEAK_SAVE_SECONDS:
             return False
-        if policy.watched(self._clock()) < policy.config.window or policy.live_reference <= 0:
+        peak, age = policy.day_peak(self._clock())
+        if peak <= 0:
             return False
         self._peak_saved = wall
         try:
             await asyncio.to_thread(
-                self.peaks.save_governor_peak, self.engine.model, policy.live_reference, wall
+                self.peaks.save_governor_peak, self.engine.model, peak, wall - age
             )
         except Exception:
             log.warning("governor for %s: peak not saved", self.engine.model, exc_info=True)
