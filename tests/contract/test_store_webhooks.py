@@ -184,6 +184,30 @@ def test_give_up_and_removed_endpoint(store: Store) -> None:
     assert store.webhook_deliveries() == []
 
 
+def test_delivery_counts_by_state_and_the_last_error(store: Store) -> None:
+    p = store.ensure_project("p")
+    e, quiet = endpoint(store, "p"), endpoint(store, "p")
+    for n in range(4):
+        complete(store, started(store, p, n + 1).id, at=T0 + 100 + n)
+    assert store.webhook_delivery_counts(e.id) == {"delivered": 0, "pending": 4, "failed": 0}
+    mine = sorted(
+        (d for d in store.claim_webhook_deliveries("t", T0 + 200, 30, 10) if d.endpoint_id == e.id),
+        key=lambda d: d.id,
+    )
+    assert store.finish_webhook_delivery(mine[0].id, "t", T0 + 201, delivered=True, status=204)
+    assert store.finish_webhook_delivery(mine[1].id, "t", T0 + 201, delivered=False, error="old")
+    assert store.finish_webhook_delivery(mine[2].id, "t", T0 + 202, delivered=False, error="new")
+    assert store.finish_webhook_delivery(
+        mine[3].id, "t", T0 + 203, delivered=False, error=None, retry_at=T0 + 300
+    )
+    assert store.webhook_delivery_counts(e.id) == {"delivered": 1, "pending": 1, "failed": 2}
+    assert store.webhook_delivery_counts(quiet.id) == {"delivered": 0, "pending": 4, "failed": 0}
+    assert store.webhook_delivery_counts("whep_none") == {"delivered": 0, "pending": 0, "failed": 0}
+    [last] = store.webhook_deliveries(endpoint_id=e.id, with_error=True, limit=1)
+    assert (last.id, last.last_error) == (mine[2].id, "new")
+    assert store.webhook_deliveries(endpoint_id=quiet.id, with_error=True) == []
+
+
 def test_pending_deliveries_are_not_pruned(store: Store) -> None:
     p = store.ensure_project("p")
     endpoint(store, "p")

@@ -1,8 +1,8 @@
 """The batch flow in one process, with no sockets: memory store, memory blobs, a deterministic
 fake engine (a `FunctionEngine` over `Harness.answer`) and a fake clock. Covers what the
 scheduler and workers do between them: validation -> shards -> results -> finalize, cancel with
-partial results, expiry, and the fencing that stops a worker which lost its lease from
-committing anything.
+partial results, expiry, the fencing that stops a worker which lost its lease from
+committing anything, and runs that fail part-way without stranding a lease or a result.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from backfill.domain.records import BatchRecord, FileRecord
 from backfill.domain.retry import RetryPolicy
 from backfill.domain.statuses import BatchStatus
 from backfill.engines.base import EngineReply
+from backfill.errors import BlobError, StoreBusy
 from backfill.scheduler.scheduler import Scheduler, delete_expired_files
 from backfill.settings import Settings
 from backfill.store.memory import MemoryStore
 from backfill.testing.engine import FunctionEngine, Reply
+from backfill.worker import shard_run
 from backfill.worker.shard_run import ShardRun
 from backfill.worker.worker import Worker
 
@@ -49,7 +51,7 @@ def line(cid: str, content: str) -> bytes:
 
 
 class Harness:
-    def __init__(self, tmp: Path, **settings: Any) -> None:
+    def __init__(self, tmp: Path, store: MemoryStore | None = None, **settings: Any) -> None:
         defaults: dict[str, Any] = {
             "data_dir": tmp,
             "shard_size": 3,
@@ -60,7 +62,7 @@ class Harness:
             "cancel_grace_seconds": 0.0,
         }
         self.settings = Settings(**{**defaults, **settings})
-        self.store = MemoryStore()
+        self.store = store or MemoryStore()
         self.blobs: Blobs = open_blobs("memory://", tmp)
         self.clock = Clock()
         self.release = asyncio.Event()  # `hold...` requests wait for it
@@ -269,13 +271,15 @@ def test_worker_that_lost_its_lease_commits_nothing(tmp_path: Path) -> None:
         await sched.tick()
         await poll_async(lambda: h.status() is BatchStatus.IN_PROGRESS, timeout=10, interval=0.005)
         shard = h.store.lease_shard("w1", "tok1", h.clock(), 5.0)
-        assert shard is not None
+        running = h.store.get_batch(batch.id)
+        assert shard is not None and running is not None
         old = ShardRun(
             settings=h.settings,
             store=h.store,
             blobs=h.blobs,
             dispatchers=h.dispatchers(),
             shard=shard,
+            batch=running,
             token="tok1",
             clock=h.clock,
         )
@@ -294,6 +298,7 @@ def test_worker_that_lost_its_lease_commits_nothing(tmp_path: Path) -> None:
             blobs=h.blobs,
             dispatchers=h.dispatchers(),
             shard=shard2,
+            batch=running,
             token="tok2",
             clock=h.clock,
         )
@@ -301,6 +306,111 @@ def test_worker_that_lost_its_lease_commits_nothing(tmp_path: Path) -> None:
         fresh = h.store.get_batch(batch.id)
         assert fresh is not None and (fresh.completed, fresh.failed) == (3, 0)
         assert h.store.shards(batch.id)[0].status == "done"
+
+    run(main)
+
+
+class _BusyAfterLease(MemoryStore):
+    """The memory store, with the first `get_batch` after a shard is leased failing with
+    `StoreBusy` (another process holding SQLite's lock at that moment)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.failed = 0
+
+    def lease_shard(self, *args: Any, **kwargs: Any) -> Any:
+        shard = super().lease_shard(*args, **kwargs)
+        if shard is not None and not self.failed:
+            self.armed = True
+        return shard
+
+    def get_batch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            self.armed = False
+            self.failed += 1
+            raise StoreBusy("metadata store busy for 5 s (database is locked)")
+        return super().get_batch(*args, **kwargs)
+
+
+def test_a_failed_read_after_leasing_gives_the_shard_back(tmp_path: Path) -> None:
+    async def main() -> None:
+        # The clock never moves here, so a lease left held would never expire.
+        h = Harness(tmp_path, store=_BusyAfterLease(), shard_size=10)
+        batch = await h.submit(["a", "b"])
+        await Scheduler(h.settings, h.store, h.blobs, SERVED, clock=h.clock).tick()
+        await poll_async(lambda: h.status() is BatchStatus.IN_PROGRESS, timeout=10, interval=0.005)
+        stop = asyncio.Event()
+        worker = Worker(h.settings, h.store, h.blobs, h.dispatchers(), clock=h.clock)
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await poll_async(
+                lambda: [s.status for s in h.store.shards(batch.id)] == ["done"],
+                timeout=5,
+                interval=0.005,
+            )
+        finally:
+            stop.set()
+            await task
+        assert isinstance(h.store, _BusyAfterLease) and h.store.failed == 1
+        fresh = h.store.get_batch(batch.id)
+        assert fresh is not None and (fresh.completed, fresh.failed) == (2, 0)
+
+    run(main)
+
+
+def test_an_input_read_failing_part_way_records_what_already_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        h = Harness(
+            tmp_path,
+            shard_size=10,
+            plan_prefixes=False,
+            flush_every_requests=100,
+            flush_every_seconds=60.0,
+        )
+        batch = await h.submit(["hold1", "hold2", "c", "d"])
+        await Scheduler(h.settings, h.store, h.blobs, SERVED, clock=h.clock).tick()
+        await poll_async(lambda: h.status() is BatchStatus.IN_PROGRESS, timeout=10, interval=0.005)
+        # The input is read two lines at a time, and its second read fails.
+        monkeypatch.setattr(shard_run, "INPUT_CHUNK", 2 * (len(line("c0", "hold1")) + 1))
+        read = h.blobs.get_range
+        reads = 0
+
+        async def get_range(path: str, start: int, end: int) -> bytes:
+            nonlocal reads
+            if path == "files/f1":
+                reads += 1
+                if reads == 2:
+                    raise BlobError("blob store unavailable")
+            return await read(path, start, end)
+
+        monkeypatch.setattr(h.blobs, "get_range", get_range)
+        shard = h.store.lease_shard("w1", "tok1", h.clock(), 30.0)
+        running = h.store.get_batch(batch.id)
+        assert shard is not None and running is not None
+        run_ = ShardRun(
+            settings=h.settings,
+            store=h.store,
+            blobs=h.blobs,
+            dispatchers=h.dispatchers(),
+            shard=shard,
+            batch=running,
+            token="tok1",
+            clock=h.clock,
+        )
+        task = asyncio.create_task(run_.run())
+        await poll_async(lambda: reads == 2 and h.sent() == ["hold1", "hold2"], timeout=10)
+        h.release.set()  # the two requests in flight when the read failed now finish
+        with pytest.raises(BlobError):
+            await asyncio.wait_for(task, 10)
+        # Their results are recorded before the error ends the run; the lines never read are
+        # not, and the shard is not finished: they run on the next lease.
+        fresh = h.store.get_batch(batch.id)
+        assert fresh is not None and (fresh.completed, fresh.failed) == (2, 0)
+        assert h.store.shards(batch.id)[0].status != "done"
+        assert h.sent() == ["hold1", "hold2"]
 
     run(main)
 

@@ -13,7 +13,6 @@ changed there, not here.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Annotated
 
 import typer
@@ -36,9 +35,6 @@ __all__ = ["app"]
 app = typer.Typer(
     help="Webhook endpoints: add, list, remove, deliveries, secret.", no_args_is_help=True
 )
-
-#: deliveries `list` counts per endpoint (the newest)
-COUNTED = 10_000
 
 
 @app.command("add")
@@ -91,8 +87,11 @@ def list_endpoints(
                 raise NotFound(f"no project {project!r} (see `backfill projects list`)")
             project_id = found[0].id
         endpoints = store.webhook_endpoints(project_id)
-        tallies = {
-            e.id: store.webhook_deliveries(endpoint_id=e.id, limit=COUNTED) for e in endpoints
+        # Counted by the store, not loaded; the last error is the newest delivery with one.
+        tallies = {e.id: store.webhook_delivery_counts(e.id) for e in endpoints}
+        errors = {
+            e.id: store.webhook_deliveries(endpoint_id=e.id, with_error=True, limit=1)
+            for e in endpoints
         }
     finally:
         store.close()
@@ -100,9 +99,8 @@ def list_endpoints(
         ("ID", "PROJECT", "URL", "EVENTS", "SOURCE", "CREATED", "OK/PENDING/FAILED", "LAST ERROR")
     ]
     for e in endpoints:
-        ds = tallies[e.id]
-        n = Counter(d.state for d in ds)
-        last = next((d.last_error for d in ds if d.last_error), None) or "-"
+        n = tallies[e.id]
+        last = next((d.last_error for d in errors[e.id] if d.last_error), None) or "-"
         events = "all" if set(e.event_types) == set(EVENT_TYPES) else ",".join(e.event_types)
         counts = f"{n['delivered']}/{n['pending']}/{n['failed']}"
         rows.append(

@@ -40,6 +40,17 @@ EMBEDDINGS_ENDPOINTS = ("/v1/embeddings",)
 
 #: what `Store.usage_totals` can group by (`batch` groups by the entry's kind)
 GROUP_KEYS = ("project_id", "api_key_id", "model", "batch", "currency")
+#: the ledger fields `Store.usage_totals` sums (the same names on `UsageEntry` and `UsageTotal`)
+SUMMED = (
+    "requests",
+    "input_tokens",
+    "cached_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "engine_ms",
+    "cost_micros",
+    "list_micros",
+)
 
 #: Unix seconds a report accepts: the store's integers stay far from their limits
 MAX_TIME = 10**11

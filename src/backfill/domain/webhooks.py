@@ -130,6 +130,10 @@ class WebhookEndpoint:
         return out
 
 
+#: `WebhookDelivery.state`s, in the order `backfill webhooks list` shows their counts
+DELIVERY_STATES = ("delivered", "pending", "failed")
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookDelivery:
     """One event for one endpoint, as the outbox holds it."""

@@ -335,9 +335,20 @@ class Store(Protocol):
         (another process holds the delivery, or it ended)."""
 
     def webhook_deliveries(
-        self, *, endpoint_id: str | None = None, batch_id: str | None = None, limit: int = 100
+        self,
+        *,
+        endpoint_id: str | None = None,
+        batch_id: str | None = None,
+        with_error: bool = False,
+        limit: int = 100,
     ) -> list[WebhookDelivery]:
-        """Deliveries, newest first."""
+        """Deliveries, newest first (`with_error`: only those whose last attempt left an
+        error)."""
+
+    def webhook_delivery_counts(self, endpoint_id: str) -> dict[str, int]:
+        """How many of the endpoint's deliveries are in each `WebhookDelivery.state` (every
+        state of `DELIVERY_STATES` a key), counted by the store (SQL `COUNT`) without loading
+        the rows."""
 
     def prune_webhook_deliveries(self, before: int) -> int:
         """Delete delivered and failed deliveries of events older than `before`."""

@@ -9,18 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from backfill.domain.usage import BATCH, UsageEntry
-from backfill.domain.usage_reports import GROUP_KEYS, UsageTotal, sort_key
-
-_SUMMED = (
-    "requests",
-    "input_tokens",
-    "cached_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "engine_ms",
-    "cost_micros",
-    "list_micros",
-)
+from backfill.domain.usage_reports import GROUP_KEYS, SUMMED, UsageTotal, sort_key
 
 
 class MemoryUsageMixin:
@@ -105,8 +94,8 @@ class MemoryUsageMixin:
                     bucket,
                     *((k, values[k]) for k in GROUP_KEYS if k in group_by),
                 )
-                sums = groups.setdefault(key, dict.fromkeys(_SUMMED, 0))
-                for name in _SUMMED:
+                sums = groups.setdefault(key, dict.fromkeys(SUMMED, 0))
+                for name in SUMMED:
                     sums[name] += getattr(e, name)
         totals = []
         for key, sums in groups.items():

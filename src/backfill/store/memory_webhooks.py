@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
 from backfill.domain.records import BatchRecord, Project
-from backfill.domain.webhooks import EVENT_OF_STATUS, WebhookDelivery, WebhookEndpoint, new_event_id
+from backfill.domain.webhooks import (
+    DELIVERY_STATES,
+    EVENT_OF_STATUS,
+    WebhookDelivery,
+    WebhookEndpoint,
+    new_event_id,
+)
 
 
 class MemoryWebhooksMixin:
@@ -172,15 +179,27 @@ class MemoryWebhooksMixin:
             return True
 
     def webhook_deliveries(
-        self, *, endpoint_id: str | None = None, batch_id: str | None = None, limit: int = 100
+        self,
+        *,
+        endpoint_id: str | None = None,
+        batch_id: str | None = None,
+        with_error: bool = False,
+        limit: int = 100,
     ) -> list[WebhookDelivery]:
         with self._lock:
             found = [
                 d
                 for d in reversed(self._deliveries.values())
-                if endpoint_id in (None, d.endpoint_id) and batch_id in (None, d.batch_id)
+                if endpoint_id in (None, d.endpoint_id)
+                and batch_id in (None, d.batch_id)
+                and (d.last_error or not with_error)
             ]
             return found[:limit]
+
+    def webhook_delivery_counts(self, endpoint_id: str) -> dict[str, int]:
+        with self._lock:
+            n = Counter(d.state for d in self._deliveries.values() if d.endpoint_id == endpoint_id)
+        return {state: n[state] for state in DELIVERY_STATES}
 
     def prune_webhook_deliveries(self, before: int) -> int:
         with self._lock:

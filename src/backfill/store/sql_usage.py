@@ -2,9 +2,9 @@
 
 `insert_usage` is the one writer: it runs inside the caller's transaction (a segment's record,
 a real-time request's end), and records an entry only if its `ref` is new, so the same work is
-never counted twice whatever is retried. On PostgreSQL the insert is `ON CONFLICT DO NOTHING`;
-SQLite serializes writers (`BEGIN IMMEDIATE`), so a select first is enough there, and the
-unique index backs both.
+never counted twice whatever is retried. The insert is one `INSERT ... ON CONFLICT (ref) DO
+NOTHING RETURNING` on both databases, so the unique index alone decides, without relying on
+SQLite's `BEGIN IMMEDIATE` to close the gap a select-then-insert would leave.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Connection, RowMapping, and_, func, insert, literal, select
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import BigInteger, Connection, RowMapping, and_, func, literal, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from backfill.domain.usage import BATCH, UsageEntry
-from backfill.domain.usage_reports import GROUP_KEYS, UsageTotal, sort_key
+from backfill.domain.usage_reports import GROUP_KEYS, SUMMED, UsageTotal, sort_key
 from backfill.store.schema import usage_ledger
 
 T = TypeVar("T")
@@ -28,20 +28,15 @@ _COLUMNS = [c.name for c in usage_ledger.columns if c.name != "seq"]
 def insert_usage(conn: Connection, entry: UsageEntry) -> bool:
     """Record `entry` in the caller's transaction unless its `ref` is recorded; True if new."""
     values = {k: v for k, v in asdict(entry).items() if k in _COLUMNS}
-    if conn.dialect.name == "postgresql":
-        # RETURNING tells whether it inserted (rowcount is not reliable for it on every driver)
-        stmt = (
-            postgresql.insert(usage_ledger)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=["ref"])
-            .returning(usage_ledger.c.seq)
-        )
-        return conn.execute(stmt).first() is not None
-    found = conn.execute(select(usage_ledger.c.seq).where(usage_ledger.c.ref == entry.ref))
-    if found.first() is not None:
-        return False
-    conn.execute(insert(usage_ledger).values(**values))
-    return True
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    # RETURNING tells whether it inserted (rowcount is not reliable for it on every driver).
+    stmt = (
+        dialect.insert(usage_ledger)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["ref"])
+        .returning(usage_ledger.c.seq)
+    )
+    return conn.execute(stmt).first() is not None
 
 
 def usage_entry(row: RowMapping) -> UsageEntry:
@@ -122,19 +117,7 @@ class SqlUsageMixin:
             "currency": u.c.currency,
         }
         keys = [columns[k].label(k) for k in GROUP_KEYS if k in group_by]
-        sums = [
-            func.sum(u.c[name]).label(name)
-            for name in (
-                "requests",
-                "input_tokens",
-                "cached_tokens",
-                "output_tokens",
-                "reasoning_tokens",
-                "engine_ms",
-                "cost_micros",
-                "list_micros",
-            )
-        ]
+        sums = [func.sum(u.c[name]).label(name) for name in SUMMED]
         q = select(index, *keys, *sums).where(and_(*where)).group_by(index, *keys)
 
         def work(conn: Connection) -> list[UsageTotal]:

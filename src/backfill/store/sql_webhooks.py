@@ -14,11 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, RowMapping, and_, insert, or_, select, update
+from sqlalchemy import Connection, RowMapping, and_, case, func, insert, or_, select, update
 from sqlalchemy import delete as sql_delete
 
 from backfill.domain.statuses import BatchStatus
-from backfill.domain.webhooks import EVENT_OF_STATUS, WebhookDelivery, WebhookEndpoint, new_event_id
+from backfill.domain.webhooks import (
+    DELIVERY_STATES,
+    EVENT_OF_STATUS,
+    WebhookDelivery,
+    WebhookEndpoint,
+    new_event_id,
+)
 from backfill.store.schema import projects, webhook_deliveries, webhook_endpoints
 
 T = TypeVar("T")
@@ -304,7 +310,12 @@ class SqlWebhooksMixin:
         )
 
     def webhook_deliveries(
-        self, *, endpoint_id: str | None = None, batch_id: str | None = None, limit: int = 100
+        self,
+        *,
+        endpoint_id: str | None = None,
+        batch_id: str | None = None,
+        with_error: bool = False,
+        limit: int = 100,
     ) -> list[WebhookDelivery]:
         d = webhook_deliveries
         q = select(d).order_by(d.c.seq.desc()).limit(limit)
@@ -312,9 +323,32 @@ class SqlWebhooksMixin:
             q = q.where(d.c.endpoint_id == endpoint_id)
         if batch_id is not None:
             q = q.where(d.c.batch_id == batch_id)
+        if with_error:
+            q = q.where(d.c.last_error.is_not(None), d.c.last_error != "")
         return self._run(
             lambda conn: [_delivery(r) for r in conn.execute(q).mappings()], write=False
         )
+
+    def webhook_delivery_counts(self, endpoint_id: str) -> dict[str, int]:
+        d = webhook_deliveries
+        # `WebhookDelivery.state` in SQL: delivered, else failed (given up), else pending.
+        state = case(
+            (d.c.delivered_at.is_not(None), "delivered"),
+            (d.c.gave_up_at.is_not(None), "failed"),
+            else_="pending",
+        ).label("state")
+        q = (
+            select(state, func.count().label("n"))
+            .where(d.c.endpoint_id == endpoint_id)
+            .group_by(state)
+        )
+
+        def work(conn: Connection) -> dict[str, int]:
+            counts = dict.fromkeys(DELIVERY_STATES, 0)
+            counts.update((r.state, int(r.n)) for r in conn.execute(q))
+            return counts
+
+        return self._run(work, write=False)
 
     def prune_webhook_deliveries(self, before: int) -> int:
         d = webhook_deliveries

@@ -23,6 +23,9 @@ the next owner, or given `batch_cancelled`/`batch_expired` by finalization). So:
   same segment is written again with backoff until it is recorded or the lease is lost (then
   the next owner re-runs those requests, as after a kill). While checkpoints fail, no new
   request starts once `_max_buffered` results wait, so memory stays bounded;
+- an input read that fails part-way starts nothing more: the requests already started end
+  and their results are recorded before the error ends the run; the shard is not finished,
+  so the lines not read run on the next lease (after this one runs out, as for any error);
 - the shard is finished only when every line is accounted for; otherwise it is given back.
 
 Order (`settings.plan_prefixes`, on by default): the run first reads the shard once and keeps,
@@ -115,6 +118,7 @@ class ShardRun:
         blobs: Blobs,
         dispatchers: dict[str, Dispatcher],
         shard: Shard,
+        batch: BatchRecord,
         token: str,
         owner: str = "",
         clock: Callable[[], float] = time.time,
@@ -125,10 +129,11 @@ class ShardRun:
         self._blobs = blobs
         self._dispatchers = dispatchers
         self.shard = shard
+        self._batch = batch  # as the worker read it when it leased the shard
         self._token = token
         self._clock = clock
         self._prices = PriceTable.from_config(settings.prices, settings.batch_discount)
-        self._model: str | None = None  # the batch's, once `run` has read it
+        self._model = batch.model
         self._buffer: list[_Result] = []
         self._buffered_bytes = 0
         self._pending: _Pending | None = None
@@ -148,17 +153,17 @@ class ShardRun:
 
     async def run(self) -> None:
         shard = self.shard
-        batch = await asyncio.to_thread(self._store.get_batch, shard.batch_id)
-        if batch is None:
-            return
-        self._model = batch.model
+        batch = self._batch
         requests = await self._load(batch)
         heartbeat = asyncio.create_task(self._heartbeat())
         flusher = asyncio.create_task(self._flusher())
         try:
-            started = await self._dispatch_all(batch, requests)
-            while self._pending is not None or self._buffer:
-                await self._flush_until_recorded()
+            try:
+                started = await self._dispatch_all(batch, requests)
+            except Exception:
+                await self._record_all()  # what ran before the input read failed
+                raise
+            await self._record_all()
             missing = len(started - self._accounted)
             if missing and not self._stop.is_set():
                 log.error(
@@ -243,6 +248,18 @@ class ShardRun:
                 task.add_done_callback(finished)
             if running:
                 await asyncio.gather(*list(running), return_exceptions=True)
+        except BaseException as exc:
+            # Reading the input failed part-way (or the run was cancelled): start nothing more,
+            # and let the requests already started end first (a stop still aborts them, as
+            # above), so nothing keeps running detached and `run` records their results before
+            # the error goes on; the lines not read run on the next lease. A cancelled run
+            # cancels them.
+            if isinstance(exc, asyncio.CancelledError):
+                for task in list(running):
+                    task.cancel()
+            if running:
+                await asyncio.gather(*list(running), return_exceptions=True)
+            raise
         finally:
             watcher.cancel()
         return started
@@ -375,6 +392,11 @@ class ShardRun:
         """Checkpoint; on failure keep the results and try again with backoff until it is
         recorded, or the lease is lost (`LeaseLost`: the next owner re-runs them)."""
         await self._until_done("checkpoint (results kept)", self._flush)
+
+    async def _record_all(self) -> None:
+        """Checkpoint until every buffered result is recorded (or the lease is lost)."""
+        while self._pending is not None or self._buffer:
+            await self._flush_until_recorded()
 
     def _cut(self) -> _Pending:
         """Move the buffer into a new pending segment."""

@@ -18,6 +18,10 @@ How many shards run at once follows the models' capacity, not a fixed number:
   4 x `FLUSH_BYTES`) waiting for a checkpoint, and shards beyond the floor are leased only for
   requests the windows can take now.
 
+A leased shard's batch is read once, here, and handed to its `ShardRun`. If that read fails
+(or finds the batch gone), the lease is given back at once and leasing backs off as after any
+store failure: a shard leased by no running shard would otherwise wait out its lease.
+
 Leasing polls the store; an idle worker backs off to the poll interval. While the store or the
 blobs fail, leasing backs off further (`backfill.outages`) and the failures are logged once per
 episode, not once per attempt.
@@ -40,6 +44,7 @@ from backfill.blobs.base import Blobs
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.domain.ids import new_token
 from backfill.domain.ordering import merged_weights
+from backfill.domain.records import Shard
 from backfill.outages import Outages
 from backfill.settings import Settings
 from backfill.store.base import Store
@@ -67,8 +72,6 @@ class Worker:
         self._runs: dict[asyncio.Task[None], ShardRun] = {}
         #: what each run may ask of its model (`worker/capacity.py`)
         self._running: dict[asyncio.Task[None], RunningShard] = {}
-        #: the model of each batch leased lately (a batch's model never changes)
-        self._models: dict[str, str | None] = {}
         #: the most shards this worker has run at once (for tests and benchmarks)
         self.peak_shards = 0
         self._weights: dict[str, float] = dict(settings.project_weights)
@@ -137,7 +140,15 @@ class Worker:
         )
         if shard is None:
             return False
-        model = await self._model_of(shard.batch_id)
+        try:
+            batch = await asyncio.to_thread(self._store.get_batch, shard.batch_id)
+        except Exception:
+            await self._give_back(shard, token)
+            raise
+        if batch is None:  # deleted since it was leased
+            await self._give_back(shard, token)
+            return False
+        model = batch.model
         dispatcher = self._dispatchers.get(model or "")
         demand = min(shard.count - shard.done, dispatcher.in_hand()) if dispatcher else 0
         shard_run = ShardRun(
@@ -146,6 +157,7 @@ class Worker:
             blobs=self._blobs,
             dispatchers=self._dispatchers,
             shard=shard,
+            batch=batch,
             token=token,
             owner=self.id,
             clock=self._clock,
@@ -161,14 +173,13 @@ class Worker:
         self._runs.pop(task, None)
         self._running.pop(task, None)
 
-    async def _model_of(self, batch_id: str) -> str | None:
-        """The batch's model (cached: it never changes once the batch runs)."""
-        if batch_id not in self._models:
-            batch = await asyncio.to_thread(self._store.get_batch, batch_id)
-            if len(self._models) >= 4096:
-                self._models.clear()
-            self._models[batch_id] = None if batch is None else batch.model
-        return self._models[batch_id]
+    async def _give_back(self, shard: Shard, token: str) -> None:
+        """Release a lease no run will use (best effort: if the store fails now too, the lease
+        expires as it would have)."""
+        try:
+            await asyncio.to_thread(self._store.release_shard, shard.batch_id, shard.index, token)
+        except Exception as exc:
+            log.debug("could not give back %s/%d: %s", shard.batch_id, shard.index, exc)
 
     async def weights(self) -> Mapping[str, float]:
         """The projects' weights by name, re-read from the store when older than the TTL."""
