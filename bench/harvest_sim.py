@@ -632,7 +632,7 @@ def diurnal(args: argparse.Namespace, seed: int, pool: ProcessPoolExecutor) -> N
     governor = Spec("(c) governor", "governor")
     fixed = [Spec(f"fixed {n}", "fixed", ceiling=n) for n in args.diurnal_fixed]
     totals = [
-        Spec(f"total {n} quiet {q}", "total", valley=n, burst=q)
+        Spec(f"total {n}" + (f", quiet hours {q}" if q else ""), "total", valley=n, burst=q)
         for n in args.totals
         for q in args.quiet_totals
     ]
@@ -709,7 +709,8 @@ def diurnal(args: argparse.Namespace, seed: int, pool: ProcessPoolExecutor) -> N
         if label in (governor.label, restarted.label):
             met = ok and used >= 0.90
             print(
-                f"{label[4:]}: {used:.1%} of the idle capacity while the batch ran (target >= 90% "
+                f"{label.split(') ', 1)[1]}: {used:.1%} of the idle capacity while the batch ran "
+                "(target >= 90% "
                 f"inside the budget): " + ("MET" if met else "MISSED")
             )
 
@@ -741,16 +742,16 @@ def main() -> int:
         "--aimd-scales",
         type=float,
         nargs="*",
-        default=[1.0, 0.95, 0.9, 0.85],
+        default=[1.0, 0.95, 0.9, 0.85, 0.8, 0.75],
         help="AIMD targets: these multiples of the budget x (a)'s p99s",
     )
     parser.add_argument("--hour", type=float, default=30.0, help="diurnal: sim s per hour")
     parser.add_argument("--diurnal-fixed", type=int, nargs="*", default=[32, 64])
     parser.add_argument(
-        "--totals", type=int, nargs="*", default=[], help="diurnal: total load held at N"
+        "--totals", type=int, nargs="*", default=[90], help="diurnal: total load held at N"
     )
     parser.add_argument(
-        "--quiet-totals", type=int, nargs="*", default=[0], help="... in hours under 50%%"
+        "--quiet-totals", type=int, nargs="*", default=[0, 160], help="... in hours under 50%%"
     )
     parser.add_argument("--no-diurnal", action="store_true")
     parser.add_argument("--no-bursty", action="store_true")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.governor import PEAK_SAVE_SECONDS, Governor
 from backfill.dispatch.policy import Decision, GovernorPolicy, PolicyConfig
@@ -62,7 +64,7 @@ async def ticks(gov: Governor, clock: list[float], n: int) -> list[Decision]:
     return out
 
 
-def test_the_days_peak_is_saved_with_the_time_it_was_seen() -> None:
+def test_the_days_peak_is_saved_and_kept_through_the_quiet_hours() -> None:
     store = MemoryStore()
     clock = [0.0]
     gov, fake = governor(store, clock)
@@ -74,9 +76,7 @@ def test_the_days_peak_is_saved_with_the_time_it_was_seen() -> None:
     asyncio.run(ticks(gov, clock, int((WINDOW + 2 * PEAK_SAVE_SECONDS) * 10)))
     last = store.governor_peak("m")
     assert last is not None and last.reference == saved.reference
-    # saved again since, but stamped with the last time the window held the peak (the load
-    # fell at 20 s), not the time of the save, so a restart still ages it out on time
-    assert last.saved_at <= WALL + 20 + WINDOW + 0.2 < WALL + clock[0] - PEAK_SAVE_SECONDS
+    assert last.saved_at > saved.saved_at  # saved again (the live day's figure: stamped now)
     asyncio.run(ticks(gov, clock, int(DAY * 10)))  # a day later the peak is the quiet one
     assert store.governor_peak("m").reference < 3  # type: ignore[union-attr]
 
@@ -106,6 +106,10 @@ def test_a_fresh_start_plans_against_the_stored_peak_until_it_is_a_day_old() -> 
     assert first[-1].limit > blind_first[-1].limit  # it fills the valley below the known peak
     later = asyncio.run(ticks(gov, clock, int((DAY - 100 - 5) * 10)))
     assert later[-1].reference == 40.0  # still inside the day it was seen in
+    # saved again meanwhile with the time it was seen, not refreshed: it still ages out
+    kept = store.governor_peak("m")
+    assert kept is not None and kept.reference == 40.0
+    assert kept.saved_at == pytest.approx(WALL - 100, abs=0.2)
     gone = asyncio.run(ticks(gov, clock, int((5 + PEAK_SAVE_SECONDS) * 10)))
     assert gone[-1].reference < 10  # a day old: the live quantile again
     assert store.governor_peak("m").reference < 10  # type: ignore[union-attr]
@@ -134,7 +138,7 @@ def test_a_store_that_fails_is_skipped() -> None:
 
 def test_the_policy_plans_against_the_days_peak_not_the_windows() -> None:
     p = GovernorPolicy(PolicyConfig(ceiling=512, window=WINDOW, day=DAY))
-    p.seed_reference(30.0, age=DAY - 200)
+    p.seed_reference(30.0, age=100)
 
     def tick(now: float, load: float) -> Decision:
         engine = EngineLoad(running=load, waiting=0.0, kv_usage=0.1, tpot=0.01)
@@ -146,12 +150,14 @@ def test_the_policy_plans_against_the_days_peak_not_the_windows() -> None:
 
     assert tick(0.1, 50).reference == 50  # the live quantile above the seed wins
     assert tick(WINDOW - 1, 2).reference == 50
-    quiet = tick(WINDOW + 70, 2)  # the window's peak is 2; the day's is 50
+    quiet = tick(WINDOW + 70, 2)  # the window's peak is 2; the day's (3 ticks) is 50
     assert quiet.reference == 50 and p.live_reference == 2
-    # seen last at WINDOW - 1 (the window still held the load of 50): 71 s before
-    assert p.day_peak(WINDOW + 70) == (50.0, 71.0)
-    assert tick(DAY + WINDOW + 10, 2).reference == 2  # a day after the peak: forgotten
-    assert p.day_peak(DAY + WINDOW + 10)[0] == 2.0
+    assert p.day_peak(WINDOW + 70) == (50.0, 0.0)  # the live day's, not the seed
+    for i in range(200):  # the day's 98th percentile: 50 is 1 of 203 ticks now
+        tick(WINDOW + 71 + i, 2)
+    assert tick(WINDOW + 300, 2).reference == 30  # the seed (seen 100 s before 0.1) is higher
+    assert p.day_peak(WINDOW + 300) == (30.0, pytest.approx(WINDOW + 300 + 100 - 0.1))
+    assert tick(DAY - 100 + 10, 2).reference == 2  # the seed a day old: forgotten
 
 
 def test_a_seed_older_than_the_day_is_ignored() -> None:

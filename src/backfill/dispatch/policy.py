@@ -26,7 +26,7 @@ The model, the formula and the measurements behind each choice: `docs/governor.m
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from backfill.dispatch.signals import Signals
@@ -85,6 +85,19 @@ class Decision:
     dormant: bool = False
     #: the batch level real-time TTFT allows (`TtftGuard`; None: not watching TTFT)
     ttft_cap: int | None = None
+
+
+def quantile_of(counts: Counter[int], q: float) -> float:
+    """The `q` quantile of the values counted (`value: times`), 0 for none."""
+    total = sum(n for n in counts.values() if n > 0)
+    if total <= 0:
+        return 0.0
+    rank = max(1, math.ceil(q * total))
+    for value in sorted(counts):
+        rank -= max(0, counts[value])
+        if rank <= 0:
+            return float(value)
+    return float(max(counts))
 
 
 class KneeFit:
@@ -253,12 +266,16 @@ class GovernorPolicy:
         #: no engine metrics and no real-time request yet (see `_dormant`)
         self.dormant = True
         self._metrics_seen = False
-        #: a reference peak from before a restart (`seed_reference`): (peak, seconds ago)
+        #: a reference peak from before a restart (`seed_reference`): (peak, seconds ago),
+        #: then (peak, when it was seen on this policy's clock)
         self._seed: tuple[float, float] | None = None
+        self._seed_pending = False
         #: the quantile of the load watched over the last window
         self.live_reference = 0.0
-        #: the highest live reference per slice of the last `day` (time, value), oldest first
-        self._day: deque[tuple[float, float]] = deque()
+        #: the real-time load over the last `day`: per slot of 1/288 of it (5 minutes of a real
+        #: day) (start, load: ticks), and their sum
+        self._slots: deque[tuple[float, Counter[int]]] = deque()
+        self._day_counts: Counter[int] = Counter()
 
     # -- pieces ---------------------------------------------------------------------------------
     def realtime_load(self, s: Signals) -> int:
@@ -305,47 +322,61 @@ class GovernorPolicy:
         for the peak (and fill the valley as if bursts were that small, or call every return
         to the usual load a burst)."""
         self._seed = (peak, max(0.0, age)) if peak > 0 and age < self.config.day else None
+        self._seed_pending = self._seed is not None
 
     def reference(self, now: float, load: int) -> float:
-        """The real-time peak planned for: the highest of a high quantile of the real-time
-        load over each window of the last `day` (and the seeded peak while it is younger).
+        """The real-time peak planned for: the higher of a high quantile of the real-time load
+        over the last `window` and over the last `day` (and the seeded peak while it is younger
+        than a day).
 
-        Why the day's and not the window's: the budget is on real time's p99, and the day's
-        p99 is set by its busiest hours. Against the window's own peak a quiet hour kept the
-        batch to the headroom over that hour's small load (18.5% of the compressed day's idle
-        capacity in `bench/harvest_sim.py`), its step time far below what the budget allows.
-        The cost, stated in `docs/governor.md`: in a quiet hour, real time may see the step
-        time of the day's peak hour (its own p99 rises; the day's stays inside the budget)."""
+        Why the day's and not the window's alone: the budget is on real time's p99, and the
+        day's p99 is set by its busiest hours. Against the window's own peak a quiet hour kept
+        the batch to the headroom over that hour's small load (18.5% of the compressed day's
+        idle capacity in `bench/harvest_sim.py`), its step time far below what the budget
+        allows. The cost, stated in `docs/governor.md`: in a quiet hour, real time may see the
+        step time of the day's busy hours (its own p99 rises; the day's stays inside the
+        budget). The day's quantile, not the highest of the windows' quantiles: the highest of
+        many windows' 98th percentiles is a rarer load than the day's 98th percentile, and
+        planned against, it took a steady trace outside the budget."""
         history = self._history
         history.append((now, load))
         horizon = now - self.config.window
         while history and history[0][0] < horizon:
             history.popleft()
-        ordered = sorted(v for _, v in history)
-        index = min(len(ordered) - 1, math.ceil(self.config.reference_quantile * len(ordered)) - 1)
-        live = self.live_reference = float(ordered[max(0, index)])
-        day = self._day
+        live = self.live_reference = quantile_of(
+            Counter(v for _, v in history), self.config.reference_quantile
+        )
+        slots, counts = self._slots, self._day_counts
+        if not slots or now - slots[-1][0] >= self.config.day / 288:
+            slots.append((now, Counter()))
+        slots[-1][1][load] += 1
+        counts[load] += 1
+        while slots[0][0] < now - self.config.day:
+            for value, n in slots.popleft()[1].items():
+                counts[value] -= n
+                if counts[value] <= 0:
+                    del counts[value]
+        planned = max(live, quantile_of(counts, self.config.reference_quantile))
         if self._seed is not None:
-            peak, age = self._seed
-            self._day = day = deque(sorted([*day, (now - age, peak)]))
-            self._seed = None
-        # one slot per 1/288 of the day (5 minutes of a real one): its highest live reference
-        if day and now - day[-1][0] < self.config.day / 288:
-            if live > day[-1][1]:
-                day[-1] = (day[-1][0], live)
-        else:
-            day.append((now, live))
-        while day[0][0] < now - self.config.day:
-            day.popleft()
-        return max(v for _, v in day)
+            peak, seen = self._seed
+            if self._seed_pending:  # the first tick: its age becomes a time on our clock
+                seen = now - seen
+                self._seed, self._seed_pending = (peak, seen), False
+            if seen < now - self.config.day:
+                self._seed = None
+            else:
+                planned = max(planned, peak)
+        return planned
 
     def day_peak(self, now: float) -> tuple[float, float]:
-        """(the highest reference of the last day, seconds since it was seen), for the governor
-        to save; (0, 0) before any tick."""
-        if not self._day:
+        """(the day's planned peak, seconds since it was seen: 0 unless the seed is it), for
+        the governor to save; (0, 0) before any tick."""
+        if not self._slots:
             return 0.0, 0.0
-        at, value = max(self._day, key=lambda e: (e[1], e[0]))
-        return value, max(0.0, now - at)
+        value = quantile_of(self._day_counts, self.config.reference_quantile)
+        if self._seed is not None and not self._seed_pending and self._seed[0] > value:
+            return self._seed[0], max(0.0, now - self._seed[1])
+        return value, 0.0
 
     def _learn(self, s: Signals, load: int) -> None:
         if s.engine is not None:
