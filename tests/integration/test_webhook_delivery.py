@@ -6,6 +6,7 @@ The store is real SQLite; batches are ended through the store as the scheduler e
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -110,6 +111,23 @@ async def test_deliveries_pass_the_sdk_unwrap(store: SqlStore, receiver: Receive
         assert d.headers["webhook-signature"].startswith("v1,")
         assert d.headers["content-type"] == "application/json"
     assert {d.state for d in store.webhook_deliveries()} == {"delivered"}
+
+
+@pytest.mark.anyio
+async def test_a_stop_lets_the_attempt_in_flight_be_recorded(
+    store: SqlStore, receiver: Receiver
+) -> None:
+    subscribe(store, receiver)
+    receiver.hang = threading.Event()  # the receiver holds the request
+    end_batch(store, "p", S.COMPLETED)
+    stop, task = await delivering(store)
+    await poll_async(lambda: receiver.arrived == 1)
+    stop.set()  # shutdown while the attempt waits for its answer
+    threading.Timer(0.3, receiver.hang.set).start()
+    await task
+    assert len(receiver.accepted) == 1
+    # recorded as delivered: a restart does not send it again
+    assert [d.state for d in store.webhook_deliveries()] == ["delivered"]
 
 
 @pytest.mark.anyio

@@ -45,6 +45,8 @@ CLAIM_MARGIN_SECONDS = 5.0
 #: an answer's body is read (for the log) up to this many bytes
 ERROR_BODY_BYTES = 512
 PRUNE_INTERVAL_SECONDS = 3600.0
+#: at shutdown, seconds the attempts in flight may take to end and be recorded
+SHUTDOWN_GRACE_SECONDS = 5.0
 
 
 class Deliverer:
@@ -92,7 +94,12 @@ class Deliverer:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), delay)
             finally:
-                # attempts cut short here are tried again when their claims run out
+                # attempts in flight get a moment to end and be recorded (cancelled at once, a
+                # delivery the receiver had already accepted was sent again after a restart);
+                # those cut short here are tried again when their claims run out
+                if self._tasks:
+                    grace = min(self._timeout, SHUTDOWN_GRACE_SECONDS)
+                    await asyncio.wait(set(self._tasks), timeout=grace)
                 for task in list(self._tasks):
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
