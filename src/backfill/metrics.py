@@ -14,8 +14,10 @@ process-global one, so no process or GC metrics are added and tests never share 
 one such collector; `render()` is `generate_latest`, the text format 0.0.4. `Family` is the
 plain shape the composition root hands over (name, type, help, value per model), so neither
 `service.py` nor the API sees a prometheus_client type; `by_model` turns families into metrics
-with one `model` label, sorted by model. `gauge`, `counter` and `histogram` build single-series
-metrics for the simulator, whose histograms are counted in plain lists as the engine steps.
+with one `model` label, sorted by model (a family whose `labels` name more, as the replicas'
+`("model", "replica")`, has its values keyed by tuples of label values). `gauge`, `counter` and
+`histogram` build single-series metrics for the simulator, whose histograms are counted in
+plain lists as the engine steps.
 
 Parsing. `parse` reads the text with `prometheus_client.parser` into the flat
 `{sample name, or name{labels}: value}` dict the governor looks names up in
@@ -137,22 +139,24 @@ Kind = Literal["gauge", "counter"]
 
 
 class Family(NamedTuple):
-    """One metric of backfill's own `/metrics`: a value per model."""
+    """One metric of backfill's own `/metrics`: a value per model, or per tuple of label values
+    when `labels` names more than the model."""
 
     name: str  # counters end in `_total`, as exposed
     kind: Kind
     help: str
-    values: Mapping[str, float]  # model -> value
+    values: Mapping[str, float] | Mapping[tuple[str, ...], float]  # model (or labels) -> value
+    labels: tuple[str, ...] = ("model",)
 
 
-def by_model(families: Iterable[Family], label: str = "model") -> Iterator[Metric]:
-    """Each family as a metric with one `label` per series, series sorted by model."""
-    for name, kind, help_text, values in families:
-        metric = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
-            name, help_text, labels=[label]
+def by_model(families: Iterable[Family]) -> Iterator[Metric]:
+    """Each family as a metric with its `labels`, series sorted by model (then the others)."""
+    for family in families:
+        metric = (CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily)(
+            family.name, family.help, labels=list(family.labels)
         )
-        for model, value in sorted(values.items()):
-            metric.add_metric([model], float(value))
+        for key, value in sorted(family.values.items()):
+            metric.add_metric([key] if isinstance(key, str) else list(key), float(value))
         yield metric
 
 

@@ -48,7 +48,7 @@ from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.governor import Governor, make_policy
 from backfill.dispatch.signals import RealtimeStats
 from backfill.domain.validation import TokenCounter
-from backfill.engines.base import Engine, TokenCounting
+from backfill.engines.base import Engine, ReplicaReporting, TokenCounting
 from backfill.engines.registry import build_engine, build_engines, with_default_models
 from backfill.metrics import Family, Kind
 from backfill.scheduler.scheduler import Scheduler
@@ -304,9 +304,47 @@ class Service:
             ("engine_kv_cache_usage", "gauge", "engine KV-cache usage (0..1), as last read",
              lambda x: x.kv_usage, ek),
         ]  # fmt: skip
-        return [
+        families = [
             Family(f"backfill_{name}", kind, text, {m: float(get(x)) for m, x in source.items()})
             for name, kind, text, get, source in rows
+        ]
+        return families + self.replica_families()
+
+    def replica_families(self) -> list[Family]:
+        """Per model and replica (models with several `urls`; `replica` is its URL): the
+        router's figures (`engines/routing.ReplicaState`), so an operator sees how the load and
+        the failures are spread, which the per-model figures (summed over replicas) hide."""
+        stats: dict[tuple[str, ...], dict[str, Any]] = {
+            (model, replica["url"]): replica
+            for model, engine in self.engines.items()
+            if isinstance(engine, ReplicaReporting)
+            for replica in engine.replica_stats()
+        }
+        rows: list[tuple[str, Kind, str, str]] = [
+            ("in_flight", "gauge",
+             "requests backfill has at the replica now (batch and real time)", "in_flight"),
+            ("external", "gauge",
+             "requests the replica's own metrics say it runs or queues beyond backfill's "
+             "(other clients and backfill processes), as last scraped", "external"),
+            ("sent_total", "counter", "attempts sent to the replica (batch and real time)",
+             "sent"),
+            ("errors_total", "counter",
+             "attempts at the replica that got no answer or an answer >= 500", "errors"),
+            ("spilled_total", "counter",
+             "requests of prefix groups mapped to the replica sent to another because it was "
+             "much busier (affinity routing)", "spilled"),
+            ("drained", "gauge", "1: drained (failing; no new request until a probe answers)",
+             "drained"),
+        ]  # fmt: skip
+        return [
+            Family(
+                f"backfill_replica_{name}",
+                kind,
+                text,
+                {key: float(replica[field]) for key, replica in stats.items()},
+                ("model", "replica"),
+            )
+            for name, kind, text, field in rows
         ]
 
     def model_loads(self) -> list[ModelLoad]:

@@ -5,7 +5,8 @@ flight, sent, retried, succeeded, failed, unreachable upstream, bad bodies, shed
 deferred (long prompts waiting); real-time requests in flight and received; and, for governed
 models, what the last decision was based on (the reference real-time peak, the knee of the
 step-time model, the trim factor, idle). These are the figures to watch next to vLLM's own
-`/metrics` when tuning the latency budget.
+`/metrics` when tuning the latency budget. A model with several replicas also has per-replica
+series (`backfill_replica_*`, labels `model` and `replica`, the replica's URL).
 
 Like vLLM's `/metrics` it needs no key: it carries model names and load figures, nothing of
 any project's files or batches. The composition root supplies the numbers through

@@ -6,8 +6,8 @@ and the raw JSON body it produced. Transport failures (refused connection, timeo
 `EngineUnavailable`; the dispatcher decides about retries. Engines rename the model if the
 operator mapped a public name to a different upstream name.
 
-Two optional capabilities, checked with `isinstance(engine, StreamingEngine)` /
-`isinstance(engine, MetricsSource)` (runtime-checkable protocols, so in-process engines that
+Optional capabilities, checked with `isinstance(engine, StreamingEngine)`, `MetricsSource`,
+`TokenCounting`, `ReplicaReporting` (runtime-checkable protocols, so in-process engines that
 lack them need no change):
 - `stream(endpoint, body, timeout=...)`: an async context manager yielding a `StreamReply`
   whose `chunks` are the upstream's response bytes as they arrive (SSE for `stream: true`);
@@ -18,6 +18,9 @@ lack them need no change):
 - `count_tokens(endpoint, body)`: the request's prompt tokens by the model's own tokenizer
   (in-process engines), or None when it cannot tell; the scheduler counts enqueued tokens
   with it at validation (from a thread), and estimates for engines without it.
+- `replica_stats()`: per upstream replica, the router's figures (`engines/replicas.py`,
+  a model with several `urls`); the composition root puts them on `/metrics` through this
+  protocol, so nothing above `engines/` imports `ReplicaSet` (or aiohttp) for them.
 """
 
 from __future__ import annotations
@@ -103,4 +106,12 @@ class MetricsSource(Protocol):
 class TokenCounting(Protocol):
     def count_tokens(self, endpoint: str, body: dict[str, Any]) -> int | None:
         """The prompt tokens of one request (None: not known, e.g. before `start()`)."""
+        ...
+
+
+@runtime_checkable
+class ReplicaReporting(Protocol):
+    def replica_stats(self) -> list[dict[str, Any]]:
+        """Each replica's `url`, `in_flight`, `external`, `sent`, `errors`, `spilled` and
+        `drained` (see `engines/routing.ReplicaState`)."""
         ...
