@@ -39,8 +39,8 @@ class PolicyConfig:
     ttft_inflation: float = 1.10
     tpot_inflation: float = 1.20
     window: float = 60.0  # seconds of real-time load history (the reference peak)
-    #: seconds the highest reference is remembered: quiet hours are planned against the day's
-    #: peak, not their own (`GovernorPolicy.reference`)
+    #: seconds of real-time load whose 98th percentile is planned for: quiet hours are planned
+    #: against the day's busy hours, not their own (`GovernorPolicy.reference`)
     day: float = 86400.0
     idle_after: float = 5.0
     abort: bool = True
