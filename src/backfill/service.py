@@ -320,31 +320,32 @@ class Service:
             if isinstance(engine, ReplicaReporting)
             for replica in engine.replica_stats()
         }
-        rows: list[tuple[str, Kind, str, str]] = [
+        rows: list[tuple[str, Kind, str]] = [  # (name: its `replica_stats` field, less _total)
             ("in_flight", "gauge",
-             "requests backfill has at the replica now (batch and real time)", "in_flight"),
+             "requests backfill has at the replica now (batch and real time)"),
             ("external", "gauge",
              "requests the replica's own metrics say it runs or queues beyond backfill's "
-             "(other clients and backfill processes), as last scraped", "external"),
-            ("sent_total", "counter", "attempts sent to the replica (batch and real time)",
-             "sent"),
+             "(other clients and backfill processes), as last scraped"),
+            ("sent_total", "counter", "attempts sent to the replica (batch and real time)"),
             ("errors_total", "counter",
-             "attempts at the replica that got no answer or an answer >= 500", "errors"),
+             "attempts at the replica that got no answer or an answer >= 500"),
             ("spilled_total", "counter",
              "requests of prefix groups mapped to the replica sent to another because it was "
-             "much busier (affinity routing)", "spilled"),
-            ("drained", "gauge", "1: drained (failing; no new request until a probe answers)",
-             "drained"),
+             "much busier (affinity routing)"),
+            ("drained", "gauge", "1: drained (failing; no new request until a probe answers)"),
         ]  # fmt: skip
         return [
             Family(
                 f"backfill_replica_{name}",
                 kind,
                 text,
-                {key: float(replica[field]) for key, replica in stats.items()},
+                {
+                    key: float(replica[name.removesuffix("_total")])
+                    for key, replica in stats.items()
+                },
                 ("model", "replica"),
             )
-            for name, kind, text, field in rows
+            for name, kind, text in rows
         ]
 
     def model_loads(self) -> list[ModelLoad]:
