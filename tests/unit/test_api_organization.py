@@ -120,12 +120,19 @@ async def test_completions_grouped(api: Api) -> None:
 
 
 async def test_embeddings_and_default_end(api: Api) -> None:
+    # recorded in the fake clock's current second: the default end must include it (end_time
+    # is exclusive; an end of `now` left out the work of the last second and the CI run that
+    # queried right after a batch ended saw no embeddings)
+    assert api.store.record_usage(
+        UsageEntry("e5", BATCH, api.project.id, "minilm", "/v1/embeddings", T0, requests=1,
+                   input_tokens=4)
+    )  # fmt: skip
     body = await get(api, "usage/embeddings", admin(), start_time=D)
-    # default end: now (the fake clock), so one day bucket cut at now
+    # default end: the end of now's second (the fake clock), so one day bucket cut there
     [bucket] = body["data"]
-    assert (bucket["start_time"], bucket["end_time"]) == (D, T0)
+    assert (bucket["start_time"], bucket["end_time"]) == (D, T0 + 1)
     assert figures(body, "object", "input_tokens", "num_model_requests") == [
-        [("organization.usage.embeddings.result", 16, 2)]
+        [("organization.usage.embeddings.result", 20, 3)]
     ]
 
 

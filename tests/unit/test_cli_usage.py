@@ -67,6 +67,18 @@ def test_usage_by_project_and_model(capsys: pytest.CaptureFixture[str], tmp_path
     assert lines[4].split()[:3] == ["TOTAL", "7", "126"]
 
 
+def test_default_until_counts_the_current_second(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # now is entry 3's second: without --until it is counted (an end of `now` left it out)
+    ledger(tmp_path)
+    monkeypatch.setattr("backfill.cli.usage.time.time", lambda: T0 + 30.5)
+    code, out, err = run_cli(capsys, "usage", "--since", str(T0), "--json", "--data-dir",
+                             str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["total"]["requests"] == 7
+
+
 def test_usage_refuses_bad_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     data = ["--data-dir", str(tmp_path)]
     assert run_cli(capsys, "usage", "--by", "colour", *data)[0] == 2

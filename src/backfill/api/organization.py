@@ -1,13 +1,14 @@
 """`/v1/organization/usage/completions`, `/v1/organization/usage/embeddings` and
 `/v1/organization/costs`: the usage ledger in the shape of OpenAI's Usage and Costs API.
 
-Parameters are OpenAI's: `start_time` (required), `end_time` (default: now), `bucket_width`
-(`1m`, `1h`, `1d`; costs `1d` only), `project_ids`, `api_key_ids`, `models`, `batch`
-(completions), `group_by`, `limit` (buckets a page; defaults and maxima per width as the spec
-gives them) and `page` (the previous answer's `next_page`). List parameters are accepted
-repeated both as `name=` and `name[]=`. The answer is a page of buckets, every bucket of the
-range included, empty or not (`domain/usage_reports.py` says where buckets start, what each
-report counts and what a cost `line_item` is).
+Parameters are OpenAI's: `start_time` (required), `end_time` (exclusive; default: the end of
+the current second, so work recorded just now counts), `bucket_width` (`1m`, `1h`, `1d`; costs
+`1d` only), `project_ids`, `api_key_ids`, `models`, `batch` (completions), `group_by`, `limit`
+(buckets a page; defaults and maxima per width as the spec gives them) and `page` (the previous
+answer's `next_page`). List parameters are accepted repeated both as `name=` and `name[]=`.
+The answer is a page of buckets, every bucket of the range included, empty or not
+(`domain/usage_reports.py` says where buckets start, what each report counts and what a cost
+`line_item` is).
 
 Who sees what: an admin key (`backfill keys create --admin`) sees every project and may filter
 with `project_ids`. A project key sees its own project only: its filter is forced, and
@@ -208,7 +209,9 @@ def _window(
             code="invalid_limit",
         )
     if end is None:
-        end = max(start, now)
+        # to the end of the current second: `end_time` is exclusive and the ledger counts in
+        # whole seconds, so work recorded this second is in the answer
+        end = max(start, int(now) + 1)
     elif end <= start:
         raise InvalidRequest(
             "Invalid 'end_time': it must be after 'start_time'.",

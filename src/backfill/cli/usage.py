@@ -171,7 +171,8 @@ def usage(
     """
     now = int(time.time())
     start = parse_time(since, now)
-    end = now if until is None else parse_time(until, now)
+    # to the end of the current second (--until is exclusive): work recorded just now counts
+    end = now + 1 if until is None else parse_time(until, now)
     if end <= start:
         raise typer.BadParameter("--until must be after --since", param_hint="--until")
     groups = parse_by(by)
