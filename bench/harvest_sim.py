@@ -569,17 +569,18 @@ def one_seed(
     for line in lines:
         say(line)
     gr = ratios(g, a, idle)
-    out: dict[str, Any] = {"governor": gr, "restarted": None, "oracle": None, "aimd": None}
+    out: dict[str, Any] = {"governor": gr, "oracle": None, "aimd": None}
+    out["restarted"] = ratios(rows[restarted.label], a, idle)
     early_idle = capacity - a["early"]["rt_tps"]
-    out["restarted"] = (
+    out["early"] = (
         ratios(g["early"], a["early"], early_idle),
         ratios(rows[restarted.label]["early"], a["early"], early_idle),
     )
     say(
         f"from {args.early:g} s (the cold start included): governor fresh "
-        + "{:.2f}x / {:.2f}x / {:.1%}".format(*out["restarted"][0])
+        + "{:.2f}x / {:.2f}x / {:.1%}".format(*out["early"][0])
         + f", restarted with the stored peak ({g['reference'][0]:.0f}) "
-        + "{:.2f}x / {:.2f}x / {:.1%}".format(*out["restarted"][1])
+        + "{:.2f}x / {:.2f}x / {:.1%}".format(*out["early"][1])
     )
     if best is not None:
         o = ratios(rows[best.label], a, idle)
@@ -791,7 +792,7 @@ def over_seeds(args: argparse.Namespace, pool: ProcessPoolExecutor) -> None:
     """`--seeds`: the governor against the oracle and the best AIMD, per seed and on average."""
     print(f"\nseeds {' '.join(map(str, args.seeds))}: p99 TTFT x / TPOT x / idle used")
     results = [one_seed(args, seed, pool, show=False) for seed in args.seeds]
-    for name in ("governor", "oracle", "aimd"):
+    for name in ("governor", "restarted", "oracle", "aimd"):
         got = [r[name] for r in results if r[name] is not None]
         if not got:
             continue
@@ -802,10 +803,12 @@ def over_seeds(args: argparse.Namespace, pool: ProcessPoolExecutor) -> None:
             + ", ".join(f"{x[0]:.2f}/{x[1]:.2f}/{x[2]:.0%}" for x in got)
         )
     ratio_o = [r["governor"][2] / r["oracle"][2] for r in results if r["oracle"]]
+    ratio_r = [r["restarted"][2] / r["oracle"][2] for r in results if r["oracle"]]
     ratio_a = [r["governor"][2] / r["aimd"][2] for r in results if r["aimd"]]
     if ratio_o:
         print(
             f"  governor / oracle idle share: mean {mean(ratio_o):.3f}x, least {min(ratio_o):.3f}x"
+            f"; restarted: mean {mean(ratio_r):.3f}x, least {min(ratio_r):.3f}x"
         )
     if ratio_a:
         print(f"  governor / AIMD idle share: mean {mean(ratio_a):.2f}x, least {min(ratio_a):.2f}x")
